@@ -1,0 +1,117 @@
+"""Client for ``org.freedesktop.machine1`` (systemd-machined): machines, images, copies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import Message
+
+from .bus import Bus
+
+__all__ = ["ImageInfo", "MachineInfo", "Machined"]
+
+_DEST = "org.freedesktop.machine1"
+_PATH = "/org/freedesktop/machine1"
+_MANAGER = "org.freedesktop.machine1.Manager"
+_COPY_REPLACE = 1
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    name: str
+    machine_class: str
+    service: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    image_type: str
+    read_only: bool
+    usage_bytes: int
+
+
+class Machined:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    @classmethod
+    async def attach(cls, bus: Bus, on_removed: Callable[[str], None] | None = None) -> Machined:
+        machined = cls(bus)
+        if on_removed is not None:
+
+            def handler(message: Message) -> None:
+                if message.interface == _MANAGER and message.member == "MachineRemoved":
+                    on_removed(message.body[0])
+
+            bus.add_signal_handler(handler)
+            await bus.add_match(f"type='signal',sender='{_DEST}',interface='{_MANAGER}',member='MachineRemoved'")
+        return machined
+
+    async def _call(self, member: str, signature: str, *body: Any, operation: str) -> list[Any]:
+        return await self._bus.call(
+            destination=_DEST,
+            path=_PATH,
+            interface=_MANAGER,
+            member=member,
+            signature=signature,
+            body=body,
+            operation=operation,
+        )
+
+    async def list_machines(self) -> list[MachineInfo]:
+        (rows,) = await self._call("ListMachines", "", operation="listing machines")
+        return [MachineInfo(name=r[0], machine_class=r[1], service=r[2]) for r in rows]
+
+    async def machine_unit(self, name: str) -> str:
+        (path,) = await self._call("GetMachine", "s", name, operation=f"looking up machine {name}")
+        reply = await self._bus.call(
+            destination=_DEST,
+            path=path,
+            interface="org.freedesktop.DBus.Properties",
+            member="Get",
+            signature="ss",
+            body=["org.freedesktop.machine1.Machine", "Unit"],
+            operation=f"reading the unit of machine {name}",
+        )
+        return str(reply[0].value)
+
+    async def terminate_machine(self, name: str) -> None:
+        await self._call("TerminateMachine", "s", name, operation=f"terminating {name}")
+
+    async def list_images(self) -> list[ImageInfo]:
+        (rows,) = await self._call("ListImages", "", operation="listing images")
+        return [ImageInfo(name=r[0], image_type=r[1], read_only=r[2], usage_bytes=r[5]) for r in rows]
+
+    async def clone_image(self, source: str, new_name: str) -> None:
+        await self._call("CloneImage", "ssb", source, new_name, False, operation=f"cloning image {source}")
+
+    async def remove_image(self, name: str) -> None:
+        await self._call("RemoveImage", "s", name, operation=f"removing image {name}")
+
+    async def mark_image_read_only(self, name: str) -> None:
+        await self._call("MarkImageReadOnly", "sb", name, True, operation=f"marking image {name} read-only")
+
+    async def copy_to_machine(self, name: str, host_source: str, container_destination: str) -> None:
+        await self._call(
+            "CopyToMachineWithFlags",
+            "ssst",
+            name,
+            host_source,
+            container_destination,
+            _COPY_REPLACE,
+            operation="copying into the sandbox",
+        )
+
+    async def copy_from_machine(self, name: str, container_source: str, host_destination: str) -> None:
+        await self._call(
+            "CopyFromMachineWithFlags",
+            "ssst",
+            name,
+            container_source,
+            host_destination,
+            _COPY_REPLACE,
+            operation="copying out of the sandbox",
+        )

@@ -1,0 +1,180 @@
+"""The real backend: sandboxes as systemd-nspawn services, driven over D-Bus.
+
+Steps of a create, each undone by :meth:`NspawnBackend.destroy`:
+
+1. machined ``CloneImage`` of the template: a btrfs snapshot (copy-on-write).
+2. systemd ``StartTransientUnit`` of the nspawn service, with the sandbox's slice
+   (which carries MemoryMax / TasksMax / CPUQuota) as an auxiliary unit. The
+   service is Type=notify and nspawn runs with ``--notify-ready=yes``, so the job
+   completes once the exec supervisor inside listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import anyio
+
+from ..errors import BackendError, NotFound, SandboxGone
+from ..layout import Layout
+from ..naming import SANDBOX_ID, service_unit, slice_unit, template_image
+from ..policy import SandboxPlan
+from .api import CommandOutcome, CommandSpec
+from .bus import Bus
+from .jail import run_command
+from .machine1 import Machined
+from .systemd1 import Systemd
+from .units import SUPERVISOR_SOCKET, SandboxPaths, build_units
+
+__all__ = ["NspawnBackend", "install_supervisor"]
+
+log = logging.getLogger(__name__)
+
+_IMAGE_PREFIX = "nspawn-mcp-"
+_READY_TIMEOUT = 15.0
+_READY_POLL = 0.002
+
+
+def install_supervisor(layout: Layout) -> None:
+    """Put the current supervisor.py where sandboxes bind it from (atomically)."""
+    source = resources.files("nspawn_mcp") / "sandbox" / "supervisor.py"
+    layout.lib_dir.mkdir(parents=True, exist_ok=True)
+    target = layout.lib_dir / "supervisor.py"
+    temporary = layout.lib_dir / ".supervisor.py.tmp"
+    temporary.write_bytes(source.read_bytes())
+    temporary.chmod(0o644)
+    temporary.replace(target)
+
+
+class NspawnBackend:
+    def __init__(self, bus: Bus, systemd: Systemd, machined: Machined, layout: Layout) -> None:
+        self._bus = bus
+        self._systemd = systemd
+        self._machined = machined
+        self._layout = layout
+
+    @classmethod
+    async def connect(
+        cls, address: str, layout: Layout, *, on_machine_removed: Callable[[str], None] | None = None
+    ) -> NspawnBackend:
+        """Connect to the bus at ``address``; ``on_machine_removed`` hears of every machine that goes."""
+        bus = await Bus.connect(address)
+        systemd = await Systemd.attach(bus)
+        machined = await Machined.attach(bus, on_machine_removed)
+        for directory in (layout.sandboxes_dir, layout.staging_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        install_supervisor(layout)
+        return cls(bus, systemd, machined, layout)
+
+    def close(self) -> None:
+        self._bus.disconnect()
+
+    @property
+    def systemd(self) -> Systemd:
+        return self._systemd
+
+    @property
+    def machined(self) -> Machined:
+        return self._machined
+
+    @property
+    def staging_dir(self) -> Path:
+        return self._layout.staging_dir
+
+    async def available_images(self) -> set[str]:
+        return {
+            image.name.removeprefix(_IMAGE_PREFIX)
+            for image in await self._machined.list_images()
+            if image.name.startswith(_IMAGE_PREFIX)
+        }
+
+    def _paths(self, sandbox_id: str) -> SandboxPaths:
+        return SandboxPaths(
+            root=str(self._layout.machines_dir / sandbox_id),
+            control_dir=str(self._layout.control_dir(sandbox_id)),
+            lib_dir=str(self._layout.lib_dir),
+        )
+
+    async def create(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        control = self._layout.control_dir(sandbox_id)
+        control.mkdir(parents=True, exist_ok=False)
+        # The sandbox's root (an unprivileged uid on the host) creates its socket
+        # here; the 0700 parent keeps other host users out.
+        control.chmod(0o1777)
+        try:
+            await self._machined.clone_image(template_image(plan.image), sandbox_id)
+        except NotFound:
+            raise BackendError(
+                f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`"
+            ) from None
+        units = build_units(sandbox_id, plan, self._paths(sandbox_id))
+        await self._systemd.start_transient_unit(
+            units.service_name, units.service_properties, aux={units.slice_name: units.slice_properties}
+        )
+        await self._wait_until_ready(sandbox_id)
+
+    async def _wait_until_ready(self, sandbox_id: str) -> None:
+        """The container is up once its unit started; the supervisor needs a moment more.
+
+        nspawn takes READY=1 only from the container's PID 1 (its stub init under
+        ``--as-pid2``), so readiness is the supervisor's socket appearing.
+        """
+        socket_path = self._layout.control_dir(sandbox_id) / SUPERVISOR_SOCKET
+        with anyio.move_on_after(_READY_TIMEOUT):
+            while not socket_path.exists():
+                await anyio.sleep(_READY_POLL)
+            return
+        raise BackendError(f"sandbox {sandbox_id} did not become ready in {_READY_TIMEOUT:g} s")
+
+    async def destroy(self, sandbox_id: str) -> None:
+        await self._systemd.stop_unit(service_unit(sandbox_id))
+        await self._systemd.reset_failed(service_unit(sandbox_id))
+        await self._systemd.stop_unit(slice_unit(sandbox_id))
+        await self._systemd.reset_failed(slice_unit(sandbox_id))
+        try:
+            await self._machined.remove_image(sandbox_id)
+        except NotFound:
+            pass
+        shutil.rmtree(self._layout.sandbox_dir(sandbox_id), ignore_errors=True)
+
+    async def running(self) -> set[str]:
+        ours: set[str] = set()
+        for machine in await self._machined.list_machines():
+            if not SANDBOX_ID.match(machine.name):
+                continue
+            try:
+                unit = await self._machined.machine_unit(machine.name)
+            except NotFound:
+                continue
+            if unit == service_unit(machine.name):
+                ours.add(machine.name)
+        return ours
+
+    async def leftovers(self) -> set[str]:
+        found = {image.name for image in await self._machined.list_images() if SANDBOX_ID.match(image.name)}
+        units = await self._systemd.list_units(["nspawn-mcp-sbx-*.service", "nspawnmcp-*.slice"])
+        for unit in units:
+            name = unit.name.removesuffix(".service").removesuffix(".slice")
+            name = name.removeprefix("nspawn-mcp-").removeprefix("nspawnmcp-")
+            candidate = name if name.startswith("sbx-") else f"sbx-{name}"
+            if SANDBOX_ID.match(candidate):
+                found.add(candidate)
+        if self._layout.sandboxes_dir.is_dir():
+            found |= {p.name for p in self._layout.sandboxes_dir.iterdir() if SANDBOX_ID.match(p.name)}
+        return found - await self.running()
+
+    async def exec(self, sandbox_id: str, spec: CommandSpec) -> CommandOutcome:
+        socket_path = self._layout.control_dir(sandbox_id) / SUPERVISOR_SOCKET
+        if not socket_path.exists():
+            raise SandboxGone(f"sandbox {sandbox_id} is not running")
+        return await run_command(socket_path, spec)
+
+    async def copy_in(self, sandbox_id: str, host_source: Path, container_destination: str) -> None:
+        await self._machined.copy_to_machine(sandbox_id, str(host_source), container_destination)
+
+    async def copy_out(self, sandbox_id: str, container_source: str, host_destination: Path) -> None:
+        await self._machined.copy_from_machine(sandbox_id, container_source, str(host_destination))

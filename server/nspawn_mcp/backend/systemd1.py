@@ -1,0 +1,158 @@
+"""Client for ``org.freedesktop.systemd1`` (PID 1): transient units and their jobs."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from dbus_fast import Message, Variant
+
+from ..errors import BackendError, NotFound
+from .bus import Bus
+from .properties import encode
+
+__all__ = ["Systemd", "UnitStatus"]
+
+_DEST = "org.freedesktop.systemd1"
+_PATH = "/org/freedesktop/systemd1"
+_MANAGER = "org.freedesktop.systemd1.Manager"
+_PROPERTIES = "org.freedesktop.DBus.Properties"
+_REMEMBERED_JOBS = 4096
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    name: str
+    load_state: str
+    active_state: str
+    sub_state: str
+
+
+def _variants(properties: Mapping[str, object]) -> list[list[object]]:
+    return [[key, Variant(signature, value)] for key, signature, value in encode(properties)]
+
+
+class Systemd:
+    """Starts and stops transient units and waits for their jobs to finish."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._waiters: dict[str, anyio.Event] = {}
+        # JobRemoved can be handled before the coroutine that started the job
+        # resumes, so results are remembered until collected (bounded).
+        self._results: OrderedDict[str, str] = OrderedDict()
+
+    @classmethod
+    async def attach(cls, bus: Bus) -> Systemd:
+        systemd = cls(bus)
+        bus.add_signal_handler(systemd._on_signal)
+        await bus.add_match(f"type='signal',sender='{_DEST}',interface='{_MANAGER}',member='JobRemoved'")
+        await systemd._manager("Subscribe")
+        return systemd
+
+    def _on_signal(self, message: Message) -> None:
+        if message.interface != _MANAGER or message.member != "JobRemoved":
+            return
+        _job_id, job_path, _unit, result = message.body
+        self._results[job_path] = result
+        while len(self._results) > _REMEMBERED_JOBS:
+            self._results.popitem(last=False)
+        waiter = self._waiters.get(job_path)
+        if waiter is not None:
+            waiter.set()
+
+    async def _manager(self, member: str, signature: str = "", *body: Any, operation: str | None = None) -> Any:
+        reply = await self._bus.call(
+            destination=_DEST,
+            path=_PATH,
+            interface=_MANAGER,
+            member=member,
+            signature=signature,
+            body=body,
+            operation=operation,
+        )
+        return reply[0] if reply else None
+
+    async def _wait_job(self, job_path: str, timeout: float, what: str) -> str:
+        if job_path not in self._results:
+            event = self._waiters.setdefault(job_path, anyio.Event())
+            try:
+                with anyio.fail_after(timeout):
+                    await event.wait()
+            except TimeoutError:
+                raise BackendError(f"{what}: systemd did not finish in {timeout:g} s", retryable=True) from None
+            finally:
+                self._waiters.pop(job_path, None)
+        return self._results.pop(job_path)
+
+    async def start_transient_unit(
+        self,
+        name: str,
+        properties: Mapping[str, object],
+        *,
+        aux: Mapping[str, Mapping[str, object]] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        """Start ``name`` (and the ``aux`` units it needs); wait for the job; raise if it failed."""
+        what = f"starting {name}"
+        job = await self._manager(
+            "StartTransientUnit",
+            "ssa(sv)a(sa(sv))",
+            name,
+            "fail",
+            _variants(properties),
+            [[aux_name, _variants(aux_properties)] for aux_name, aux_properties in (aux or {}).items()],
+            operation=what,
+        )
+        result = await self._wait_job(job, timeout, what)
+        if result != "done":
+            raise BackendError(f"{what} failed: {result}")
+
+    async def stop_unit(self, name: str, *, timeout: float = 30.0) -> None:
+        """Stop ``name`` and wait; a unit that is already gone counts as stopped."""
+        what = f"stopping {name}"
+        try:
+            job = await self._manager("StopUnit", "ss", name, "replace", operation=what)
+        except NotFound:
+            return
+        result = await self._wait_job(job, timeout, what)
+        if result not in ("done", "canceled"):
+            raise BackendError(f"{what} failed: {result}")
+
+    async def reset_failed(self, name: str) -> None:
+        try:
+            await self._manager("ResetFailedUnit", "s", name, operation=f"resetting {name}")
+        except (NotFound, BackendError):
+            pass  # not loaded or not failed: nothing to reset
+
+    async def list_units(self, patterns: list[str]) -> list[UnitStatus]:
+        rows = await self._manager("ListUnitsByPatterns", "asas", [], patterns, operation="listing units")
+        return [UnitStatus(name=r[0], load_state=r[2], active_state=r[3], sub_state=r[4]) for r in rows]
+
+    async def unit_property(self, name: str, interface: str, prop: str) -> Any:
+        path = await self._manager("GetUnit", "s", name, operation=f"looking up {name}")
+        reply = await self._bus.call(
+            destination=_DEST,
+            path=path,
+            interface=_PROPERTIES,
+            member="Get",
+            signature="ss",
+            body=[interface, prop],
+            operation=f"reading {prop} of {name}",
+        )
+        return reply[0].value
+
+    async def system_state(self) -> str:
+        reply = await self._bus.call(
+            destination=_DEST,
+            path=_PATH,
+            interface=_PROPERTIES,
+            member="Get",
+            signature="ss",
+            body=[_MANAGER, "SystemState"],
+            operation="reading the system state",
+        )
+        return str(reply[0].value)

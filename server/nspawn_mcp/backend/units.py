@@ -1,0 +1,136 @@
+"""Pure builder: a resolved plan plus names and paths -> what systemd is asked to run.
+
+Modeled on systemd's ``units/systemd-nspawn@.service`` (Type=notify,
+KillMode=mixed, Delegate=yes, DevicePolicy=closed) with the differences a
+disposable sandbox needs:
+
+- ``--keep-unit`` so the container stays in our service (and so in our slice,
+  which carries the caps) instead of a scope machined would make;
+- ``--settings=no`` so no ``.nspawn`` file can change the container
+  (CVE-2026-40226 class);
+- ``--private-users=pick --private-users-ownership=map``: root inside is an
+  unprivileged uid outside, while files in the snapshot keep their real owners;
+- ``--private-network``: loopback only;
+- ``--as-pid2`` with the exec supervisor as payload. (``--notify-ready=yes`` cannot
+  be used for the supervisor's readiness: nspawn accepts READY=1 only from the
+  container's PID 1, which is nspawn's stub init here. The backend waits for the
+  supervisor's socket instead.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..naming import service_unit, slice_unit
+from ..policy import SandboxPlan
+from .properties import ExecCommand
+
+__all__ = [
+    "CONTAINER_CONTROL_DIR",
+    "CONTAINER_LIB_DIR",
+    "SUPERVISOR_SOCKET",
+    "SandboxPaths",
+    "SandboxUnits",
+    "build_units",
+]
+
+NSPAWN = "/usr/bin/systemd-nspawn"
+CONTAINER_LIB_DIR = "/run/nspawn-mcp/lib"
+CONTAINER_CONTROL_DIR = "/run/nspawn-mcp/ctl"
+SUPERVISOR_SOCKET = "exec.sock"
+_USEC = 1_000_000
+
+
+@dataclass(frozen=True)
+class SandboxPaths:
+    """Where a sandbox's pieces live on the host."""
+
+    root: str
+    """The snapshot machined cloned, e.g. ``/var/lib/machines/sbx-1a2b3c4d``."""
+    control_dir: str
+    """Host directory bound at ``CONTAINER_CONTROL_DIR``; the supervisor's socket appears here."""
+    lib_dir: str
+    """Host directory holding ``supervisor.py``, bound read-only at ``CONTAINER_LIB_DIR``."""
+
+
+@dataclass(frozen=True)
+class SandboxUnits:
+    slice_name: str
+    slice_properties: Mapping[str, object]
+    service_name: str
+    service_properties: Mapping[str, object]
+
+    @property
+    def argv(self) -> list[str]:
+        exec_start: list[ExecCommand] = self.service_properties["ExecStart"]  # type: ignore[assignment]
+        return list(exec_start[0][1])
+
+
+def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list[str]:
+    del plan  # network "none" is the only mode so far; the plan picks it.
+    return [
+        NSPAWN,
+        "--quiet",
+        "--keep-unit",
+        "--register=yes",
+        "--settings=no",
+        f"--machine={sandbox_id}",
+        f"--directory={paths.root}",
+        "--private-users=pick",
+        "--private-users-ownership=map",
+        "--private-network",
+        "--link-journal=no",
+        "--resolv-conf=off",
+        "--timezone=off",
+        "--console=pipe",
+        "--as-pid2",
+        f"--bind-ro={paths.lib_dir}:{CONTAINER_LIB_DIR}",
+        f"--bind={paths.control_dir}:{CONTAINER_CONTROL_DIR}",
+        "--",
+        "/usr/bin/python3",
+        "-I",
+        "-S",
+        f"{CONTAINER_LIB_DIR}/supervisor.py",
+        f"{CONTAINER_CONTROL_DIR}/{SUPERVISOR_SOCKET}",
+    ]
+
+
+def build_units(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> SandboxUnits:
+    limits = plan.limits
+    slice_name = slice_unit(sandbox_id)
+    argv = nspawn_argv(sandbox_id, plan, paths)
+    return SandboxUnits(
+        slice_name=slice_name,
+        slice_properties={
+            "Description": f"nspawn-mcp sandbox {sandbox_id} (policy {plan.policy})",
+            "CollectMode": "inactive-or-failed",
+            "MemoryAccounting": True,
+            "MemoryMax": limits.memory_bytes,
+            "MemorySwapMax": 0,
+            "TasksAccounting": True,
+            "TasksMax": limits.processes,
+            "CPUAccounting": True,
+            "CPUQuotaPerSecUSec": round(limits.cpus * _USEC),
+        },
+        service_name=service_unit(sandbox_id),
+        service_properties={
+            "Description": f"nspawn-mcp sandbox {sandbox_id}",
+            "Slice": slice_name,
+            "CollectMode": "inactive-or-failed",
+            "Type": "notify",
+            "NotifyAccess": "main",
+            "ExecStart": [(NSPAWN, argv, False)],
+            "KillMode": "mixed",
+            "Delegate": True,
+            "DevicePolicy": "closed",
+            "DeviceAllow": [("char-pts", "rw")],
+            "TimeoutStartUSec": 30 * _USEC,
+            "TimeoutStopUSec": 5 * _USEC,
+            "RuntimeMaxUSec": limits.ttl_seconds * _USEC,
+            "StandardInput": "null",
+            "StandardOutput": "journal",
+            "StandardError": "journal",
+        },
+    )
+

@@ -1,0 +1,200 @@
+"""A private systemd + dbus + machined for hosts whose PID 1 is not systemd.
+
+The box is ``/lib/systemd/systemd --system`` as PID 1 of new pid and mount
+namespaces (``unshare``). Two traps, both avoided here:
+
+- booted on the shared root filesystem, its tmpfiles would clean the host's
+  ``/tmp``: the box gets fresh tmpfs mounts on ``/tmp``, ``/var/tmp`` and ``/run``
+  before systemd starts, and units that would touch host-global state
+  (sysctl, binfmt, sysusers, kernel modules, ...) are masked in its ``/run``;
+- two boxes would share the (v1) cgroup tree: there is at most one per host,
+  found through a pid file under a lock.
+
+The sandbox pool (a btrfs loop file) is mounted on ``/var/lib/machines`` inside the
+box's mount namespace only, so the host's view is untouched and the mount goes
+away with the box. The server stays in the host's namespaces and reaches the
+box's bus through ``/proc/PID/root``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .layout import Layout
+
+__all__ = ["Box", "BoxError", "find_box", "host_runs_systemd", "start_box", "stop_box", "system_bus_address"]
+
+_MASKED_UNITS = (
+    "systemd-sysusers.service",
+    "systemd-firstboot.service",
+    "systemd-sysctl.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "systemd-modules-load.service",
+    "systemd-random-seed.service",
+    "systemd-machine-id-commit.service",
+    "systemd-update-utmp.service",
+    "systemd-journal-flush.service",
+    "systemd-repart.service",
+    "systemd-pcrphase.service",
+    "systemd-pcrphase-sysinit.service",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-kernel-config.mount",
+    "dev-hugepages.mount",
+    "dev-mqueue.mount",
+    "sys-fs-fuse-connections.mount",
+    "kmod-static-nodes.service",
+    "systemd-tmpfiles-clean.timer",
+)
+
+_BOOT_SCRIPT = """set -eu
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
+mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+mkdir -p /run/systemd/system "$2"
+for unit in $3; do ln -s /dev/null "/run/systemd/system/$unit"; done
+if [ -f "$1" ]; then mount -o loop "$1" "$2"; fi
+exec /lib/systemd/systemd --system --unit=basic.target
+"""
+
+_START_TIMEOUT = 60.0
+
+
+class BoxError(RuntimeError):
+    """The private systemd could not be started or found."""
+
+
+@dataclass(frozen=True)
+class Box:
+    pid: int
+    """Host PID of the box's systemd."""
+
+    @property
+    def bus_address(self) -> str:
+        return f"unix:path=/proc/{self.pid}/root/run/dbus/system_bus_socket"
+
+    @property
+    def bus_socket(self) -> Path:
+        return Path(f"/proc/{self.pid}/root/run/dbus/system_bus_socket")
+
+
+def host_runs_systemd() -> bool:
+    """sd_booted(): true when PID 1 of this namespace is systemd."""
+    return Path("/run/systemd/system").is_dir()
+
+
+def system_bus_address() -> str:
+    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+
+
+def _pid_file(layout: Layout) -> Path:
+    return layout.box_dir / "pid"
+
+
+def _is_box_systemd(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"systemd") and b"--system" in cmdline
+
+
+def find_box(layout: Layout) -> Box | None:
+    try:
+        pid = int(_pid_file(layout).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return Box(pid) if _is_box_systemd(pid) else None
+
+
+@contextlib.contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    layout.box_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(layout.box_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _child_pid(parent: int, deadline: float) -> int:
+    children = Path(f"/proc/{parent}/task/{parent}/children")
+    while time.monotonic() < deadline:
+        try:
+            text = children.read_text().split()
+        except OSError:
+            raise BoxError("the box's unshare process exited early; see box.log") from None
+        if text and _is_box_systemd(int(text[0])):
+            return int(text[0])
+        time.sleep(0.01)
+    raise BoxError("the box's systemd did not start in time; see box.log")
+
+
+def _wait_for_bus(box: Box, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if box.bus_socket.exists():
+            return
+        if not _is_box_systemd(box.pid):
+            raise BoxError("the box's systemd exited while starting; see box.log")
+        time.sleep(0.01)
+    raise BoxError("the box's system bus did not appear in time; see box.log")
+
+
+def start_box(layout: Layout) -> Box:
+    """Find the running box or start one; returns once its bus socket exists."""
+    with _locked(layout):
+        box = find_box(layout)
+        if box is not None:
+            return box
+        log = open(layout.box_dir / "box.log", "ab")  # noqa: SIM115 - handed to the child
+        with log:
+            process = subprocess.Popen(
+                [
+                    "unshare",
+                    "--pid",
+                    "--fork",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--mount-proc",
+                    "sh",
+                    "-c",
+                    _BOOT_SCRIPT,
+                    "nspawn-mcp-box",
+                    str(layout.pool_image),
+                    str(layout.machines_dir),
+                    " ".join(_MASKED_UNITS),
+                ],
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + _START_TIMEOUT
+        box = Box(_child_pid(process.pid, deadline))
+        _pid_file(layout).write_text(f"{box.pid}\n")
+        _wait_for_bus(box, deadline)
+        return box
+
+
+def stop_box(layout: Layout, timeout: float = 10.0) -> bool:
+    """Kill the box (its whole pid namespace goes with it). Returns whether one ran."""
+    with _locked(layout):
+        box = find_box(layout)
+        _pid_file(layout).unlink(missing_ok=True)
+        if box is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(box.pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and Path(f"/proc/{box.pid}").exists():
+            time.sleep(0.01)
+        return True

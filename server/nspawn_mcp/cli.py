@@ -1,0 +1,125 @@
+"""The ``nspawn-mcp`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from . import __version__
+from .layout import Layout
+
+__all__ = ["main"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import build_server  # noqa: PLC0415 - keeps `doctor` and `box` fast
+    from .runtime import ServerConfig, open_service  # noqa: PLC0415
+
+    config = ServerConfig(
+        layout=Layout.from_env(),
+        policy_dirs=tuple(Path(p) for p in args.policy_dir),
+        max_sandboxes=args.max_sandboxes,
+    )
+    config.load_policies()  # fail fast, before any client connects
+    server = build_server(lambda: open_service(config))
+    if args.http:
+        host, _, port = args.http.rpartition(":")
+        server.run("streamable-http", host=host or "127.0.0.1", port=int(port))
+    else:
+        server.run("stdio")
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> int:
+    from .provision import run_setup  # noqa: PLC0415
+
+    return anyio.run(run_setup, Layout.from_env())
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import print_report, run_checks  # noqa: PLC0415
+
+    return 0 if print_report(run_checks(Layout.from_env())) else 1
+
+
+def _box(args: argparse.Namespace) -> int:
+    from .box import find_box, start_box, stop_box  # noqa: PLC0415
+
+    layout = Layout.from_env()
+    if args.action == "start":
+        print(f"private systemd running, pid {start_box(layout).pid}")
+    elif args.action == "stop":
+        print("stopped" if stop_box(layout) else "not running")
+    else:
+        box = find_box(layout)
+        print(f"running, pid {box.pid}" if box else "not running")
+        return 0 if box else 3
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from .policy.loader import PolicyError, load_policy_file  # noqa: PLC0415
+    from .runtime import ServerConfig  # noqa: PLC0415
+
+    try:
+        if args.action == "check":
+            load_policy_file(Path(args.target))
+            print(f"{args.target}: ok")
+        else:
+            config = ServerConfig(policy_dirs=tuple(Path(p) for p in args.policy_dir))
+            policy = config.load_policies().policies.get(args.target)
+            if policy is None:
+                print(f"no policy named {args.target!r}", file=sys.stderr)
+                return 1
+            print(policy.model_dump_json(indent=2))
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nspawn-mcp", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve MCP on stdio (default) or streamable HTTP")
+    serve.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at http://HOST:PORT/mcp")
+    serve.add_argument("--policy-dir", action="append", default=[], help="directory of operator policies (*.toml)")
+    serve.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all (default 64)")
+    serve.set_defaults(func=_serve)
+
+    commands.add_parser("setup", help="create the image pool and the default template").set_defaults(func=_setup)
+    commands.add_parser("doctor", help="check every prerequisite").set_defaults(func=_doctor)
+
+    box = commands.add_parser("box", help="the private systemd used where PID 1 is not systemd")
+    box.add_argument("action", choices=["start", "stop", "status"])
+    box.set_defaults(func=_box)
+
+    policy = commands.add_parser("policy", help="validate or show policies")
+    policy.add_argument("action", choices=["check", "show"])
+    policy.add_argument("target", help="a policy file (check) or a policy name (show)")
+    policy.add_argument("--policy-dir", action="append", default=[])
+    policy.set_defaults(func=_policy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The one exception hierarchy of nspawn-mcp.
+
+Every message is written for the agent that made the request: it says what was
+wrong and what is allowed, and never carries host secrets, tracebacks or raw D-Bus
+text. The MCP layer turns each of these into a tool result with ``isError``.
+
+::
+
+    SandboxError                      base; anything the agent may read
+    ├── InvalidRequest                the request itself is malformed (bad id, bad path syntax)
+    ├── PolicyRefused                 the operator's policy forbids what was asked; names the rule
+    ├── QuotaExceeded                 too many sandboxes, or a cap would be exceeded
+    ├── NotFound                      no such sandbox (or it is not ours)
+    ├── SandboxGone                   the sandbox died underneath a request
+    ├── CopyRefused                   a file copy was refused (type, size, path)
+    ├── ExecFailed                    the command could not be run at all (not the same as exit != 0)
+    └── BackendError                  systemd/machined failed; ``retryable`` says if trying again may help
+        └── BackendUnavailable        the bus or a daemon is not reachable (retryable)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "CopyRefused",
+    "ExecFailed",
+    "InvalidRequest",
+    "NotFound",
+    "PolicyRefused",
+    "QuotaExceeded",
+    "SandboxError",
+    "SandboxGone",
+]
+
+
+class SandboxError(Exception):
+    """Base class: a failure whose message is safe to show to the agent."""
+
+
+class InvalidRequest(SandboxError):
+    """The request is malformed."""
+
+
+class PolicyRefused(SandboxError):
+    """The operator's policy refuses the request.
+
+    ``rule`` names the policy field that refused, so operators can find it.
+    """
+
+    def __init__(self, message: str, *, rule: str) -> None:
+        super().__init__(f"{message} (policy rule: {rule})")
+        self.rule = rule
+
+
+class QuotaExceeded(SandboxError):
+    """Creating more would exceed a quota."""
+
+
+class NotFound(SandboxError):
+    """No sandbox with that id is managed by this server."""
+
+
+class SandboxGone(SandboxError):
+    """The sandbox stopped while a request was using it."""
+
+
+class CopyRefused(SandboxError):
+    """A copy_file request was refused."""
+
+
+class ExecFailed(SandboxError):
+    """The command could not be started (not found, not executable, bad cwd)."""
+
+
+class BackendError(SandboxError):
+    """systemd or machined refused or failed an operation."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class BackendUnavailable(BackendError):
+    """The system bus or one of the daemons cannot be reached."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)

@@ -1,0 +1,56 @@
+"""Where nspawn-mcp keeps its files on the host.
+
+Everything lives under one state directory on the root filesystem, so that the
+server, machined and a private systemd (``box``) all see the same paths even
+though the box has its own ``/tmp`` and ``/run``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    state_dir: Path = Path("/var/lib/nspawn-mcp")
+    machines_dir: Path = Path("/var/lib/machines")
+
+    @classmethod
+    def from_env(cls) -> Layout:
+        return cls(state_dir=Path(os.environ.get("NSPAWN_MCP_STATE_DIR", "/var/lib/nspawn-mcp")))
+
+    @property
+    def lib_dir(self) -> Path:
+        """Holds supervisor.py, bound read-only into every sandbox."""
+        return self.state_dir / "lib"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.state_dir / "sandboxes"
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        """Per-sandbox: ``meta.json`` and the ``ctl/`` directory bound into the sandbox."""
+        return self.sandboxes_dir / sandbox_id
+
+    def control_dir(self, sandbox_id: str) -> Path:
+        return self.sandbox_dir(sandbox_id) / "ctl"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.state_dir / "staging"
+
+    @property
+    def box_dir(self) -> Path:
+        return self.state_dir / "box"
+
+    @property
+    def pool_image(self) -> Path:
+        return self.state_dir / "pool.img"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"

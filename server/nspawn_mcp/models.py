@@ -1,0 +1,56 @@
+"""What the tools return: the structured results agents read."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["CopyResult", "DestroyResult", "ExecResult", "Limits", "SandboxInfo", "SandboxList"]
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Limits(_Result):
+    memory_mb: int = Field(description="memory cap (MemoryMax), MiB")
+    cpus: float = Field(description="CPU cap, in CPUs")
+    max_processes: int = Field(description="process/thread cap (TasksMax)")
+    ttl_seconds: int = Field(description="the sandbox is destroyed this long after creation")
+
+
+class SandboxInfo(_Result):
+    sandbox_id: str
+    image: str
+    policy: str
+    limits: Limits
+    created_at: str = Field(description="ISO 8601, UTC")
+    expires_at: str = Field(description="ISO 8601, UTC")
+
+
+class SandboxList(_Result):
+    sandboxes: list[SandboxInfo]
+
+
+class ExecResult(_Result):
+    exit_code: int | None = Field(description="the command's exit status; null if it was killed by a signal")
+    signal: int | None = Field(default=None, description="the signal that killed the command, if any")
+    stdout: str = Field(description="standard output, UTF-8 (invalid bytes replaced)")
+    stderr: str = Field(description="standard error, UTF-8 (invalid bytes replaced)")
+    timed_out: bool = Field(description="the command hit its timeout and was killed")
+    truncated: bool = Field(description="stdout or stderr was cut at the policy's output cap")
+    duration_ms: float
+
+
+class CopyResult(_Result):
+    direction: Literal["to_sandbox", "from_sandbox"]
+    source: str
+    destination: str
+    bytes: int
+    sha256: str
+
+
+class DestroyResult(_Result):
+    sandbox_id: str
+    destroyed: bool

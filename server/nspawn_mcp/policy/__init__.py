@@ -1,0 +1,31 @@
+"""The policy layer: operator policies and the pure resolution of requests into plans."""
+
+from .loader import PolicyError, PolicySet, load_policy_file
+from .models import Policy
+from .paths import HostTarget, check_container_path, confine_host_path
+from .resolve import (
+    CreateRequest,
+    ExecPlan,
+    ExecRequest,
+    ResolvedLimits,
+    SandboxPlan,
+    resolve_create,
+    resolve_exec,
+)
+
+__all__ = [
+    "CreateRequest",
+    "ExecPlan",
+    "ExecRequest",
+    "HostTarget",
+    "Policy",
+    "PolicyError",
+    "PolicySet",
+    "ResolvedLimits",
+    "SandboxPlan",
+    "check_container_path",
+    "confine_host_path",
+    "load_policy_file",
+    "resolve_create",
+    "resolve_exec",
+]

@@ -1,0 +1,96 @@
+"""Operator policy files, as validated data.
+
+A policy is TOML, one file per policy, named after the file. Every field has a
+safe default, so an empty file is the strictest sensible policy. Unknown keys are
+errors: a typo must never silently widen (or narrow) what a sandbox may do.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .sizes import ByteCount
+
+__all__ = [
+    "ExecPolicy",
+    "FilesPolicy",
+    "LimitSet",
+    "LimitsPolicy",
+    "NetworkPolicy",
+    "Policy",
+    "SandboxesPolicy",
+]
+
+_MiB = 1 << 20
+_GiB = 1 << 30
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LimitSet(_Frozen):
+    """Resource caps of one sandbox: what its slice carries."""
+
+    memory: ByteCount = Field(default=512 * _MiB, ge=32 * _MiB, description="MemoryMax of the sandbox")
+    cpus: float = Field(default=1.0, gt=0, le=1024, description="CPU time, in whole CPUs (CPUQuota/100)")
+    processes: int = Field(default=256, ge=8, le=1_000_000, description="TasksMax of the sandbox")
+    ttl_seconds: int = Field(default=3600, ge=10, le=7 * 86400, description="lifetime before reaping")
+
+
+class LimitsPolicy(_Frozen):
+    """``default`` applies when the agent asks nothing; ``max`` is the most it may ask."""
+
+    default: LimitSet = LimitSet()
+    max: LimitSet = LimitSet(memory=2 * _GiB, cpus=2.0, processes=1024, ttl_seconds=86400)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> LimitsPolicy:
+        for field in LimitSet.model_fields:
+            if getattr(self.default, field) > getattr(self.max, field):
+                raise ValueError(f"limits.default.{field} is larger than limits.max.{field}")
+        return self
+
+
+class ExecPolicy(_Frozen):
+    default_timeout_seconds: float = Field(default=60, gt=0, le=86400)
+    max_timeout_seconds: float = Field(default=600, gt=0, le=86400)
+    max_output_bytes: ByteCount = Field(default=1 * _MiB, ge=1024, le=64 * _MiB, description="per stream")
+    max_stdin_bytes: ByteCount = Field(default=8 * _MiB, ge=0, le=64 * _MiB)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> ExecPolicy:
+        if self.default_timeout_seconds > self.max_timeout_seconds:
+            raise ValueError("exec.default_timeout_seconds is larger than exec.max_timeout_seconds")
+        return self
+
+
+class FilesPolicy(_Frozen):
+    allowed_host_dirs: tuple[str, ...] = Field(
+        default=(".",),
+        description="host directories copy_file may read from or write to; relative ones are "
+        "relative to the server's working directory",
+    )
+    max_copy_bytes: ByteCount = Field(default=1 * _GiB, ge=0)
+
+
+class NetworkPolicy(_Frozen):
+    mode: Literal["none"] = Field(default="none", description="'none': loopback only")
+
+
+class SandboxesPolicy(_Frozen):
+    max_live: int = Field(default=32, ge=1, le=10_000, description="live sandboxes of this policy")
+    images: tuple[str, ...] = Field(default=("default",), min_length=1, description="images agents may use")
+
+
+class Policy(_Frozen):
+    """One operator policy."""
+
+    description: str = ""
+    limits: LimitsPolicy = LimitsPolicy()
+    exec: ExecPolicy = ExecPolicy()
+    files: FilesPolicy = FilesPolicy()
+    network: NetworkPolicy = NetworkPolicy()
+    sandboxes: SandboxesPolicy = SandboxesPolicy()

@@ -1,0 +1,128 @@
+"""Pure checks on paths: which host paths a request may touch.
+
+Host paths are confined in two steps. Here, lexically: the path must be well
+formed, contain no ``..`` component, and lie under one of the policy's allowed
+roots. At I/O time (``nspawn_mcp.hostfs``) the remainder is opened beneath the
+root's file descriptor with ``openat2(RESOLVE_BENEATH)``, so a symlink cannot lead
+out of the root either. machined itself confines nothing on the host side.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import InvalidRequest, PolicyRefused
+
+__all__ = [
+    "DENIED_HOST_ROOTS",
+    "MAX_PATH_BYTES",
+    "HostTarget",
+    "check_container_path",
+    "confine_host_path",
+    "resolve_allowed_roots",
+]
+
+MAX_PATH_BYTES = 4096
+
+DENIED_HOST_ROOTS: tuple[str, ...] = (
+    "/",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/etc",
+    "/boot",
+    "/root/.ssh",
+    "/var/lib/machines",
+    "/var/lib/nspawn-mcp",
+    "/var/run",
+)
+"""Never allowed as (or inside) an allowed host root, whatever a policy says.
+
+``/`` is special-cased: it is denied as a root, not everything beneath it.
+"""
+
+
+@dataclass(frozen=True)
+class HostTarget:
+    """A host path split into the allowed root it lies under and the rest."""
+
+    root: str
+    relative: str
+
+    @property
+    def path(self) -> str:
+        return self.root if self.relative == "." else posixpath.join(self.root, self.relative)
+
+
+def _check_syntax(path: str, what: str) -> None:
+    if not path:
+        raise InvalidRequest(f"{what} is empty")
+    if "\x00" in path:
+        raise InvalidRequest(f"{what} contains a NUL byte")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid UTF-8") from None
+    if len(encoded) > MAX_PATH_BYTES:
+        raise InvalidRequest(f"{what} is longer than {MAX_PATH_BYTES} bytes")
+
+
+def _is_within(path: str, root: str) -> bool:
+    return root == "/" or path == root or path.startswith(root + "/")
+
+
+def resolve_allowed_roots(directories: Iterable[str], cwd: str) -> tuple[str, ...]:
+    """Make the policy's allowed directories absolute, refusing any on the deny list."""
+    roots: list[str] = []
+    for directory in directories:
+        _check_syntax(directory, "allowed host directory")
+        root = posixpath.normpath(posixpath.join(cwd, directory))
+        if root.startswith("//"):
+            root = "/" + root.lstrip("/")
+        for denied in DENIED_HOST_ROOTS:
+            if root == denied or (denied != "/" and _is_within(root, denied)):
+                raise PolicyRefused(
+                    f"host directory {root} may never be shared with a sandbox",
+                    rule="files.allowed_host_dirs",
+                )
+        roots.append(root)
+    return tuple(roots)
+
+
+def confine_host_path(path: str, roots: tuple[str, ...], cwd: str) -> HostTarget:
+    """Place ``path`` under one of ``roots`` or refuse it.
+
+    Relative paths are taken relative to ``cwd``. ``..`` components are refused
+    outright rather than interpreted, since their meaning depends on symlinks.
+    """
+    _check_syntax(path, "host path")
+    if ".." in path.split("/"):
+        raise PolicyRefused(
+            f"host path {path!r} contains '..'; use a path inside an allowed directory: " + ", ".join(roots),
+            rule="files.allowed_host_dirs",
+        )
+    absolute = posixpath.normpath(posixpath.join(cwd, path))
+    if absolute.startswith("//"):
+        absolute = "/" + absolute.lstrip("/")
+    best: str | None = None
+    for root in roots:
+        if _is_within(absolute, root) and (best is None or len(root) > len(best)):
+            best = root
+    if best is None:
+        raise PolicyRefused(
+            f"host path {path!r} is outside the allowed directories: " + ", ".join(roots),
+            rule="files.allowed_host_dirs",
+        )
+    relative = posixpath.relpath(absolute, best)
+    return HostTarget(root=best, relative=relative)
+
+
+def check_container_path(path: str) -> str:
+    """A path inside the sandbox: absolute and well formed. The sandbox confines the rest."""
+    _check_syntax(path, "sandbox path")
+    if not path.startswith("/"):
+        raise InvalidRequest(f"sandbox path {path!r} must be absolute (start with '/')")
+    return path

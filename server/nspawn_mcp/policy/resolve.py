@@ -1,0 +1,151 @@
+"""Turning (operator policy, agent request) into a plan, or a refusal naming the rule.
+
+Pure: no D-Bus, no filesystem, no clock. The backend runs only what comes out of
+here, so everything a sandbox may do is decided in this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import InvalidRequest, PolicyRefused
+from .models import Policy
+from .paths import resolve_allowed_roots
+
+__all__ = [
+    "CreateRequest",
+    "ExecPlan",
+    "ExecRequest",
+    "ResolvedLimits",
+    "SandboxPlan",
+    "resolve_create",
+    "resolve_exec",
+]
+
+_MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """What an agent asked for; ``None`` means "the policy's default"."""
+
+    image: str = "default"
+    policy: str = "default"
+    memory_mb: int | None = None
+    cpus: float | None = None
+    max_processes: int | None = None
+    ttl_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedLimits:
+    memory_bytes: int
+    cpus: float
+    processes: int
+    ttl_seconds: int
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """Everything about a sandbox that the policy decided."""
+
+    policy: str
+    image: str
+    limits: ResolvedLimits
+    network: Literal["none"]
+    allowed_host_roots: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    timeout_seconds: float | None = None
+    stdin_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ExecPlan:
+    timeout_seconds: float
+    max_output_bytes: int
+
+
+def _pick(
+    asked: float | None, default: float, maximum: float, *, field: str, unit: str, minimum: float, rule: str
+) -> float:
+    if asked is None:
+        return default
+    if math.isnan(asked) or asked < minimum:
+        raise InvalidRequest(f"{field} must be at least {minimum:g}{unit}")
+    if asked > maximum:
+        raise PolicyRefused(f"{field}={asked:g}{unit} is above the maximum {maximum:g}{unit}", rule=rule)
+    return asked
+
+
+def resolve_create(policy_name: str, policy: Policy, request: CreateRequest, *, cwd: str) -> SandboxPlan:
+    """Resolve a create request against ``policy``."""
+    if request.image not in policy.sandboxes.images:
+        raise PolicyRefused(
+            f"image {request.image!r} is not allowed; allowed images: {', '.join(policy.sandboxes.images)}",
+            rule="sandboxes.images",
+        )
+    default, maximum = policy.limits.default, policy.limits.max
+    memory_mb = _pick(
+        request.memory_mb,
+        default.memory // _MiB,
+        maximum.memory // _MiB,
+        field="memory_mb",
+        unit=" MiB",
+        minimum=32,
+        rule="limits.max.memory",
+    )
+    cpus = _pick(
+        request.cpus, default.cpus, maximum.cpus, field="cpus", unit="", minimum=0.01, rule="limits.max.cpus"
+    )
+    processes = _pick(
+        request.max_processes,
+        default.processes,
+        maximum.processes,
+        field="max_processes",
+        unit="",
+        minimum=8,
+        rule="limits.max.processes",
+    )
+    ttl = _pick(
+        request.ttl_seconds,
+        default.ttl_seconds,
+        maximum.ttl_seconds,
+        field="ttl_seconds",
+        unit=" s",
+        minimum=10,
+        rule="limits.max.ttl_seconds",
+    )
+    memory_bytes = default.memory if request.memory_mb is None else int(memory_mb) * _MiB
+    return SandboxPlan(
+        policy=policy_name,
+        image=request.image,
+        limits=ResolvedLimits(
+            memory_bytes=memory_bytes, cpus=float(cpus), processes=int(processes), ttl_seconds=int(ttl)
+        ),
+        network=policy.network.mode,
+        allowed_host_roots=resolve_allowed_roots(policy.files.allowed_host_dirs, cwd),
+    )
+
+
+def resolve_exec(policy: Policy, request: ExecRequest) -> ExecPlan:
+    """Resolve one exec's timeout and output caps against ``policy``."""
+    timeout = _pick(
+        request.timeout_seconds,
+        policy.exec.default_timeout_seconds,
+        policy.exec.max_timeout_seconds,
+        field="timeout_seconds",
+        unit=" s",
+        minimum=0.001,
+        rule="exec.max_timeout_seconds",
+    )
+    if request.stdin_bytes > policy.exec.max_stdin_bytes:
+        raise PolicyRefused(
+            f"stdin is {request.stdin_bytes} bytes, above the maximum {policy.exec.max_stdin_bytes}",
+            rule="exec.max_stdin_bytes",
+        )
+    return ExecPlan(timeout_seconds=timeout, max_output_bytes=policy.exec.max_output_bytes)

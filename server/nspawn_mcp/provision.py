@@ -1,0 +1,143 @@
+"""Set-up of the host: the btrfs image pool and the template images.
+
+This is set-up code, run by ``nspawn-mcp setup`` (and so by ``make run`` / ``make
+test``), and it may use command-line tools (``mkfs.btrfs``, ``debootstrap``,
+``btrfs``, ``cp``). The server itself never shells out.
+
+It never hides or removes machines or images the host already has: the pool is
+mounted only inside the private systemd's mount namespace, and on a host whose
+PID 1 is systemd it is used only when ``/var/lib/machines`` is already btrfs or
+is empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .layout import Layout
+
+__all__ = ["TEMPLATES", "Template", "build_rootfs", "install_template", "make_pool", "run_setup"]
+
+log = logging.getLogger(__name__)
+
+POOL_SIZE = "20G"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    suite: str
+    packages: tuple[str, ...]
+
+
+TEMPLATES = {
+    "default": Template(name="default", suite="bookworm", packages=("python3",)),
+}
+
+
+def _run(argv: Sequence[str]) -> None:
+    log.info("running %s", " ".join(argv))
+    subprocess.run(argv, check=True)
+
+
+def make_pool(layout: Layout) -> bool:
+    """Create the sparse btrfs pool file once. Returns whether it was created."""
+    if layout.pool_image.exists():
+        return False
+    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    temporary = layout.pool_image.with_suffix(".tmp")
+    temporary.unlink(missing_ok=True)
+    _run(["truncate", "-s", POOL_SIZE, str(temporary)])
+    _run(["mkfs.btrfs", "-q", str(temporary)])
+    temporary.rename(layout.pool_image)
+    return True
+
+
+def rootfs_dir(layout: Layout, template: Template) -> Path:
+    return layout.cache_dir / template.name / "rootfs"
+
+
+def build_rootfs(layout: Layout, template: Template) -> Path:
+    """debootstrap the template's root filesystem once; later runs reuse it."""
+    target = rootfs_dir(layout, template)
+    if (target / "usr/bin/python3").exists():
+        return target
+    temporary = target.with_name("rootfs.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.parent.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(template.packages),
+            template.suite,
+            str(temporary),
+            DEBIAN_MIRROR,
+        ]
+    )
+    # Debian images ship no hostname and a machine-id that must be empty.
+    (temporary / "etc/machine-id").write_text("")
+    shutil.rmtree(temporary / "var/cache/apt/archives", ignore_errors=True)
+    (temporary / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.rename(target)
+    return target
+
+
+def install_template(rootfs: Path, image_name: str, machines_dir: Path, enter_pid: int | None) -> None:
+    """Copy ``rootfs`` into a new btrfs subvolume ``machines_dir/image_name``.
+
+    ``enter_pid``: run the commands in that process's mount namespace (the box's),
+    where the pool is mounted.
+    """
+    prefix = ["nsenter", "-t", str(enter_pid), "-m", "--"] if enter_pid else []
+    staging = machines_dir / f".{image_name}.tmp"
+    final = machines_dir / image_name
+    _run([*prefix, "sh", "-c", 'if [ -e "$1" ]; then btrfs subvolume delete "$1"; fi', "sh", str(staging)])
+    _run([*prefix, "btrfs", "subvolume", "create", str(staging)])
+    _run([*prefix, "cp", "-a", "--reflink=auto", f"{rootfs}/.", f"{staging}/"])
+    _run([*prefix, "mv", "-T", str(staging), str(final)])
+    os.sync()
+
+
+async def run_setup(layout: Layout) -> int:
+    """Everything ``make setup`` needs beyond Debian packages and the virtualenv."""
+    import anyio.to_thread  # noqa: PLC0415
+
+    from .backend.bus import Bus  # noqa: PLC0415
+    from .backend.machine1 import Machined  # noqa: PLC0415
+    from .box import find_box, host_runs_systemd  # noqa: PLC0415
+    from .naming import template_image  # noqa: PLC0415
+    from .runtime import resolve_bus_address  # noqa: PLC0415
+
+    in_box = not host_runs_systemd()
+    if in_box and make_pool(layout):
+        print(f"created the image pool {layout.pool_image}")
+    address = await anyio.to_thread.run_sync(resolve_bus_address, layout)
+    box = find_box(layout) if in_box else None
+    bus = await Bus.connect(address)
+    try:
+        machined = Machined(bus)
+        installed = {image.name for image in await machined.list_images()}
+        for template in TEMPLATES.values():
+            image = template_image(template.name)
+            if image in installed:
+                print(f"image {template.name!r} is installed ({image})")
+                continue
+            print(f"building image {template.name!r} ({template.suite} + {', '.join(template.packages)}) ...")
+            rootfs = await anyio.to_thread.run_sync(build_rootfs, layout, template)
+            await anyio.to_thread.run_sync(
+                install_template, rootfs, image, layout.machines_dir, box.pid if box else None
+            )
+            await machined.mark_image_read_only(image)
+            print(f"image {template.name!r} is installed ({image})")
+    finally:
+        bus.disconnect()
+    return 0

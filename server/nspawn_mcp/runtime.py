@@ -1,0 +1,72 @@
+"""Wiring for a running server: find the bus (booting the private systemd where
+PID 1 is not systemd), connect the backend, adopt existing sandboxes, reap."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from .backend.nspawn import NspawnBackend
+from .box import host_runs_systemd, start_box, system_bus_address
+from .layout import Layout
+from .policy import PolicySet
+from .policy.loader import shipped_policy_dir
+from .service import SandboxService
+
+__all__ = ["ServerConfig", "open_service", "resolve_bus_address"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    layout: Layout = field(default_factory=Layout.from_env)
+    policy_dirs: tuple[Path, ...] = ()
+    max_sandboxes: int = 64
+
+    def load_policies(self) -> PolicySet:
+        return PolicySet.load([*self.policy_dirs, shipped_policy_dir()])
+
+
+def resolve_bus_address(layout: Layout) -> str:
+    """The system bus to use: an explicit address, the host's, or the private box's."""
+    explicit = os.environ.get("NSPAWN_MCP_BUS_ADDRESS")
+    if explicit:
+        return explicit
+    if host_runs_systemd():
+        return system_bus_address()
+    box = start_box(layout)
+    log.info("using the private systemd (pid %d)", box.pid)
+    return box.bus_address
+
+
+@asynccontextmanager
+async def open_service(config: ServerConfig) -> AsyncIterator[SandboxService]:
+    policies = config.load_policies()
+    address = await anyio.to_thread.run_sync(resolve_bus_address, config.layout)
+    service_box: list[SandboxService] = []
+
+    def machine_removed(name: str) -> None:
+        if service_box:
+            service_box[0].machine_removed(name)
+
+    backend = await NspawnBackend.connect(address, config.layout, on_machine_removed=machine_removed)
+    try:
+        service = SandboxService(
+            backend, policies, state_dir=config.layout.sandboxes_dir, max_sandboxes=config.max_sandboxes
+        )
+        service_box.append(service)
+        await service.reconcile()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(service.run_reaper)
+            yield service
+            tasks.cancel_scope.cancel()
+    finally:
+        backend.close()

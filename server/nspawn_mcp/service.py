@@ -1,0 +1,352 @@
+"""Use cases: the order of steps, ownership, quotas and cleanup on failure.
+
+The service knows nothing of D-Bus or MCP. It resolves every request against the
+operator's policy first (``nspawn_mcp.policy``), then drives a :class:`Backend`.
+Cleanup runs shielded from cancellation, so a cancelled MCP request never leaves
+half a sandbox behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import anyio.to_thread
+
+from . import hostfs
+from .backend.api import Backend, CommandSpec
+from .errors import InvalidRequest, NotFound, QuotaExceeded, SandboxError, SandboxGone
+from .models import CopyResult, ExecResult, Limits, SandboxInfo
+from .naming import new_sandbox_id, parse_sandbox_id
+from .policy import (
+    CreateRequest,
+    ExecRequest,
+    PolicySet,
+    ResolvedLimits,
+    SandboxPlan,
+    check_container_path,
+    confine_host_path,
+    resolve_create,
+    resolve_exec,
+)
+
+__all__ = ["SandboxService"]
+
+log = logging.getLogger(__name__)
+
+_MiB = 1 << 20
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_MAX_ARGV = 4096
+_MAX_COMMAND_BYTES = 1 << 20
+_MAX_ENV = 256
+_REAP_INTERVAL = 1.0
+
+State = Literal["creating", "running", "destroying", "gone"]
+
+
+@dataclass
+class _Sandbox:
+    sandbox_id: str
+    plan: SandboxPlan
+    created_at: datetime
+    expires_at: datetime
+    state: State = "creating"
+
+    def info(self) -> SandboxInfo:
+        limits = self.plan.limits
+        return SandboxInfo(
+            sandbox_id=self.sandbox_id,
+            image=self.plan.image,
+            policy=self.plan.policy,
+            limits=Limits(
+                memory_mb=limits.memory_bytes // _MiB,
+                cpus=limits.cpus,
+                max_processes=limits.processes,
+                ttl_seconds=limits.ttl_seconds,
+            ),
+            created_at=self.created_at.isoformat(timespec="milliseconds"),
+            expires_at=self.expires_at.isoformat(timespec="milliseconds"),
+        )
+
+
+class _MetaStore:
+    """``meta.json`` per sandbox, so a restarted server can adopt what it made."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def save(self, sandbox: _Sandbox) -> None:
+        folder = self._directory / sandbox.sandbox_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = {
+            "plan": asdict(sandbox.plan),
+            "created_at": sandbox.created_at.isoformat(),
+            "expires_at": sandbox.expires_at.isoformat(),
+        }
+        temporary = folder / "meta.json.tmp"
+        temporary.write_text(json.dumps(data))
+        temporary.replace(folder / "meta.json")
+
+    def load(self, sandbox_id: str) -> _Sandbox | None:
+        try:
+            data = json.loads((self._directory / sandbox_id / "meta.json").read_text())
+            plan = data["plan"]
+            return _Sandbox(
+                sandbox_id=sandbox_id,
+                plan=SandboxPlan(
+                    policy=plan["policy"],
+                    image=plan["image"],
+                    limits=ResolvedLimits(**plan["limits"]),
+                    network=plan["network"],
+                    allowed_host_roots=tuple(plan["allowed_host_roots"]),
+                ),
+                created_at=datetime.fromisoformat(data["created_at"]),
+                expires_at=datetime.fromisoformat(data["expires_at"]),
+                state="running",
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SandboxService:
+    def __init__(
+        self,
+        backend: Backend,
+        policies: PolicySet,
+        *,
+        state_dir: Path,
+        cwd: str | None = None,
+        max_sandboxes: int = 64,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self._backend = backend
+        self._policies = policies
+        self._store = _MetaStore(state_dir)
+        self._cwd = cwd or os.getcwd()
+        self._max_sandboxes = max_sandboxes
+        self._clock = clock
+        self._sandboxes: dict[str, _Sandbox] = {}
+
+    @property
+    def policies(self) -> PolicySet:
+        return self._policies
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Adopt this server's running sandboxes; remove remains of half-made or dead ones."""
+        running = await self._backend.running()
+        for sandbox_id in sorted(running):
+            sandbox = self._store.load(sandbox_id)
+            if sandbox is None:
+                log.warning("removing sandbox %s: no record of how it was made", sandbox_id)
+                await self._backend.destroy(sandbox_id)
+            else:
+                self._sandboxes[sandbox_id] = sandbox
+        for sandbox_id in sorted(await self._backend.leftovers()):
+            log.info("removing the remains of sandbox %s", sandbox_id)
+            await self._backend.destroy(sandbox_id)
+
+    def machine_removed(self, name: str) -> None:
+        """The sandbox's machine went away (it crashed, hit its TTL in systemd, ...)."""
+        sandbox = self._sandboxes.get(name)
+        if sandbox is not None and sandbox.state == "running":
+            log.info("sandbox %s stopped on its own; cleaning up", name)
+            sandbox.state = "gone"
+
+    async def run_reaper(self) -> None:
+        """Forever: destroy expired sandboxes and clean up ones that died."""
+        while True:
+            await anyio.sleep(_REAP_INTERVAL)
+            await self.reap_once()
+
+    async def reap_once(self) -> None:
+        now = self._clock()
+        for sandbox in list(self._sandboxes.values()):
+            expired = sandbox.state == "running" and sandbox.expires_at <= now
+            if expired or sandbox.state == "gone":
+                try:
+                    await self._destroy(sandbox)
+                except SandboxError as exc:
+                    log.warning("cleaning up sandbox %s failed: %s", sandbox.sandbox_id, exc)
+
+    async def close(self) -> None:
+        """Nothing to do: sandboxes outlive the server and are adopted on restart."""
+
+    # -- tools -----------------------------------------------------------------
+
+    async def create(self, request: CreateRequest) -> SandboxInfo:
+        policy = self._policies.get(request.policy)
+        plan = resolve_create(request.policy, policy, request, cwd=self._cwd)
+        live = [s for s in self._sandboxes.values() if s.state != "gone"]
+        if len(live) >= self._max_sandboxes:
+            raise QuotaExceeded(
+                f"this server already runs {len(live)} sandboxes, its maximum; destroy one first"
+            )
+        same_policy = sum(1 for s in live if s.plan.policy == plan.policy)
+        if same_policy >= policy.sandboxes.max_live:
+            raise QuotaExceeded(
+                f"policy {plan.policy!r} allows {policy.sandboxes.max_live} live sandboxes and "
+                f"{same_policy} exist; destroy one first (policy rule: sandboxes.max_live)"
+            )
+        if plan.image not in await self._backend.available_images():
+            raise NotFound(f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`")
+        created = self._clock()
+        sandbox = _Sandbox(
+            sandbox_id=new_sandbox_id(),
+            plan=plan,
+            created_at=created,
+            expires_at=created + timedelta(seconds=plan.limits.ttl_seconds),
+        )
+        self._sandboxes[sandbox.sandbox_id] = sandbox
+        try:
+            self._store.save(sandbox)
+            await self._backend.create(sandbox.sandbox_id, plan)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._destroy(sandbox)
+            raise
+        sandbox.state = "running"
+        return sandbox.info()
+
+    async def destroy(self, sandbox_id: str) -> None:
+        sandbox = self._get(sandbox_id, allow_gone=True)
+        if sandbox.state == "destroying":
+            raise NotFound(f"sandbox {sandbox_id} is already being destroyed")
+        await self._destroy(sandbox)
+
+    async def _destroy(self, sandbox: _Sandbox) -> None:
+        sandbox.state = "destroying"
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._backend.destroy(sandbox.sandbox_id)
+            except BaseException:
+                sandbox.state = "gone"
+                raise
+            self._sandboxes.pop(sandbox.sandbox_id, None)
+
+    def list(self) -> list[SandboxInfo]:
+        return [s.info() for s in self._sandboxes.values() if s.state == "running"]
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | None = None,
+        timeout_seconds: float | None = None,
+    ) -> ExecResult:
+        sandbox = self._get(sandbox_id)
+        argv = _argv(command)
+        stdin_bytes = (stdin or "").encode("utf-8", errors="surrogatepass")
+        plan = resolve_exec(
+            self._policies.get(sandbox.plan.policy),
+            ExecRequest(timeout_seconds=timeout_seconds, stdin_bytes=len(stdin_bytes)),
+        )
+        spec = CommandSpec(
+            argv=argv,
+            cwd=check_container_path(cwd) if cwd is not None else "/root",
+            env=_env(env or {}),
+            stdin=stdin_bytes,
+            timeout_seconds=plan.timeout_seconds,
+            max_output_bytes=plan.max_output_bytes,
+        )
+        outcome = await self._backend.exec(sandbox_id, spec)
+        return ExecResult(
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            stdout=outcome.stdout.decode("utf-8", errors="replace"),
+            stderr=outcome.stderr.decode("utf-8", errors="replace"),
+            timed_out=outcome.timed_out,
+            truncated=outcome.stdout_truncated or outcome.stderr_truncated,
+            duration_ms=outcome.duration_ms,
+        )
+
+    async def copy_to_sandbox(self, sandbox_id: str, host_source: str, sandbox_destination: str) -> CopyResult:
+        sandbox = self._get(sandbox_id)
+        destination = check_container_path(sandbox_destination)
+        target = confine_host_path(host_source, sandbox.plan.allowed_host_roots, self._cwd)
+        limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
+        with hostfs.staging_area(self._backend.staging_dir) as area:
+            staged, stats = await anyio.to_thread.run_sync(hostfs.stage_from_host, target, area, limit)
+            await self._backend.copy_in(sandbox_id, staged, destination)
+        return CopyResult(
+            direction="to_sandbox",
+            source=target.path,
+            destination=destination,
+            bytes=stats.bytes,
+            sha256=stats.sha256,
+        )
+
+    async def copy_from_sandbox(self, sandbox_id: str, sandbox_source: str, host_destination: str) -> CopyResult:
+        sandbox = self._get(sandbox_id)
+        source = check_container_path(sandbox_source)
+        target = confine_host_path(host_destination, sandbox.plan.allowed_host_roots, self._cwd)
+        limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
+        with hostfs.staging_area(self._backend.staging_dir) as area:
+            staged = area / "file"
+            await self._backend.copy_out(sandbox_id, source, staged)
+            stats = await anyio.to_thread.run_sync(
+                hostfs.publish_from_staging, staged, target, limit, f"sandbox path {source}"
+            )
+        return CopyResult(
+            direction="from_sandbox",
+            source=source,
+            destination=target.path,
+            bytes=stats.bytes,
+            sha256=stats.sha256,
+        )
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _get(self, sandbox_id: str, *, allow_gone: bool = False) -> _Sandbox:
+        parse_sandbox_id(sandbox_id)
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None or sandbox.state in ("creating", "destroying"):
+            raise NotFound(f"no sandbox {sandbox_id}; list_sandboxes shows the live ones")
+        if sandbox.state == "gone" and not allow_gone:
+            raise SandboxGone(f"sandbox {sandbox_id} has stopped; create a new one")
+        return sandbox
+
+
+def _argv(command: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(command, str):
+        if not command.strip():
+            raise InvalidRequest("command is empty; give a shell command string or an argv list")
+        argv: tuple[str, ...] = ("/bin/sh", "-c", command)
+    else:
+        argv = tuple(command)
+        if not argv or not argv[0]:
+            raise InvalidRequest("command is empty; give a shell command string or a non-empty argv list")
+        if len(argv) > _MAX_ARGV:
+            raise InvalidRequest(f"command has {len(argv)} arguments; at most {_MAX_ARGV} are allowed")
+    if any("\x00" in part for part in argv):
+        raise InvalidRequest("command contains a NUL byte")
+    if sum(len(part.encode("utf-8", errors="surrogatepass")) for part in argv) > _MAX_COMMAND_BYTES:
+        raise InvalidRequest(f"command is longer than {_MAX_COMMAND_BYTES} bytes")
+    return argv
+
+
+def _env(env: Mapping[str, str]) -> dict[str, str]:
+    if len(env) > _MAX_ENV:
+        raise InvalidRequest(f"env has {len(env)} variables; at most {_MAX_ENV} are allowed")
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise InvalidRequest(f"invalid environment variable name {name[:64]!r}: use letters, digits and '_'")
+        if "\x00" in value:
+            raise InvalidRequest(f"environment variable {name} contains a NUL byte")
+    return dict(env)
