@@ -17,8 +17,8 @@ __all__ = ["main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import build_server  # noqa: PLC0415 - keeps `doctor` and `box` fast
-    from .runtime import ServerConfig, open_service  # noqa: PLC0415
+    from .app import build_server
+    from .runtime import ServerConfig, open_service
 
     config = ServerConfig(
         layout=Layout.from_env(),
@@ -36,19 +36,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _setup(args: argparse.Namespace) -> int:
-    from .provision import run_setup  # noqa: PLC0415
+    from .provision import run_setup
 
     return anyio.run(run_setup, Layout.from_env())
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .doctor import print_report, run_checks  # noqa: PLC0415
+    from .doctor import print_report, run_checks
 
     return 0 if print_report(run_checks(Layout.from_env())) else 1
 
 
 def _box(args: argparse.Namespace) -> int:
-    from .box import find_box, start_box, stop_box  # noqa: PLC0415
+    from .box import find_box, start_box, stop_box
 
     layout = Layout.from_env()
     if args.action == "start":
@@ -63,8 +63,8 @@ def _box(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> int:
-    from .policy.loader import PolicyError, load_policy_file  # noqa: PLC0415
-    from .runtime import ServerConfig  # noqa: PLC0415
+    from .policy.loader import PolicyError, load_policy_file
+    from .runtime import ServerConfig
 
     try:
         if args.action == "check":
@@ -91,11 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve MCP on stdio (default) or streamable HTTP")
     serve.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at http://HOST:PORT/mcp")
-    serve.add_argument("--policy-dir", action="append", default=[], help="directory of operator policies (*.toml)")
+    serve.add_argument(
+        "--policy-dir", action="append", default=[], help="directory of operator policies (*.toml)"
+    )
     serve.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all (default 64)")
     serve.set_defaults(func=_serve)
 
-    commands.add_parser("setup", help="create the image pool and the default template").set_defaults(func=_setup)
+    commands.add_parser("setup", help="create the image pool and the default template").set_defaults(
+        func=_setup
+    )
     commands.add_parser("doctor", help="check every prerequisite").set_defaults(func=_doctor)
 
     box = commands.add_parser("box", help="the private systemd used where PID 1 is not systemd")

@@ -29,10 +29,10 @@ def _binary(name: str, path: str, package: str) -> Check:
 
 
 def _openat2() -> Check:
-    from . import hostfs  # noqa: PLC0415
+    from . import hostfs
 
     try:
-        fd = hostfs._openat2(os.open("/", os.O_PATH | os.O_DIRECTORY), ".", os.O_PATH)  # noqa: SLF001
+        fd = hostfs._openat2(os.open("/", os.O_PATH | os.O_DIRECTORY), ".", os.O_PATH)
     except OSError as exc:
         return Check("openat2", False, str(exc), "use Linux 5.6 or later")
     os.close(fd)
@@ -54,13 +54,8 @@ def run_checks(layout: Layout) -> list[Check]:
         checks.append(Check("init", True, "PID 1 is systemd: using the system bus"))
     else:
         box = find_box(layout)
-        checks.append(
-            Check(
-                "init",
-                True,
-                f"PID 1 is not systemd: private systemd {'running, pid ' + str(box.pid) if box else 'starts on demand'}",
-            )
-        )
+        state = f"running, pid {box.pid}" if box else "starts on demand"
+        checks.append(Check("init", True, f"PID 1 is not systemd: private systemd {state}"))
         checks.append(
             Check(
                 "pool",
@@ -70,7 +65,9 @@ def run_checks(layout: Layout) -> list[Check]:
             )
         )
     rootfs = layout.cache_dir / "default" / "rootfs" / "usr/bin/python3"
-    checks.append(Check("template", rootfs.exists(), str(rootfs.parent.parent.parent), "run `nspawn-mcp setup`"))
+    checks.append(
+        Check("template", rootfs.exists(), str(rootfs.parent.parent.parent), "run `nspawn-mcp setup`")
+    )
     return checks
 
 

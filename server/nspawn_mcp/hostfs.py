@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CopyRefused, NotFound, PolicyRefused
-from .policy.paths import DENIED_HOST_ROOTS, HostTarget
+from .policy.paths import HostTarget, is_protected
 
 __all__ = ["CopyStats", "open_beneath", "publish_from_staging", "stage_from_host", "staging_area"]
 
@@ -66,13 +66,11 @@ def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
 
 def _open_root(root: str) -> int:
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    real = os.readlink(f"/proc/self/fd/{fd}")
-    for denied in DENIED_HOST_ROOTS:
-        if real == denied or (denied != "/" and real.startswith(denied + "/")):
-            os.close(fd)
-            raise PolicyRefused(
-                "an allowed host directory resolves into a protected location", rule="files.allowed_host_dirs"
-            )
+    if is_protected(os.readlink(f"/proc/self/fd/{fd}")):
+        os.close(fd)
+        raise PolicyRefused(
+            "an allowed host directory resolves into a protected location", rule="files.allowed_host_dirs"
+        )
     return fd
 
 
@@ -118,7 +116,9 @@ def _copy_fd(source: int, destination: int, limit: int, what: str) -> CopyStats:
     while chunk := os.read(source, _CHUNK):
         total += len(chunk)
         if total > limit:
-            raise CopyRefused(f"{what} is larger than the policy's limit of {limit} bytes (files.max_copy_bytes)")
+            raise CopyRefused(
+                f"{what} is larger than the policy's limit of {limit} bytes (files.max_copy_bytes)"
+            )
         digest.update(chunk)
         view = memoryview(chunk)
         while view:
@@ -179,7 +179,10 @@ def publish_from_staging(staged: Path, target: HostTarget, limit: int, what: str
             temporary = f".{name}.nspawn-mcp-{secrets.token_hex(4)}"
             mode = stat.S_IMODE(info.st_mode) & 0o777 & ~0o022 | 0o600
             out = os.open(
-                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd
+                temporary,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode,
+                dir_fd=dir_fd,
             )
             try:
                 stats = _copy_fd(source, out, limit, what)

@@ -35,8 +35,14 @@ def new_sandbox_id() -> str:
 def parse_sandbox_id(value: str) -> str:
     """Validate an id an agent sent; the message says what an id looks like."""
     if not SANDBOX_ID.match(value):
-        shown = value if len(value) <= 40 and value.isprintable() else value[:40].encode("unicode_escape").decode()
-        raise InvalidRequest(f"invalid sandbox_id {shown!r}: ids look like 'sbx-1a2b3c4d' (from create_sandbox)")
+        shown = (
+            value
+            if len(value) <= 40 and value.isprintable()
+            else value[:40].encode("unicode_escape").decode()
+        )
+        raise InvalidRequest(
+            f"invalid sandbox_id {shown!r}: ids look like 'sbx-1a2b3c4d' (from create_sandbox)"
+        )
     return value
 
 

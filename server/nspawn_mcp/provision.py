@@ -109,17 +109,18 @@ def install_template(rootfs: Path, image_name: str, machines_dir: Path, enter_pi
 
 async def run_setup(layout: Layout) -> int:
     """Everything ``make setup`` needs beyond Debian packages and the virtualenv."""
-    import anyio.to_thread  # noqa: PLC0415
+    import anyio.to_thread
 
-    from .backend.bus import Bus  # noqa: PLC0415
-    from .backend.machine1 import Machined  # noqa: PLC0415
-    from .box import find_box, host_runs_systemd  # noqa: PLC0415
-    from .naming import template_image  # noqa: PLC0415
-    from .runtime import resolve_bus_address  # noqa: PLC0415
+    from .backend.bus import Bus
+    from .backend.machine1 import Machined
+    from .box import find_box, host_runs_systemd, stop_box
+    from .naming import template_image
+    from .runtime import resolve_bus_address
 
     in_box = not host_runs_systemd()
     if in_box and make_pool(layout):
         print(f"created the image pool {layout.pool_image}")
+    box_was_running = in_box and find_box(layout) is not None
     address = await anyio.to_thread.run_sync(resolve_bus_address, layout)
     box = find_box(layout) if in_box else None
     bus = await Bus.connect(address)
@@ -140,4 +141,6 @@ async def run_setup(layout: Layout) -> int:
             print(f"image {template.name!r} is installed ({image})")
     finally:
         bus.disconnect()
+        if in_box and not box_was_running:
+            stop_box(layout)  # leave the host as set-up found it
     return 0

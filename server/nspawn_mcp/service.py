@@ -276,7 +276,9 @@ class SandboxService:
             duration_ms=outcome.duration_ms,
         )
 
-    async def copy_to_sandbox(self, sandbox_id: str, host_source: str, sandbox_destination: str) -> CopyResult:
+    async def copy_to_sandbox(
+        self, sandbox_id: str, host_source: str, sandbox_destination: str
+    ) -> CopyResult:
         sandbox = self._get(sandbox_id)
         destination = check_container_path(sandbox_destination)
         target = confine_host_path(host_source, sandbox.plan.allowed_host_roots, self._cwd)
@@ -292,7 +294,9 @@ class SandboxService:
             sha256=stats.sha256,
         )
 
-    async def copy_from_sandbox(self, sandbox_id: str, sandbox_source: str, host_destination: str) -> CopyResult:
+    async def copy_from_sandbox(
+        self, sandbox_id: str, sandbox_source: str, host_destination: str
+    ) -> CopyResult:
         sandbox = self._get(sandbox_id)
         source = check_container_path(sandbox_source)
         target = confine_host_path(host_destination, sandbox.plan.allowed_host_roots, self._cwd)
@@ -346,7 +350,9 @@ def _env(env: Mapping[str, str]) -> dict[str, str]:
         raise InvalidRequest(f"env has {len(env)} variables; at most {_MAX_ENV} are allowed")
     for name, value in env.items():
         if not _ENV_NAME.match(name):
-            raise InvalidRequest(f"invalid environment variable name {name[:64]!r}: use letters, digits and '_'")
+            raise InvalidRequest(
+                f"invalid environment variable name {name[:64]!r}: use letters, digits and '_'"
+            )
         if "\x00" in value:
             raise InvalidRequest(f"environment variable {name} contains a NUL byte")
     return dict(env)

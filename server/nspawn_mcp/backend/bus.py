@@ -6,6 +6,7 @@ raises our errors instead, mapped in :mod:`.dbus_errors`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -103,9 +104,7 @@ class Bus:
 
 
 def _close_quietly(fd: int) -> None:
-    import os  # noqa: PLC0415
+    import os
 
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

@@ -47,7 +47,9 @@ class Machined:
                     on_removed(message.body[0])
 
             bus.add_signal_handler(handler)
-            await bus.add_match(f"type='signal',sender='{_DEST}',interface='{_MANAGER}',member='MachineRemoved'")
+            await bus.add_match(
+                f"type='signal',sender='{_DEST}',interface='{_MANAGER}',member='MachineRemoved'"
+            )
         return machined
 
     async def _call(self, member: str, signature: str, *body: Any, operation: str) -> list[Any]:

@@ -11,6 +11,7 @@ Steps of a create, each undone by :meth:`NspawnBackend.destroy`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -125,7 +126,7 @@ class NspawnBackend:
         """
         socket_path = self._layout.control_dir(sandbox_id) / SUPERVISOR_SOCKET
         with anyio.move_on_after(_READY_TIMEOUT):
-            while not socket_path.exists():
+            while not socket_path.exists():  # noqa: ASYNC110 - a file appearing sets no event
                 await anyio.sleep(_READY_POLL)
             return
         raise BackendError(f"sandbox {sandbox_id} did not become ready in {_READY_TIMEOUT:g} s")
@@ -135,10 +136,8 @@ class NspawnBackend:
         await self._systemd.reset_failed(service_unit(sandbox_id))
         await self._systemd.stop_unit(slice_unit(sandbox_id))
         await self._systemd.reset_failed(slice_unit(sandbox_id))
-        try:
+        with contextlib.suppress(NotFound):
             await self._machined.remove_image(sandbox_id)
-        except NotFound:
-            pass
         shutil.rmtree(self._layout.sandbox_dir(sandbox_id), ignore_errors=True)
 
     async def running(self) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,7 +65,9 @@ class Systemd:
         if waiter is not None:
             waiter.set()
 
-    async def _manager(self, member: str, signature: str = "", *body: Any, operation: str | None = None) -> Any:
+    async def _manager(
+        self, member: str, signature: str = "", *body: Any, operation: str | None = None
+    ) -> Any:
         reply = await self._bus.call(
             destination=_DEST,
             path=_PATH,
@@ -83,7 +86,9 @@ class Systemd:
                 with anyio.fail_after(timeout):
                     await event.wait()
             except TimeoutError:
-                raise BackendError(f"{what}: systemd did not finish in {timeout:g} s", retryable=True) from None
+                raise BackendError(
+                    f"{what}: systemd did not finish in {timeout:g} s", retryable=True
+                ) from None
             finally:
                 self._waiters.pop(job_path, None)
         return self._results.pop(job_path)
@@ -123,10 +128,8 @@ class Systemd:
             raise BackendError(f"{what} failed: {result}")
 
     async def reset_failed(self, name: str) -> None:
-        try:
+        with contextlib.suppress(NotFound, BackendError):  # not loaded or not failed: nothing to do
             await self._manager("ResetFailedUnit", "s", name, operation=f"resetting {name}")
-        except (NotFound, BackendError):
-            pass  # not loaded or not failed: nothing to reset
 
     async def list_units(self, patterns: list[str]) -> list[UnitStatus]:
         rows = await self._manager("ListUnitsByPatterns", "asas", [], patterns, operation="listing units")

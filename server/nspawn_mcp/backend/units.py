@@ -133,4 +133,3 @@ def build_units(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> Sand
             "StandardError": "journal",
         },
     )
-

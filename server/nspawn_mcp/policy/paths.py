@@ -21,6 +21,7 @@ __all__ = [
     "HostTarget",
     "check_container_path",
     "confine_host_path",
+    "is_protected",
     "resolve_allowed_roots",
 ]
 
@@ -74,21 +75,25 @@ def _is_within(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root + "/")
 
 
+def is_protected(root: str) -> bool:
+    """Whether ``root`` is, or lies inside, a directory on the deny list."""
+    return any(root == denied or (denied != "/" and _is_within(root, denied)) for denied in DENIED_HOST_ROOTS)
+
+
 def resolve_allowed_roots(directories: Iterable[str], cwd: str) -> tuple[str, ...]:
-    """Make the policy's allowed directories absolute, refusing any on the deny list."""
+    """Make the policy's allowed directories absolute, dropping any on the deny list.
+
+    Dropping rather than failing keeps sandboxes usable when, say, the server was
+    started with ``/`` as its working directory: copies are then refused instead.
+    """
     roots: list[str] = []
     for directory in directories:
         _check_syntax(directory, "allowed host directory")
         root = posixpath.normpath(posixpath.join(cwd, directory))
         if root.startswith("//"):
             root = "/" + root.lstrip("/")
-        for denied in DENIED_HOST_ROOTS:
-            if root == denied or (denied != "/" and _is_within(root, denied)):
-                raise PolicyRefused(
-                    f"host directory {root} may never be shared with a sandbox",
-                    rule="files.allowed_host_dirs",
-                )
-        roots.append(root)
+        if not is_protected(root):
+            roots.append(root)
     return tuple(roots)
 
 
@@ -99,6 +104,12 @@ def confine_host_path(path: str, roots: tuple[str, ...], cwd: str) -> HostTarget
     outright rather than interpreted, since their meaning depends on symlinks.
     """
     _check_syntax(path, "host path")
+    if not roots:
+        raise PolicyRefused(
+            "this sandbox's policy allows no host directory for copies (protected directories such as / "
+            "or /etc never count)",
+            rule="files.allowed_host_dirs",
+        )
     if ".." in path.split("/"):
         raise PolicyRefused(
             f"host path {path!r} contains '..'; use a path inside an allowed directory: " + ", ".join(roots),

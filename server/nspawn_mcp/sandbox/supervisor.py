@@ -31,6 +31,7 @@ its process group is killed too, so nothing it started lingers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import selectors
@@ -39,6 +40,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Any
 
 MAX_REQUEST_BYTES = 128 << 20
 BASE_ENV = {
@@ -50,7 +52,7 @@ BASE_ENV = {
 _CHUNK = 65536
 
 
-def _read_request(conn: socket.socket) -> dict:
+def _read_request(conn: socket.socket) -> dict[str, Any]:
     buffer = bytearray()
     while b"\n" not in buffer:
         chunk = conn.recv(_CHUNK)
@@ -69,7 +71,7 @@ def _read_request(conn: socket.socket) -> dict:
     return request
 
 
-def _spawn_error(exc: OSError, argv0: str, cwd: str) -> dict:
+def _spawn_error(exc: OSError, argv0: str, cwd: str) -> dict[str, Any]:
     if isinstance(exc, FileNotFoundError):
         if exc.filename == cwd:
             return {"error": "bad_cwd", "message": f"working directory {cwd} does not exist"}
@@ -96,14 +98,12 @@ class _Capture:
 
 
 def _killpg(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
-def _run(conn: socket.socket, request: dict) -> dict:
-    import subprocess  # noqa: PLC0415 - keep the supervisor's start-up import set small
+def _run(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+    import subprocess
 
     argv = request["argv"]
     cwd = request.get("cwd") or "/"
@@ -115,7 +115,7 @@ def _run(conn: socket.socket, request: dict) -> dict:
 
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv comes from the policy-checked request
+        proc = subprocess.Popen(
             argv,
             cwd=cwd,
             env=env,
@@ -128,7 +128,9 @@ def _run(conn: socket.socket, request: dict) -> dict:
     except OSError as exc:
         return _spawn_error(exc, argv[0], cwd)
 
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     captures = {proc.stdout.fileno(): _Capture(limit), proc.stderr.fileno(): _Capture(limit)}
     stdout_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
     selector = selectors.DefaultSelector()
@@ -207,7 +209,7 @@ def _serve_connection(conn: socket.socket) -> None:
         try:
             request = _read_request(conn)
         except (ValueError, OSError) as exc:
-            reply: dict = {"error": "bad_request", "message": str(exc)}
+            reply: dict[str, Any] = {"error": "bad_request", "message": str(exc)}
         else:
             try:
                 reply = _run(conn, request)
@@ -215,10 +217,8 @@ def _serve_connection(conn: socket.socket) -> None:
                 return
             except (ValueError, TypeError, OSError) as exc:
                 reply = {"error": "bad_request", "message": str(exc)}
-        try:
+        with contextlib.suppress(OSError):
             conn.sendall(json.dumps(reply).encode() + b"\n")
-        except OSError:
-            pass
 
 
 def main(argv: list[str]) -> int:
@@ -232,10 +232,8 @@ def main(argv: list[str]) -> int:
     # Bind under a temporary name and rename once listening: the socket's
     # appearance at ``path`` is the host's signal that commands are accepted.
     temporary = path + ".tmp"
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
-    except FileNotFoundError:
-        pass
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(temporary)
     os.chmod(temporary, 0o600)

@@ -1,0 +1,68 @@
+# nspawn-mcp: `make run` sets everything up and serves MCP on stdio;
+# `make test` sets everything up and runs every test. Both run as root.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NSPAWN_MCP := $(BIN)/nspawn-mcp
+DEBIAN_PACKAGES := systemd-container debootstrap btrfs-progs util-linux dbus
+REQUIRED_BINARIES := /usr/bin/systemd-nspawn /lib/systemd/systemd-machined /usr/sbin/debootstrap /sbin/mkfs.btrfs /usr/bin/unshare /usr/bin/dbus-daemon
+
+.PHONY: run setup packages venv test unit integration e2e lint format bench doctor stop clean
+
+run:
+	@$(MAKE) --no-print-directory -s setup >&2
+	@exec $(NSPAWN_MCP) serve
+
+setup: packages venv
+	$(NSPAWN_MCP) setup
+
+packages:
+	@missing=; for f in $(REQUIRED_BINARIES); do [ -e $$f ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: setup lint
+	$(BIN)/pytest
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+integration: setup
+	$(BIN)/pytest tests/integration
+
+e2e: setup
+	$(BIN)/pytest tests/e2e
+
+lint: venv
+	$(BIN)/ruff check server tests benchmarks
+	$(BIN)/ruff format --check server tests benchmarks
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format server tests benchmarks
+	$(BIN)/ruff check --fix server tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py
+
+doctor: venv
+	$(NSPAWN_MCP) doctor
+
+stop: venv
+	$(NSPAWN_MCP) box stop
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

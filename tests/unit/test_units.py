@@ -1,0 +1,113 @@
+"""What systemd is asked to run for a sandbox, pinned: any change here is a reviewable diff."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from inline_snapshot import snapshot
+
+from nspawn_mcp.backend.properties import encode
+from nspawn_mcp.backend.units import SandboxPaths, build_units
+from nspawn_mcp.policy import CreateRequest, Policy, resolve_create
+
+PLAN = resolve_create(
+    "default", Policy(), CreateRequest(memory_mb=256, cpus=0.5, max_processes=64, ttl_seconds=600), cwd="/srv"
+)
+PATHS = SandboxPaths(
+    root="/var/lib/machines/sbx-0123abcd",
+    control_dir="/var/lib/nspawn-mcp/sandboxes/sbx-0123abcd/ctl",
+    lib_dir="/var/lib/nspawn-mcp/lib",
+)
+UNITS = build_units("sbx-0123abcd", PLAN, PATHS)
+
+
+def test_nspawn_command_line() -> None:
+    assert UNITS.argv == snapshot(
+        [
+            "/usr/bin/systemd-nspawn",
+            "--quiet",
+            "--keep-unit",
+            "--register=yes",
+            "--settings=no",
+            "--machine=sbx-0123abcd",
+            "--directory=/var/lib/machines/sbx-0123abcd",
+            "--private-users=pick",
+            "--private-users-ownership=map",
+            "--private-network",
+            "--link-journal=no",
+            "--resolv-conf=off",
+            "--timezone=off",
+            "--console=pipe",
+            "--as-pid2",
+            "--bind-ro=/var/lib/nspawn-mcp/lib:/run/nspawn-mcp/lib",
+            "--bind=/var/lib/nspawn-mcp/sandboxes/sbx-0123abcd/ctl:/run/nspawn-mcp/ctl",
+            "--",
+            "/usr/bin/python3",
+            "-I",
+            "-S",
+            "/run/nspawn-mcp/lib/supervisor.py",
+            "/run/nspawn-mcp/ctl/exec.sock",
+        ]
+    )
+
+
+def test_service_properties() -> None:
+    assert UNITS.service_name == "nspawn-mcp-sbx-0123abcd.service"
+    assert {k: v for k, v in UNITS.service_properties.items() if k != "ExecStart"} == snapshot(
+        {
+            "Description": "nspawn-mcp sandbox sbx-0123abcd",
+            "Slice": "nspawnmcp-0123abcd.slice",
+            "CollectMode": "inactive-or-failed",
+            "Type": "notify",
+            "NotifyAccess": "main",
+            "KillMode": "mixed",
+            "Delegate": True,
+            "DevicePolicy": "closed",
+            "DeviceAllow": [("char-pts", "rw")],
+            "TimeoutStartUSec": 30000000,
+            "TimeoutStopUSec": 5000000,
+            "RuntimeMaxUSec": 600000000,
+            "StandardInput": "null",
+            "StandardOutput": "journal",
+            "StandardError": "journal",
+        }
+    )
+
+
+def test_slice_carries_the_caps() -> None:
+    assert UNITS.slice_name == "nspawnmcp-0123abcd.slice"
+    assert UNITS.slice_properties == snapshot(
+        {
+            "Description": "nspawn-mcp sandbox sbx-0123abcd (policy default)",
+            "CollectMode": "inactive-or-failed",
+            "MemoryAccounting": True,
+            "MemoryMax": 268435456,
+            "MemorySwapMax": 0,
+            "TasksAccounting": True,
+            "TasksMax": 64,
+            "CPUAccounting": True,
+            "CPUQuotaPerSecUSec": 500000,
+        }
+    )
+
+
+def test_every_property_is_in_the_signature_table() -> None:
+    encoded = encode(UNITS.service_properties) + encode(UNITS.slice_properties)
+    assert ("MemoryMax", "t", 256 << 20) in encoded
+    assert ("CPUQuotaPerSecUSec", "t", 500_000) in encoded
+
+
+@pytest.mark.parametrize(
+    ("properties", "message"),
+    [
+        ({"MemroyMax": 1}, "not in the property table"),
+        ({"MemoryMax": "1G"}, "needs D-Bus type t"),
+        ({"MemoryMax": -1}, "needs D-Bus type t"),
+        ({"Delegate": 1}, "needs D-Bus type b"),
+        ({"ExecStart": [("/bin/true", "true", False)]}, "needs D-Bus type a(sasb)"),
+    ],
+)
+def test_bad_properties_fail_before_reaching_systemd(properties: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        encode(properties)
