@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -17,6 +17,7 @@ import pytest
 from nspawn_mcp.backend.api import CommandSpec
 from nspawn_mcp.backend.jail import run_command
 from nspawn_mcp.errors import ExecFailed, SandboxGone
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -35,11 +36,9 @@ def socket_path(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-async def ready(socket_path: Path) -> AsyncIterator[Path]:
-    with anyio.fail_after(10):
-        while not socket_path.exists():
-            await anyio.sleep(0.005)
-    yield socket_path
+async def ready(socket_path: Path) -> Path:
+    await wait_until(socket_path.exists, what="the supervisor's socket")
+    return socket_path
 
 
 def spec(
@@ -59,9 +58,7 @@ def alive(pid: int) -> bool:
 
 
 async def wait_gone(pid: int) -> None:
-    with anyio.fail_after(10):
-        while alive(pid):
-            await anyio.sleep(0.01)
+    await wait_until(lambda: not alive(pid), what=f"process {pid} to be gone")
 
 
 async def test_exit_code_and_separate_streams(ready: Path) -> None:
@@ -109,9 +106,7 @@ async def test_hanging_up_kills_the_command(ready: Path, tmp_path: Path) -> None
     pidfile = tmp_path / "cmd.pid"
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(run_command, ready, spec("/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 1000"))
-        with anyio.fail_after(10):
-            while not pidfile.exists() or not pidfile.read_text().strip():
-                await anyio.sleep(0.01)
+        await wait_until(lambda: pidfile.exists() and bool(pidfile.read_text().strip()), what="the pid file")
         tasks.cancel_scope.cancel()
     await wait_gone(int(pidfile.read_text()))
 
@@ -127,9 +122,9 @@ async def test_hanging_up_kills_the_command(ready: Path, tmp_path: Path) -> None
 async def test_commands_that_cannot_start_are_clear_errors(
     ready: Path, command: tuple[str, ...], cwd: str, message: str
 ) -> None:
-    not_executable = Path("/tmp/nspawn-mcp-test-not-executable")
-    not_executable.write_text("echo never\n")
-    not_executable.chmod(0o644)
+    not_executable = anyio.Path("/tmp/nspawn-mcp-test-not-executable")
+    await not_executable.write_text("echo never\n")
+    await not_executable.chmod(0o644)
     with pytest.raises(ExecFailed, match=message):
         await run_command(ready, spec(*command, cwd=cwd))
 

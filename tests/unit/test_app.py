@@ -1,0 +1,116 @@
+"""The MCP surface, in process: tool names and schemas, structured results, errors as isError text."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from mcp.client import Client
+
+from nspawn_mcp.app import build_server
+from nspawn_mcp.policy import PolicySet
+from nspawn_mcp.policy.loader import shipped_policy_dir
+from nspawn_mcp.service import SandboxService
+from tests.unit.fake_backend import FakeBackend, ok
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> FakeBackend:
+    (tmp_path / "staging").mkdir()
+    return FakeBackend(staging_dir=tmp_path / "staging")
+
+
+@pytest.fixture
+async def client(backend: FakeBackend, tmp_path: Path) -> AsyncIterator[Client]:
+    @asynccontextmanager
+    async def open_service() -> AsyncIterator[SandboxService]:
+        yield SandboxService(
+            backend, PolicySet.load([shipped_policy_dir()]), state_dir=tmp_path / "state", cwd=str(tmp_path)
+        )
+
+    async with Client(build_server(open_service)) as connected:
+        yield connected
+
+
+async def test_the_five_tools_are_offered(client: Client) -> None:
+    tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    assert set(tools) == {
+        "create_sandbox",
+        "exec_in_sandbox",
+        "copy_file",
+        "destroy_sandbox",
+        "list_sandboxes",
+    }
+    exec_schema = tools["exec_in_sandbox"].input_schema
+    assert set(exec_schema["required"]) == {"sandbox_id", "command"}
+    assert tools["destroy_sandbox"].annotations is not None
+    assert tools["destroy_sandbox"].annotations.destructive_hint is True
+
+
+async def test_a_sandbox_round_trip_returns_structured_results(client: Client, backend: FakeBackend) -> None:
+    created = await client.call_tool("create_sandbox", {"memory_mb": 256})
+    assert not created.is_error
+    assert created.structured_content is not None
+    sandbox = created.structured_content["sandbox_id"]
+    assert created.structured_content["limits"]["memory_mb"] == 256
+
+    backend.on_exec = lambda spec: ok(stdout=b"out", stderr=b"err", exit_code=3)
+    result = await client.call_tool("exec_in_sandbox", {"sandbox_id": sandbox, "command": ["python3", "-V"]})
+    assert result.structured_content is not None
+    assert {k: result.structured_content[k] for k in ("exit_code", "stdout", "stderr", "timed_out")} == {
+        "exit_code": 3,
+        "stdout": "out",
+        "stderr": "err",
+        "timed_out": False,
+    }
+
+    listed = await client.call_tool("list_sandboxes", {})
+    assert listed.structured_content is not None
+    assert [s["sandbox_id"] for s in listed.structured_content["sandboxes"]] == [sandbox]
+    destroyed = await client.call_tool("destroy_sandbox", {"sandbox_id": sandbox})
+    assert destroyed.structured_content == {"sandbox_id": sandbox, "destroyed": True}
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "message"),
+    [
+        ("exec_in_sandbox", {"sandbox_id": "sbx-00000000", "command": "true"}, "no sandbox sbx-00000000"),
+        ("destroy_sandbox", {"sandbox_id": "--bind=/:/x"}, "ids look like 'sbx-1a2b3c4d'"),
+        ("create_sandbox", {"memory_mb": 1_000_000}, "policy rule: limits.max.memory"),
+        ("create_sandbox", {"policy": "root"}, "unknown policy 'root'"),
+        ("create_sandbox", {"image": "ubuntu"}, "policy rule: sandboxes.images"),
+        (
+            "copy_file",
+            {"sandbox_id": "sbx-00000000", "source": "a", "destination": "/b", "direction": "sideways"},
+            "to_sandbox",
+        ),
+    ],
+)
+async def test_errors_are_tool_results_that_say_what_is_allowed(
+    client: Client, tool: str, arguments: dict[str, object], message: str
+) -> None:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    text = " ".join(getattr(part, "text", "") for part in result.content)
+    assert message in text
+    assert "Traceback" not in text
+
+
+async def test_copy_path_escapes_are_refused_with_the_rule(client: Client) -> None:
+    sandbox = (await client.call_tool("create_sandbox", {})).structured_content["sandbox_id"]  # type: ignore[index]
+    for source in ("../../etc/shadow", "/etc/shadow", "/proc/self/root/etc/shadow"):
+        result = await client.call_tool(
+            "copy_file",
+            {"sandbox_id": sandbox, "source": source, "destination": "/x", "direction": "to_sandbox"},
+        )
+        assert result.is_error
+        assert "files.allowed_host_dirs" in result.content[0].text  # type: ignore[union-attr]
+
+
+async def test_the_workflow_prompt_is_offered(client: Client) -> None:
+    prompts = (await client.list_prompts()).prompts
+    assert [p.name for p in prompts] == ["sandbox_workflow"]

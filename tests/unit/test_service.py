@@ -1,0 +1,268 @@
+"""The service's use cases on an in-memory backend: order of steps, quotas, cleanup, reaping."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
+from nspawn_mcp.errors import (
+    BackendError,
+    CopyRefused,
+    InvalidRequest,
+    NotFound,
+    PolicyRefused,
+    QuotaExceeded,
+    SandboxGone,
+)
+from nspawn_mcp.policy import CreateRequest, PolicySet
+from nspawn_mcp.policy.loader import load_policy_text
+from nspawn_mcp.service import SandboxService
+from tests.unit.fake_backend import FakeBackend, ok
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "work").mkdir()
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "state").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def backend(workdir: Path) -> FakeBackend:
+    return FakeBackend(staging_dir=workdir / "staging")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_service(backend: FakeBackend, workdir: Path, clock: Clock, **policy_text: str) -> SandboxService:
+    policies = {"default": load_policy_text("", "default.toml")}
+    policies |= {name: load_policy_text(text, f"{name}.toml") for name, text in policy_text.items()}
+    return SandboxService(
+        backend,
+        PolicySet(policies),
+        state_dir=workdir / "state",
+        cwd=str(workdir / "work"),
+        max_sandboxes=5,
+        clock=clock,
+    )
+
+
+@pytest.fixture
+def service(backend: FakeBackend, workdir: Path, clock: Clock) -> SandboxService:
+    return make_service(backend, workdir, clock, small="[sandboxes]\nmax_live = 2\n")
+
+
+async def test_create_reports_id_limits_and_times(service: SandboxService, backend: FakeBackend) -> None:
+    info = await service.create(CreateRequest(memory_mb=256))
+    assert info.sandbox_id in backend.sandboxes
+    assert info.limits.memory_mb == 256
+    assert info.limits.max_processes == 256
+    assert info.created_at == "2026-01-01T00:00:00.000+00:00"
+    assert info.expires_at == "2026-01-01T01:00:00.000+00:00"
+    assert [s.sandbox_id for s in service.list()] == [info.sandbox_id]
+
+
+async def test_each_policy_caps_its_live_sandboxes(service: SandboxService, backend: FakeBackend) -> None:
+    await service.create(CreateRequest(policy="small"))
+    await service.create(CreateRequest(policy="small"))
+    with pytest.raises(QuotaExceeded, match=r"sandboxes.max_live"):
+        await service.create(CreateRequest(policy="small"))
+    assert len(backend.sandboxes) == 2
+    await service.create(CreateRequest(policy="default"))  # other policies are unaffected
+
+
+async def test_the_server_caps_all_live_sandboxes(service: SandboxService) -> None:
+    for _ in range(5):
+        await service.create(CreateRequest())
+    with pytest.raises(QuotaExceeded, match=r"maximum"):
+        await service.create(CreateRequest())
+
+
+async def test_refusals_happen_before_the_backend_is_touched(
+    service: SandboxService, backend: FakeBackend
+) -> None:
+    with pytest.raises(PolicyRefused):
+        await service.create(CreateRequest(memory_mb=1 << 20))
+    with pytest.raises(PolicyRefused, match=r"unknown policy"):
+        await service.create(CreateRequest(policy="nope"))
+    backend.images.clear()
+    with pytest.raises(NotFound, match=r"nspawn-mcp setup"):
+        await service.create(CreateRequest())
+    assert backend.sandboxes == {}
+    assert backend.destroyed == []
+
+
+async def test_a_failed_create_is_cleaned_up(service: SandboxService, backend: FakeBackend) -> None:
+    backend.create_error = BackendError("starting the unit failed")
+    with pytest.raises(BackendError):
+        await service.create(CreateRequest())
+    assert len(backend.destroyed) == 1
+    assert backend.sandboxes == {}
+    assert service.list() == []
+
+
+async def test_a_cancelled_create_is_cleaned_up(service: SandboxService, backend: FakeBackend) -> None:
+    backend.create_gate = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(service.create, CreateRequest())
+        await anyio.wait_all_tasks_blocked()
+        tasks.cancel_scope.cancel()
+    assert len(backend.destroyed) == 1
+    assert backend.sandboxes == {}
+
+
+async def test_exec_runs_shell_strings_and_argv_lists(service: SandboxService, backend: FakeBackend) -> None:
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    await service.exec(sandbox, "echo hi | wc -c")
+    await service.exec(sandbox, ["python3", "-c", "print(1)"], cwd="/tmp", env={"A": "1"}, stdin="data")
+    (_, shell), (_, argv) = backend.commands
+    assert shell.argv == ("/bin/sh", "-c", "echo hi | wc -c")
+    assert shell.cwd == "/root"
+    assert shell.timeout_seconds == 60
+    assert argv.argv == ("python3", "-c", "print(1)")
+    assert (argv.cwd, dict(argv.env), argv.stdin) == ("/tmp", {"A": "1"}, b"data")
+
+
+async def test_exec_output_is_text_with_invalid_bytes_replaced(
+    service: SandboxService, backend: FakeBackend
+) -> None:
+    backend.on_exec = lambda spec: ok(stdout=b"caf\xc3\xa9 \xff", stderr=b"oops", exit_code=3)
+    result = await service.exec((await service.create(CreateRequest())).sandbox_id, "x")
+    assert (result.exit_code, result.stdout, result.stderr) == (3, "café \ufffd", "oops")
+    assert not result.truncated
+
+
+async def test_truncation_of_either_stream_is_reported(service: SandboxService, backend: FakeBackend) -> None:
+    def truncated(spec: CommandSpec) -> CommandOutcome:
+        return CommandOutcome(None, 9, b"", b"x", False, True, True, 5.0)
+
+    backend.on_exec = truncated
+    result = await service.exec((await service.create(CreateRequest())).sandbox_id, "x")
+    assert (result.truncated, result.timed_out, result.exit_code, result.signal) == (True, True, None, 9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"command": ""}, InvalidRequest, "command is empty"),
+        ({"command": []}, InvalidRequest, "command is empty"),
+        ({"command": ["a\x00b"]}, InvalidRequest, "NUL"),
+        ({"command": ["x"] * 5000}, InvalidRequest, "at most 4096"),
+        ({"command": "x" * (2 << 20)}, InvalidRequest, "longer than"),
+        ({"command": "x", "env": {"BAD-NAME": "1"}}, InvalidRequest, "variable name"),
+        ({"command": "x", "cwd": "relative"}, InvalidRequest, "must be absolute"),
+        ({"command": "x", "timeout_seconds": 10_000}, PolicyRefused, "exec.max_timeout_seconds"),
+        ({"command": "x", "timeout_seconds": -1}, InvalidRequest, "at least"),
+    ],
+)
+async def test_bad_exec_requests_are_refused_before_running(
+    service: SandboxService,
+    backend: FakeBackend,
+    kwargs: dict[str, object],
+    error: type[Exception],
+    message: str,
+) -> None:
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    command = kwargs.pop("command")
+    with pytest.raises(error, match=message):
+        await service.exec(sandbox, command, **kwargs)  # type: ignore[arg-type]
+    assert backend.commands == []
+
+
+async def test_unknown_and_malformed_ids(service: SandboxService) -> None:
+    with pytest.raises(NotFound, match=r"no sandbox sbx-00000000"):
+        await service.exec("sbx-00000000", "true")
+    for bad in (".host", "--bind=/:/x", "sbx-0000000g", "x" * 10_000):
+        with pytest.raises(InvalidRequest, match=r"ids look like"):
+            await service.destroy(bad)
+
+
+async def test_destroy_removes_and_a_second_destroy_is_not_found(
+    service: SandboxService, backend: FakeBackend
+) -> None:
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    await service.destroy(sandbox)
+    assert backend.destroyed == [sandbox]
+    assert service.list() == []
+    with pytest.raises(NotFound):
+        await service.destroy(sandbox)
+
+
+async def test_expired_sandboxes_are_reaped(
+    service: SandboxService, backend: FakeBackend, clock: Clock
+) -> None:
+    short = (await service.create(CreateRequest(ttl_seconds=60))).sandbox_id
+    long = (await service.create(CreateRequest(ttl_seconds=600))).sandbox_id
+    clock.now += timedelta(seconds=61)
+    await service.reap_once()
+    assert backend.destroyed == [short]
+    assert [s.sandbox_id for s in service.list()] == [long]
+
+
+async def test_a_sandbox_that_dies_is_reported_then_cleaned_up(
+    service: SandboxService, backend: FakeBackend
+) -> None:
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    service.machine_removed(sandbox)
+    with pytest.raises(SandboxGone, match=r"has stopped"):
+        await service.exec(sandbox, "true")
+    await service.reap_once()
+    assert backend.destroyed == [sandbox]
+
+
+async def test_restart_adopts_recorded_sandboxes_and_removes_the_rest(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    first = make_service(backend, workdir, clock)
+    kept = (await first.create(CreateRequest(memory_mb=300))).sandbox_id
+    backend.sandboxes["sbx-feedf00d"] = backend.sandboxes[kept]  # running, but no record: half-made
+    backend.leftover_ids = {"sbx-0badcafe"}  # a snapshot without a running sandbox
+    second = make_service(backend, workdir, clock)
+    await second.reconcile()
+    assert [(s.sandbox_id, s.limits.memory_mb) for s in second.list()] == [(kept, 300)]
+    assert sorted(backend.destroyed) == ["sbx-0badcafe", "sbx-feedf00d"]
+
+
+async def test_copies_go_through_staging_with_checksums(
+    service: SandboxService, backend: FakeBackend, workdir: Path
+) -> None:
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    payload = bytes(range(256)) * 1000
+    (workdir / "work" / "in.bin").write_bytes(payload)
+    result = await service.copy_to_sandbox(sandbox, "in.bin", "/root/in.bin")
+    assert (result.bytes, result.sha256) == (len(payload), hashlib.sha256(payload).hexdigest())
+    assert backend.files[(sandbox, "/root/in.bin")] == payload
+    back = await service.copy_from_sandbox(sandbox, "/root/in.bin", "out.bin")
+    assert back.sha256 == result.sha256
+    assert (workdir / "work" / "out.bin").read_bytes() == payload
+    assert list((workdir / "staging").iterdir()) == []
+
+
+async def test_symlinks_coming_out_of_a_sandbox_are_refused(
+    service: SandboxService, backend: FakeBackend, workdir: Path
+) -> None:
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    backend.files[(sandbox, "/root/link")] = b"symlink:/etc/shadow"
+    with pytest.raises(CopyRefused, match=r"symbolic link"):
+        await service.copy_from_sandbox(sandbox, "/root/link", "out")
+    assert not (workdir / "work" / "out").exists()
+    assert list((workdir / "staging").iterdir()) == []

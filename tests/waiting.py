@@ -1,0 +1,19 @@
+"""Bounded waiting for a condition that another process makes true."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+
+
+async def wait_until(
+    condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    try:
+        with anyio.fail_after(timeout):
+            while not condition():  # noqa: ASYNC110 - the condition is outside this process
+                await anyio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None
