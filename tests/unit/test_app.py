@@ -101,7 +101,9 @@ async def test_errors_are_tool_results_that_say_what_is_allowed(
 
 
 async def test_copy_path_escapes_are_refused_with_the_rule(client: Client) -> None:
-    sandbox = (await client.call_tool("create_sandbox", {})).structured_content["sandbox_id"]  # type: ignore[index]
+    created = (await client.call_tool("create_sandbox", {})).structured_content
+    assert created is not None
+    sandbox = created["sandbox_id"]
     for source in ("../../etc/shadow", "/etc/shadow", "/proc/self/root/etc/shadow"):
         result = await client.call_tool(
             "copy_file",
