@@ -22,6 +22,7 @@ _NOT_FOUND = frozenset(
         "org.freedesktop.machine1.NoSuchImage",
         "org.freedesktop.systemd1.NoSuchUnit",
         "org.freedesktop.systemd1.LoadFailed",
+        "org.freedesktop.DBus.Error.FileNotFound",
     }
 )
 _UNAVAILABLE = frozenset(

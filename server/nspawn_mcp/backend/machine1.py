@@ -68,6 +68,13 @@ class Machined:
         return [MachineInfo(name=r[0], machine_class=r[1], service=r[2]) for r in rows]
 
     async def machine_unit(self, name: str) -> str:
+        return str(await self._machine_property(name, "Unit"))
+
+    async def machine_leader(self, name: str) -> int:
+        """Host PID of the machine's init (nspawn's stub init under ``--as-pid2``)."""
+        return int(await self._machine_property(name, "Leader"))
+
+    async def _machine_property(self, name: str, prop: str) -> Any:
         (path,) = await self._call("GetMachine", "s", name, operation=f"looking up machine {name}")
         reply = await self._bus.call(
             destination=_DEST,
@@ -75,10 +82,10 @@ class Machined:
             interface="org.freedesktop.DBus.Properties",
             member="Get",
             signature="ss",
-            body=["org.freedesktop.machine1.Machine", "Unit"],
-            operation=f"reading the unit of machine {name}",
+            body=["org.freedesktop.machine1.Machine", prop],
+            operation=f"reading {prop} of machine {name}",
         )
-        return str(reply[0].value)
+        return reply[0].value
 
     async def terminate_machine(self, name: str) -> None:
         await self._call("TerminateMachine", "s", name, operation=f"terminating {name}")

@@ -1,0 +1,105 @@
+"""Integration tests run against the real systemd + dbus + machined.
+
+On a host whose PID 1 is not systemd, the session boots the project's private
+systemd (the same code path as ``nspawn-mcp serve``) and stops it afterwards if
+it started it. These tests need root and an installed template (``make setup``);
+without them they fail, they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nspawn_mcp.backend.nspawn import NspawnBackend
+from nspawn_mcp.box import find_box, host_runs_systemd, stop_box
+from nspawn_mcp.layout import Layout
+from nspawn_mcp.naming import new_sandbox_id
+from nspawn_mcp.policy import CreateRequest, Policy, SandboxPlan, resolve_create
+from nspawn_mcp.runtime import resolve_bus_address
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What the host sees of the daemons' world (through the box's root when there is one)."""
+
+    root: Path
+
+    @property
+    def machines_dir(self) -> Path:
+        return self.root / "var/lib/machines"
+
+    def process_status(self, pid: int) -> str:
+        """``/proc/PID/status`` of a PID as the daemons number it."""
+        return (self.root / "proc" / str(pid) / "status").read_text()
+
+    def mountinfo(self) -> str:
+        source = self.root.parent / "mountinfo" if self.root != Path("/") else Path("/proc/self/mountinfo")
+        return source.read_text()
+
+    @staticmethod
+    def cgroup_file(unit_path: str, v1_controller: str, v1_name: str, v2_name: str) -> Path:
+        unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        if unified:
+            return Path("/sys/fs/cgroup") / unit_path / v2_name
+        return Path("/sys/fs/cgroup") / v1_controller / unit_path / v1_name
+
+
+@pytest.fixture(scope="session")
+def layout() -> Layout:
+    return Layout.from_env()
+
+
+@pytest.fixture(scope="session")
+def bus_address(layout: Layout) -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.fail("integration tests need root (run `make test` as root)")
+    started_here = not host_runs_systemd() and find_box(layout) is None
+    address = resolve_bus_address(layout)
+    yield address
+    if started_here:
+        stop_box(layout)
+
+
+@pytest.fixture(scope="session")
+def host(bus_address: str, layout: Layout) -> HostView:
+    box = find_box(layout)
+    return HostView(root=Path(f"/proc/{box.pid}/root") if box else Path("/"))
+
+
+@pytest.fixture
+async def backend(bus_address: str, layout: Layout) -> AsyncIterator[NspawnBackend]:
+    connected = await NspawnBackend.connect(bus_address, layout)
+    try:
+        if "default" not in await connected.available_images():
+            pytest.fail("the 'default' image is not installed: run `make setup`")
+        yield connected
+    finally:
+        connected.close()
+
+
+def plan(**request: object) -> SandboxPlan:
+    return resolve_create("default", Policy(), CreateRequest(**request), cwd="/srv")  # type: ignore[arg-type]
+
+
+Factory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def make_sandbox(backend: NspawnBackend) -> AsyncIterator[Factory]:
+    """Create sandboxes with the real backend; whatever a test leaves is destroyed after it."""
+    made: list[str] = []
+
+    async def make(**request: object) -> str:
+        sandbox_id = new_sandbox_id()
+        made.append(sandbox_id)
+        await backend.create(sandbox_id, plan(**request))
+        return sandbox_id
+
+    yield make
+    for sandbox_id in made:
+        await backend.destroy(sandbox_id)

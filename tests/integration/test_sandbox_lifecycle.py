@@ -1,0 +1,236 @@
+"""The real backend against real systemd + machined: what the daemons report, not what we believe."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import anyio
+import pytest
+
+from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
+from nspawn_mcp.backend.nspawn import NspawnBackend
+from nspawn_mcp.errors import NotFound
+from nspawn_mcp.layout import Layout
+from nspawn_mcp.naming import service_unit, slice_unit
+from tests.integration.conftest import Factory, HostView
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def run(backend: NspawnBackend, sandbox_id: str, script: str, timeout: float = 30) -> CommandOutcome:
+    spec = CommandSpec(
+        argv=("/bin/sh", "-c", script),
+        cwd="/root",
+        env={},
+        stdin=b"",
+        timeout_seconds=timeout,
+        max_output_bytes=1 << 20,
+    )
+    return await backend.exec(sandbox_id, spec)
+
+
+def status_fields(text: str, *names: str) -> dict[str, str]:
+    found = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    return {name: found[name].strip() for name in names}
+
+
+async def test_a_created_sandbox_is_a_registered_machine_in_its_own_slice(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox()
+    machines = {m.name: m for m in await backend.machined.list_machines()}
+    assert machines[sandbox].machine_class == "container"
+    assert await backend.machined.machine_unit(sandbox) == service_unit(sandbox)
+    units = {u.name: u for u in await backend.systemd.list_units([f"*{sandbox.removeprefix('sbx-')}*"])}
+    assert units[service_unit(sandbox)].active_state == "active"
+    assert units[slice_unit(sandbox)].active_state == "active"
+    assert await backend.systemd.unit_property(
+        service_unit(sandbox), "org.freedesktop.systemd1.Service", "Slice"
+    ) == slice_unit(sandbox)
+    assert sandbox in await backend.running()
+
+
+async def test_the_snapshot_is_a_copy_on_write_subvolume(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox()
+    images = {image.name: image for image in await backend.machined.list_images()}
+    assert images[sandbox].image_type == "subvolume"
+    assert images[sandbox].read_only is False
+    assert images["nspawn-mcp-default"].read_only is True
+
+
+async def test_caps_reach_the_cgroup_files(backend: NspawnBackend, make_sandbox: Factory) -> None:
+    sandbox = await make_sandbox(memory_mb=192, cpus=0.5, max_processes=48)
+    slice_path = f"nspawnmcp.slice/{slice_unit(sandbox)}"
+    memory = HostView.cgroup_file(slice_path, "memory", "memory.limit_in_bytes", "memory.max")
+    pids = HostView.cgroup_file(slice_path, "pids", "pids.max", "pids.max")
+    assert int(memory.read_text()) == 192 << 20
+    assert int(pids.read_text()) == 48
+    quota = HostView.cgroup_file(slice_path, "cpu", "cpu.cfs_quota_us", "cpu.max")
+    assert quota.read_text().split()[0] == "50000"
+
+
+async def test_root_inside_is_an_unprivileged_uid_outside(
+    backend: NspawnBackend, make_sandbox: Factory, host: HostView
+) -> None:
+    sandbox = await make_sandbox()
+    inside = await run(backend, sandbox, "id -u; cat /proc/self/uid_map")
+    assert inside.stdout.split(b"\n")[0] == b"0"
+    leader = await backend.machined.machine_leader(sandbox)
+    host_uid = int(status_fields(host.process_status(leader), "Uid")["Uid"].split()[0])
+    assert host_uid >= 65536
+    # files in the snapshot keep their real owners (ID-mapped, not chowned)
+    owners = await run(backend, sandbox, "stat -c %u:%g /usr/bin/python3 /etc/passwd")
+    assert owners.stdout == b"0:0\n0:0\n"
+
+
+async def test_exec_has_the_same_jail_as_the_sandbox_init(
+    backend: NspawnBackend, make_sandbox: Factory, host: HostView
+) -> None:
+    sandbox = await make_sandbox()
+    leader = await backend.machined.machine_leader(sandbox)
+    init = status_fields(host.process_status(leader), "CapBnd", "Seccomp", "NoNewPrivs")
+    outcome = await run(backend, sandbox, "cat /proc/self/status")
+    child = status_fields(outcome.stdout.decode(), "CapBnd", "Seccomp", "NoNewPrivs")
+    assert child["CapBnd"] == init["CapBnd"]
+    assert child["CapBnd"] != "000001ffffffffff"
+    assert child["Seccomp"] == init["Seccomp"] == "2"
+    assert int(child["NoNewPrivs"]) >= int(init["NoNewPrivs"])
+
+
+FORK_40 = """python3 - <<'EOF'
+import os, time
+started = 0
+for _ in range(40):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    started += 1
+print(f"started={started}")
+EOF"""
+
+
+async def test_exec_processes_count_against_the_pids_cap(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox(max_processes=16)
+    outcome = await run(backend, sandbox, FORK_40, 20)
+    started = re.search(rb"started=(\d+)", outcome.stdout)
+    assert started is not None, outcome
+    assert 0 < int(started.group(1)) < 16
+    control = await run(backend, sandbox, "echo alive")
+    assert control.stdout == b"alive\n"
+
+
+async def test_a_memory_hog_is_killed_inside_while_the_sandbox_lives_on(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox(memory_mb=64)
+    other = await make_sandbox()
+    hog = await run(backend, sandbox, "python3 -c 'b = bytearray(256 << 20); print(len(b))'")
+    assert hog.exit_code != 0
+    assert hog.stdout == b""
+    assert (await run(backend, sandbox, "echo alive")).stdout == b"alive\n"
+    assert (await run(backend, other, "echo alive")).stdout == b"alive\n"
+
+
+async def test_only_loopback_exists_and_host_listeners_are_unreachable(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        probe = (
+            "python3 - <<'EOF'\n"
+            "import socket\n"
+            f"s = socket.socket(); s.settimeout(2)\n"
+            f"print(s.connect_ex(('127.0.0.1', {port})))\n"
+            "EOF\n"
+            "ls /sys/class/net"
+        )
+        outcome = await run(backend, sandbox, probe)
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing arrived at the host side
+    connect_result, interfaces = outcome.stdout.decode().split("\n", 1)
+    assert int(connect_result) != 0
+    assert interfaces.split() == ["lo"]
+    # control: the sandbox's own loopback works
+    own = await run(
+        backend,
+        sandbox,
+        "python3 -c \"import socket; s=socket.create_server(('127.0.0.1',0)); "
+        "c=socket.create_connection(s.getsockname()); print('ok')\"",
+    )
+    assert own.stdout == b"ok\n"
+
+
+async def test_copies_round_trip_through_machined(
+    backend: NspawnBackend, make_sandbox: Factory, layout: Layout
+) -> None:
+    sandbox = await make_sandbox()
+    staged = layout.staging_dir / f"test-{sandbox}"
+    staged.write_bytes(b"payload\x00\xff")
+    try:
+        await backend.copy_in(sandbox, staged, "/root/payload")
+        inside = await run(backend, sandbox, "stat -c %u:%s /root/payload; od -An -c /root/payload")
+        assert inside.stdout.startswith(b"0:9\n")
+        back = layout.staging_dir / f"test-{sandbox}-back"
+        await backend.copy_out(sandbox, "/root/payload", back)
+        assert back.read_bytes() == b"payload\x00\xff"
+        back.unlink()
+        with pytest.raises(NotFound):
+            await backend.copy_out(sandbox, "/root/missing", back)
+    finally:
+        staged.unlink()
+
+
+async def test_destroy_leaves_nothing_behind(
+    backend: NspawnBackend, make_sandbox: Factory, host: HostView, layout: Layout
+) -> None:
+    sandbox = await make_sandbox()
+    assert (host.machines_dir / sandbox).is_dir()
+    await backend.destroy(sandbox)
+    assert sandbox not in {m.name for m in await backend.machined.list_machines()}
+    assert await backend.systemd.list_units([f"*{sandbox.removeprefix('sbx-')}*"]) == []
+    assert sandbox not in {i.name for i in await backend.machined.list_images()}
+    assert not (host.machines_dir / sandbox).exists()
+    assert not layout.sandbox_dir(sandbox).exists()
+    assert sandbox not in host.mountinfo()
+    slice_dir = HostView.cgroup_file(f"nspawnmcp.slice/{slice_unit(sandbox)}", "pids", "", "")
+    assert not slice_dir.exists()
+    assert sandbox not in await backend.leftovers()
+    await backend.destroy(sandbox)  # idempotent
+
+
+async def test_a_timeout_kills_the_command_not_the_sandbox(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox()
+    with anyio.fail_after(20):
+        outcome = await run(backend, sandbox, "sleep 1000 & sleep 1000", timeout=1)
+    assert outcome.timed_out
+    leftover = await run(backend, sandbox, "ps -e -o comm= 2>/dev/null || ls /proc | grep -c '^[0-9]'")
+    assert b"sleep" not in leftover.stdout
+    assert sandbox in await backend.running()
+
+
+async def test_twenty_snapshots_cost_little_disk(
+    backend: NspawnBackend, make_sandbox: Factory, host: HostView
+) -> None:
+    def used() -> int:
+        stats = os.statvfs(host.machines_dir)
+        return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+
+    before = used()
+    for _ in range(20):
+        await make_sandbox()
+    os.sync()
+    assert used() - before < 50 << 20
