@@ -1,0 +1,156 @@
+"""A real MCP client drives a real server on real daemons: the walking skeleton's contract."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp.client import Client
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, arguments)
+    text = " ".join(getattr(part, "text", "") for part in result.content)
+    assert not result.is_error, text
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def error_text(client: Client, tool: str, **arguments: Any) -> str:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    return " ".join(getattr(part, "text", "") for part in result.content)
+
+
+async def test_create_exec_copy_destroy(client: Client, workdir: Path) -> None:
+    created = await call(client, "create_sandbox")
+    sandbox = created["sandbox_id"]
+    assert created["image"] == "default"
+    assert created["limits"]["memory_mb"] == 512
+
+    result = await call(
+        client,
+        "exec_in_sandbox",
+        sandbox_id=sandbox,
+        command=[
+            "python3",
+            "-c",
+            "import sys; print('to stdout'); print('to stderr', file=sys.stderr); sys.exit(3)",
+        ],
+    )
+    assert (result["exit_code"], result["stdout"], result["stderr"]) == (3, "to stdout\n", "to stderr\n")
+    assert (result["timed_out"], result["truncated"]) == (False, False)
+
+    payload = os.urandom(3 << 20)
+    (workdir / "input.bin").write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    copied_in = await call(
+        client,
+        "copy_file",
+        sandbox_id=sandbox,
+        source="input.bin",
+        destination="/root/input.bin",
+        direction="to_sandbox",
+    )
+    assert (copied_in["bytes"], copied_in["sha256"]) == (len(payload), digest)
+    inside = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="sha256sum /root/input.bin")
+    assert inside["stdout"].split()[0] == digest
+    await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="cp /root/input.bin /root/output.bin")
+    copied_out = await call(
+        client,
+        "copy_file",
+        sandbox_id=sandbox,
+        source="/root/output.bin",
+        destination=str(workdir / "output.bin"),
+        direction="from_sandbox",
+    )
+    assert copied_out["sha256"] == digest
+    assert hashlib.sha256((workdir / "output.bin").read_bytes()).hexdigest() == digest
+
+    assert [s["sandbox_id"] for s in (await call(client, "list_sandboxes"))["sandboxes"]] == [sandbox]
+    assert await call(client, "destroy_sandbox", sandbox_id=sandbox) == {
+        "sandbox_id": sandbox,
+        "destroyed": True,
+    }
+    assert (await call(client, "list_sandboxes"))["sandboxes"] == []
+    assert "no sandbox" in await error_text(client, "exec_in_sandbox", sandbox_id=sandbox, command="true")
+
+
+async def test_hostile_copies_are_refused_and_the_host_is_untouched(client: Client, workdir: Path) -> None:
+    sandbox = (await call(client, "create_sandbox"))["sandbox_id"]
+    try:
+        for source in ("../../etc/shadow", "/etc/shadow", "/proc/self/root/etc/shadow"):
+            message = await error_text(
+                client,
+                "copy_file",
+                sandbox_id=sandbox,
+                source=source,
+                destination="/x",
+                direction="to_sandbox",
+            )
+            assert "files.allowed_host_dirs" in message
+        (workdir / "escape").symlink_to("/etc/shadow")
+        message = await error_text(
+            client, "copy_file", sandbox_id=sandbox, source="escape", destination="/x", direction="to_sandbox"
+        )
+        assert "leads outside" in message
+
+        await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="ln -s /etc/shadow /root/link")
+        message = await error_text(
+            client,
+            "copy_file",
+            sandbox_id=sandbox,
+            source="/root/link",
+            destination="out",
+            direction="from_sandbox",
+        )
+        assert "symbolic link" in message
+        assert not (workdir / "out").exists()
+
+        canary = workdir / "canary"
+        canary.write_text("host canary")
+        await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="echo pwned > /root/note")
+        (workdir / "note").symlink_to(canary)
+        await call(
+            client,
+            "copy_file",
+            sandbox_id=sandbox,
+            source="/root/note",
+            destination="note",
+            direction="from_sandbox",
+        )
+        assert canary.read_text() == "host canary"  # the link was replaced, not followed
+        assert (workdir / "note").read_text() == "pwned\n"
+    finally:
+        await call(client, "destroy_sandbox", sandbox_id=sandbox)
+
+
+async def test_a_timeout_returns_promptly_with_timed_out(client: Client) -> None:
+    sandbox = (await call(client, "create_sandbox"))["sandbox_id"]
+    try:
+        result = await call(
+            client,
+            "exec_in_sandbox",
+            sandbox_id=sandbox,
+            command="sleep 1000 & sleep 1000",
+            timeout_seconds=1,
+        )
+        assert result["timed_out"] is True
+        assert result["duration_ms"] < 10_000
+        flood = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="yes | head -c 5000000")
+        assert flood["truncated"] is True
+        assert len(flood["stdout"]) == 1 << 20
+    finally:
+        await call(client, "destroy_sandbox", sandbox_id=sandbox)
+
+
+async def test_bad_input_gets_clear_errors_and_the_server_stays_up(client: Client) -> None:
+    assert "ids look like" in await error_text(client, "destroy_sandbox", sandbox_id=".host")
+    assert "limits.max.memory" in await error_text(client, "create_sandbox", memory_mb=1 << 30)
+    assert "sandboxes.images" in await error_text(client, "create_sandbox", image="--bind=/:/x")
+    assert (await call(client, "list_sandboxes"))["sandboxes"] == []
