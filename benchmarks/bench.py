@@ -39,7 +39,7 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     result = await client.call_tool(tool, arguments)
     if result.is_error or result.structured_content is None:
         raise RuntimeError(f"{tool} failed: {result.content}")
-    return result.structured_content
+    return dict(result.structured_content)
 
 
 def available_memory() -> int:

@@ -18,7 +18,7 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     text = " ".join(getattr(part, "text", "") for part in result.content)
     assert not result.is_error, text
     assert result.structured_content is not None
-    return result.structured_content
+    return dict(result.structured_content)
 
 
 async def error_text(client: Client, tool: str, **arguments: Any) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from nspawn_mcp.errors import InvalidRequest, PolicyRefused
 from nspawn_mcp.policy import Policy, PolicyError, PolicySet
-from nspawn_mcp.policy.loader import load_policy_text, shipped_policy_dir
+from nspawn_mcp.policy.loader import load_policy_file, load_policy_text, shipped_policy_dir
 
 
 def test_shipped_presets_load_and_include_default() -> None:
@@ -66,3 +66,9 @@ def test_a_policy_set_without_default_is_refused(tmp_path: Path) -> None:
     (tmp_path / "other.toml").write_text("")
     with pytest.raises(PolicyError, match=r"no 'default' policy"):
         PolicySet.load([tmp_path])
+
+
+def test_example_policies_are_valid() -> None:
+    examples = Path(__file__).parents[2] / "examples" / "policies"
+    for path in sorted(examples.glob("*.toml")):
+        load_policy_file(path)
