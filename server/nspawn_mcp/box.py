@@ -147,39 +147,50 @@ def _wait_for_bus(box: Box, deadline: float) -> None:
     raise BoxError("the box's system bus did not appear in time; see box.log")
 
 
+def _unshare_argv(layout: Layout) -> list[str]:
+    return [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount",
+        "--propagation",
+        "private",
+        "--mount-proc",
+        "sh",
+        "-c",
+        _BOOT_SCRIPT,
+        "nspawn-mcp-box",
+        str(layout.pool_image),
+        str(layout.machines_dir),
+        " ".join(_MASKED_UNITS),
+    ]
+
+
 def start_box(layout: Layout) -> Box:
     """Find the running box or start one; returns once its bus socket exists."""
     with _locked(layout):
         box = find_box(layout)
         if box is not None:
             return box
-        log = open(layout.box_dir / "box.log", "ab")  # noqa: SIM115 - handed to the child
-        with log:
-            process = subprocess.Popen(
-                [
-                    "unshare",
-                    "--pid",
-                    "--fork",
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "--mount-proc",
-                    "sh",
-                    "-c",
-                    _BOOT_SCRIPT,
-                    "nspawn-mcp-box",
-                    str(layout.pool_image),
-                    str(layout.machines_dir),
-                    " ".join(_MASKED_UNITS),
-                ],
-                cwd="/",
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
+        # A short-lived shell starts unshare in the background and reports its
+        # pid, so the box is nobody's child here and outlives this process.
+        launcher = subprocess.run(
+            [
+                "sh",
+                "-c",
+                '"$@" </dev/null >>"$0" 2>&1 & echo $!',
+                str(layout.box_dir / "box.log"),
+                *_unshare_argv(layout),
+            ],
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=True,
+            start_new_session=True,
+        )
+        unshare_pid = int(launcher.stdout.strip())
         deadline = time.monotonic() + _START_TIMEOUT
-        box = Box(_child_pid(process.pid, deadline))
+        box = Box(_child_pid(unshare_pid, deadline))
         _pid_file(layout).write_text(f"{box.pid}\n")
         _wait_for_bus(box, deadline)
         return box
