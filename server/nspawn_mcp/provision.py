@@ -22,7 +22,15 @@ from pathlib import Path
 
 from .layout import Layout
 
-__all__ = ["TEMPLATES", "Template", "build_rootfs", "install_template", "make_pool", "run_setup"]
+__all__ = [
+    "TEMPLATES",
+    "Template",
+    "build_rootfs",
+    "filesystem_type",
+    "install_template",
+    "make_pool",
+    "run_setup",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,18 @@ class Template:
 TEMPLATES = {
     "default": Template(name="default", suite="bookworm", packages=("python3",)),
 }
+
+
+def filesystem_type(path: str, mountinfo: str) -> str:
+    """The type of the filesystem ``path`` lives on, from ``/proc/self/mountinfo`` text."""
+    best, best_type = "", "unknown"
+    for line in mountinfo.splitlines():
+        fields, _, rest = line.partition(" - ")
+        mount_point = fields.split()[4].replace("\\040", " ")
+        within = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if within and len(mount_point) >= len(best):
+            best, best_type = mount_point, rest.split()[0]
+    return best_type
 
 
 def _run(argv: Sequence[str]) -> None:
@@ -120,6 +140,18 @@ async def run_setup(layout: Layout) -> int:
     in_box = not host_runs_systemd()
     if in_box and make_pool(layout):
         print(f"created the image pool {layout.pool_image}")
+    if not in_box:
+        mountinfo = await anyio.Path("/proc/self/mountinfo").read_text()
+        fs_type = filesystem_type(str(layout.machines_dir), mountinfo)
+        if fs_type != "btrfs":
+            print(
+                f"{layout.machines_dir} is on {fs_type}; sandboxes are btrfs snapshots, so it must be btrfs."
+                "\n"
+                f"Mount one there (for example a loop file: truncate -s 20G {layout.pool_image}; "
+                f"mkfs.btrfs {layout.pool_image}; mount -o loop {layout.pool_image} {layout.machines_dir}), "
+                "make it permanent with a mount unit, and run setup again. Existing images are left alone."
+            )
+            return 1
     box_was_running = in_box and find_box(layout) is not None
     address = await anyio.to_thread.run_sync(resolve_bus_address, layout)
     box = find_box(layout) if in_box else None
