@@ -208,4 +208,29 @@ def stop_box(layout: Layout, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and Path(f"/proc/{box.pid}").exists():
             time.sleep(0.01)
+        _remove_empty_cgroups(Path("/sys/fs/cgroup"))
         return True
+
+
+_BOX_CGROUPS = ("nspawnmcp.slice", "machine.slice", "system.slice", "user.slice", "init.scope")
+
+
+def _remove_empty_cgroups(mount: Path) -> None:
+    """Remove the (now empty) cgroups the box's systemd made at the top of each hierarchy.
+
+    rmdir only succeeds on a cgroup with no processes and no children, so a
+    cgroup anybody still uses is left alone.
+    """
+    hierarchies = (
+        [mount] if (mount / "cgroup.controllers").exists() else [p for p in mount.iterdir() if p.is_dir()]
+    )
+    for hierarchy in hierarchies:
+        for name in _BOX_CGROUPS:
+            top = hierarchy / name
+            if not top.is_dir() or top.is_symlink():
+                continue
+            for directory in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
