@@ -112,6 +112,23 @@ async def test_hostile_copies_are_refused_and_the_host_is_untouched(client: Clie
         assert "symbolic link" in message
         assert not (workdir / "out").exists()
 
+        # a destination inside the sandbox that links to a host path stays inside the sandbox
+        host_canary = Path("/etc/nspawn-mcp-test-canary")
+        assert not host_canary.exists()
+        (workdir / "data").write_text("data")
+        await call(client, "exec_in_sandbox", sandbox_id=sandbox, command=f"ln -s {host_canary} /root/dest")
+        await call(
+            client,
+            "copy_file",
+            sandbox_id=sandbox,
+            source="data",
+            destination="/root/dest",
+            direction="to_sandbox",
+        )
+        assert not host_canary.exists()
+        inside = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="cat /root/dest")
+        assert inside["stdout"] == "data"
+
         canary = workdir / "canary"
         canary.write_text("host canary")
         await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="echo pwned > /root/note")
