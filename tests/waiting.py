@@ -13,7 +13,7 @@ async def wait_until(
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
     try:
         with anyio.fail_after(timeout):
-            while not condition():  # noqa: ASYNC110 - the condition is outside this process
+            while not condition():
                 await anyio.sleep(0.005)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None

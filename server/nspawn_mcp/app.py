@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
@@ -14,8 +15,19 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from . import __version__
+from .backend.api import OutputChunk
 from .errors import InvalidRequest, SandboxError
-from .models import CopyResult, DestroyResult, ExecResult, SandboxInfo, SandboxList
+from .models import (
+    CopyResult,
+    DestroyResult,
+    ExecResult,
+    ProcessInfo,
+    ProcessList,
+    ProcessOutputResult,
+    SandboxInfo,
+    SandboxList,
+    StdinWritten,
+)
 from .policy import CreateRequest
 from .service import SandboxService
 
@@ -54,6 +66,29 @@ def _service(ctx: ServiceContext) -> SandboxService:
 SandboxId = Annotated[
     str, Field(description="id returned by create_sandbox, like 'sbx-1a2b3c4d'", max_length=64)
 ]
+ProcessId = Annotated[
+    str, Field(description="id returned by exec_in_sandbox(background=true), like 'p1'", max_length=16)
+]
+
+_PROGRESS_LINES = 20
+_PROGRESS_CHARS = 4000
+
+
+def _progress_reporter(ctx: ServiceContext) -> Callable[[OutputChunk], Awaitable[None]]:
+    """Streams the newest output lines as progress notifications.
+
+    The SDK sends them only to clients that asked for progress (a progress token);
+    for the others reporting is a no-op. The token is not visible to tools on every
+    transport, so output is always streamed from the sandbox.
+    """
+    started = time.monotonic()
+
+    async def report(chunk: OutputChunk) -> None:
+        text = (chunk.stdout + chunk.stderr).decode("utf-8", errors="replace")
+        newest = "\n".join(text.splitlines()[-_PROGRESS_LINES:])[-_PROGRESS_CHARS:]
+        await ctx.report_progress(round(time.monotonic() - started, 3), message=newest)
+
+    return report
 
 
 def build_server(
@@ -106,18 +141,89 @@ def build_server(
             ),
         ],
         cwd: Annotated[
-            str | None, Field(description="working directory inside the sandbox (default /root)")
+            str | None, Field(description="working directory inside the sandbox (default: home)")
         ] = None,
         env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
         stdin: Annotated[str | None, Field(description="text fed to the command's standard input")] = None,
         timeout_seconds: Annotated[
             float | None, Field(description="kill the command after this long (policy default if omitted)")
         ] = None,
+        user: Annotated[
+            str, Field(description="'root' (uid 0 inside only) or the image's unprivileged user 'sandbox'")
+        ] = "root",
+        background: Annotated[
+            bool, Field(description="start and return a process_id at once; read its output later")
+        ] = False,
+        include_base64: Annotated[
+            bool, Field(description="also return the exact output bytes as stdout_base64/stderr_base64")
+        ] = False,
     ) -> ExecResult:
-        """Run a command in a sandbox: exit_code, stdout and stderr (kept apart), timed_out, truncated."""
-        return await _service(ctx).exec(
-            sandbox_id, command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds
+        """Run a command in a sandbox: exit_code, stdout and stderr (kept apart), timed_out, truncated.
+
+        With background=true, returns at once with process_id set; use read_process_output,
+        write_process_stdin, kill_process and list_processes. Clients that send a progress token
+        get the newest output lines as progress notifications while the command runs."""
+        service = _service(ctx)
+        if background:
+            return await service.start_background(
+                sandbox_id, command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
+            )
+        return await service.exec(
+            sandbox_id,
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            timeout_seconds=timeout_seconds,
+            user=user,
+            include_base64=include_base64,
+            on_output=_progress_reporter(ctx),
         )
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @_agent_errors
+    async def read_process_output(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        process_id: ProcessId,
+        since: Annotated[
+            str | None, Field(description="next_cursor from the previous read; omit to read from the start")
+        ] = None,
+    ) -> ProcessOutputResult:
+        """Read a background process's output after a cursor, with its state (running, exit_code)."""
+        return await _service(ctx).read_process_output(sandbox_id, process_id, since)
+
+    @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    @_agent_errors
+    async def write_process_stdin(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        process_id: ProcessId,
+        data: Annotated[str, Field(description="text to write to the process's standard input")],
+        close: Annotated[bool, Field(description="close stdin afterwards (end of input)")] = False,
+    ) -> StdinWritten:
+        """Write to a background process's standard input."""
+        return await _service(ctx).write_process_stdin(sandbox_id, process_id, data, close)
+
+    @mcp.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
+    @_agent_errors
+    async def kill_process(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        process_id: ProcessId,
+        signal: Annotated[
+            str,
+            Field(description="TERM (default), KILL (the process and everything it started), INT, HUP, ..."),
+        ] = "TERM",
+    ) -> ProcessInfo:
+        """Send a signal to a background process."""
+        return await _service(ctx).kill_process(sandbox_id, process_id, signal)
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @_agent_errors
+    async def list_processes(ctx: ServiceContext, sandbox_id: SandboxId) -> ProcessList:
+        """List a sandbox's background processes and their states."""
+        return await _service(ctx).list_processes(sandbox_id)
 
     @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
     @_agent_errors

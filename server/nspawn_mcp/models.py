@@ -6,7 +6,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CopyResult", "DestroyResult", "ExecResult", "Limits", "SandboxInfo", "SandboxList"]
+__all__ = [
+    "CopyResult",
+    "DestroyResult",
+    "ExecResult",
+    "Limits",
+    "ProcessInfo",
+    "ProcessList",
+    "ProcessOutputResult",
+    "SandboxInfo",
+    "SandboxList",
+    "StdinWritten",
+]
 
 
 class _Result(BaseModel):
@@ -38,9 +49,50 @@ class ExecResult(_Result):
     signal: int | None = Field(default=None, description="the signal that killed the command, if any")
     stdout: str = Field(description="standard output, UTF-8 (invalid bytes replaced)")
     stderr: str = Field(description="standard error, UTF-8 (invalid bytes replaced)")
-    timed_out: bool = Field(description="the command hit its timeout and was killed")
+    timed_out: bool = Field(
+        description="the command hit its timeout and was killed, with everything it started"
+    )
     truncated: bool = Field(description="stdout or stderr was cut at the policy's output cap")
+    oom_killed: bool = Field(default=False, description="the sandbox's memory cap was hit while it ran")
     duration_ms: float
+    stdout_base64: str | None = Field(
+        default=None, description="exact stdout bytes, when base64 was requested"
+    )
+    stderr_base64: str | None = Field(
+        default=None, description="exact stderr bytes, when base64 was requested"
+    )
+    process_id: str | None = Field(
+        default=None,
+        description="background=true only: the command is running; use read_process_output with this id",
+    )
+
+
+class ProcessInfo(_Result):
+    process_id: str
+    command: list[str]
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    truncated: bool = Field(description="output beyond the policy's cap for background processes was dropped")
+
+
+class ProcessList(_Result):
+    processes: list[ProcessInfo]
+
+
+class ProcessOutputResult(_Result):
+    process: ProcessInfo
+    stdout: str
+    stderr: str
+    next_cursor: str = Field(description="pass as `since` to read only what comes after")
+    more: bool = Field(description="more output is already available: read again right away")
+
+
+class StdinWritten(_Result):
+    process_id: str
+    written: int = Field(description="bytes accepted now; write the rest again if it is less than sent")
+    closed: bool
 
 
 class CopyResult(_Result):

@@ -49,6 +49,48 @@ TEMPLATES = {
     "default": Template(name="default", suite="bookworm", packages=("python3",)),
 }
 
+TEMPLATE_REVISION = 2
+"""Bumped whenever what set-up puts into a template changes; older images are rebuilt.
+
+1: debootstrap minbase + python3. 2: an unprivileged user ``sandbox`` (uid 1000).
+"""
+MARKER = "etc/nspawn-mcp-template"
+UNPRIVILEGED_USER = "sandbox"
+
+
+def marker_text(template: Template) -> str:
+    return f"{template.name} {TEMPLATE_REVISION}\n"
+
+
+def is_current(root: Path, template: Template) -> bool:
+    try:
+        return (root / MARKER).read_text() == marker_text(template)
+    except OSError:
+        return False
+
+
+def customise(rootfs: Path, template: Template) -> None:
+    """What set-up adds to a debootstrapped tree, idempotently."""
+    if is_current(rootfs, template):
+        return
+    passwd = (rootfs / "etc/passwd").read_text()
+    if not any(line.startswith(f"{UNPRIVILEGED_USER}:") for line in passwd.splitlines()):
+        _run(
+            [
+                "chroot",
+                str(rootfs),
+                "useradd",
+                "--create-home",
+                "--uid",
+                "1000",
+                "--user-group",
+                "--shell",
+                "/bin/sh",
+                UNPRIVILEGED_USER,
+            ]
+        )
+    (rootfs / MARKER).write_text(marker_text(template))
+
 
 def filesystem_type(path: str, mountinfo: str) -> str:
     """The type of the filesystem ``path`` lives on, from ``/proc/self/mountinfo`` text."""
@@ -88,6 +130,7 @@ def build_rootfs(layout: Layout, template: Template) -> Path:
     """debootstrap the template's root filesystem once; later runs reuse it."""
     target = rootfs_dir(layout, template)
     if (target / "usr/bin/python3").exists():
+        customise(target, template)
         return target
     temporary = target.with_name("rootfs.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -106,6 +149,7 @@ def build_rootfs(layout: Layout, template: Template) -> Path:
     (temporary / "etc/machine-id").write_text("")
     shutil.rmtree(temporary / "var/cache/apt/archives", ignore_errors=True)
     (temporary / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+    customise(temporary, template)
     shutil.rmtree(target, ignore_errors=True)
     temporary.rename(target)
     return target
@@ -159,11 +203,23 @@ async def run_setup(layout: Layout) -> int:
     try:
         machined = Machined(bus)
         installed = {image.name for image in await machined.list_images()}
+        machines_view = (
+            Path(f"/proc/{box.pid}/root") / str(layout.machines_dir).lstrip("/")
+            if box
+            else layout.machines_dir
+        )
         for template in TEMPLATES.values():
             image = template_image(template.name)
-            if image in installed:
+            if image in installed and is_current(machines_view / image, template):
                 print(f"image {template.name!r} is installed ({image})")
                 continue
+            if image in installed:
+                print(
+                    f"image {template.name!r} is out of date; rebuilding it (running sandboxes keep theirs)"
+                )
+                await machined.mark_image_read_only(image, False)
+                await machined.remove_image(image)
+
             print(f"building image {template.name!r} ({template.suite} + {', '.join(template.packages)}) ...")
             rootfs = await anyio.to_thread.run_sync(build_rootfs, layout, template)
             await anyio.to_thread.run_sync(

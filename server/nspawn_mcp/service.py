@@ -8,11 +8,14 @@ half a sandbox behind.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import signal as signal_module
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,9 +25,18 @@ import anyio
 import anyio.to_thread
 
 from . import hostfs
-from .backend.api import Backend, CommandSpec
-from .errors import InvalidRequest, NotFound, QuotaExceeded, SandboxError, SandboxGone
-from .models import CopyResult, ExecResult, Limits, SandboxInfo
+from .backend.api import Backend, CommandOutcome, CommandSpec, Jail, OutputChunk, ProcessState
+from .errors import InvalidRequest, NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
+from .models import (
+    CopyResult,
+    ExecResult,
+    Limits,
+    ProcessInfo,
+    ProcessList,
+    ProcessOutputResult,
+    SandboxInfo,
+    StdinWritten,
+)
 from .naming import new_sandbox_id, parse_sandbox_id
 from .policy import (
     CreateRequest,
@@ -48,6 +60,11 @@ _MAX_ARGV = 4096
 _MAX_COMMAND_BYTES = 1 << 20
 _MAX_ENV = 256
 _REAP_INTERVAL = 1.0
+_SIGKILL = 9
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_PROCESS_ID = re.compile(r"^p[0-9]{1,9}$")
+_CURSOR = re.compile(r"^([0-9]{1,15}):([0-9]{1,15})$")
+_SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
 
 State = Literal["creating", "running", "destroying", "gone"]
 
@@ -59,6 +76,7 @@ class _Sandbox:
     created_at: datetime
     expires_at: datetime
     state: State = "creating"
+    oom_kills_seen: int = 0
 
     def info(self) -> SandboxInfo:
         limits = self.plan.limits
@@ -240,6 +258,37 @@ class SandboxService:
     def list(self) -> list[SandboxInfo]:
         return [s.info() for s in self._sandboxes.values() if s.state == "running"]
 
+    def _command(
+        self,
+        sandbox: _Sandbox,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        stdin: str | None,
+        timeout_seconds: float | None,
+        user: str,
+        max_output_bytes: int | None = None,
+    ) -> CommandSpec:
+        policy = self._policies.get(sandbox.plan.policy)
+        stdin_bytes = (stdin or "").encode("utf-8", errors="surrogatepass")
+        plan = resolve_exec(
+            policy, ExecRequest(timeout_seconds=timeout_seconds, stdin_bytes=len(stdin_bytes))
+        )
+        if not _USER_NAME.match(user):
+            raise InvalidRequest(
+                f"invalid user {user[:40]!r}: 'root', or a user of the image such as 'sandbox'"
+            )
+        return CommandSpec(
+            argv=_argv(command),
+            cwd=check_container_path(cwd) if cwd is not None else None,
+            env=_env(env or {}),
+            stdin=stdin_bytes,
+            timeout_seconds=plan.timeout_seconds,
+            max_output_bytes=max_output_bytes or plan.max_output_bytes,
+            user=user,
+        )
+
     async def exec(
         self,
         sandbox_id: str,
@@ -249,23 +298,16 @@ class SandboxService:
         env: Mapping[str, str] | None = None,
         stdin: str | None = None,
         timeout_seconds: float | None = None,
+        user: str = "root",
+        include_base64: bool = False,
+        on_output: Callable[[OutputChunk], Awaitable[None]] | None = None,
     ) -> ExecResult:
         sandbox = self._get(sandbox_id)
-        argv = _argv(command)
-        stdin_bytes = (stdin or "").encode("utf-8", errors="surrogatepass")
-        plan = resolve_exec(
-            self._policies.get(sandbox.plan.policy),
-            ExecRequest(timeout_seconds=timeout_seconds, stdin_bytes=len(stdin_bytes)),
+        spec = self._command(
+            sandbox, command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
         )
-        spec = CommandSpec(
-            argv=argv,
-            cwd=check_container_path(cwd) if cwd is not None else "/root",
-            env=_env(env or {}),
-            stdin=stdin_bytes,
-            timeout_seconds=plan.timeout_seconds,
-            max_output_bytes=plan.max_output_bytes,
-        )
-        outcome = await self._backend.exec(sandbox_id, spec)
+        async with self._jail(sandbox) as jail:
+            outcome = await jail.run(spec, on_output)
         return ExecResult(
             exit_code=outcome.exit_code,
             signal=outcome.signal,
@@ -273,8 +315,118 @@ class SandboxService:
             stderr=outcome.stderr.decode("utf-8", errors="replace"),
             timed_out=outcome.timed_out,
             truncated=outcome.stdout_truncated or outcome.stderr_truncated,
+            oom_killed=await self._oom_struck(sandbox) if _killed(outcome) else False,
             duration_ms=outcome.duration_ms,
+            stdout_base64=base64.b64encode(outcome.stdout).decode() if include_base64 else None,
+            stderr_base64=base64.b64encode(outcome.stderr).decode() if include_base64 else None,
         )
+
+    async def _oom_struck(self, sandbox: _Sandbox) -> bool:
+        """Whether the OOM killer struck in the sandbox since we last looked."""
+        count = await self._backend.oom_kills(sandbox.sandbox_id)
+        if count is None or count <= sandbox.oom_kills_seen:
+            return False
+        sandbox.oom_kills_seen = count
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _jail(self, sandbox: _Sandbox) -> AsyncIterator[Jail]:
+        """The sandbox's supervisor; if the sandbox died of OOM meanwhile, the error says so."""
+        try:
+            yield self._backend.jail(sandbox.sandbox_id)
+        except SandboxGone:
+            if await self._oom_struck(sandbox):
+                limit = sandbox.plan.limits.memory_bytes // _MiB
+                raise SandboxGone(
+                    f"sandbox {sandbox.sandbox_id} was OOM-killed: it hit its memory cap of {limit} MiB"
+                ) from None
+            raise
+
+    # -- background processes ------------------------------------------------------
+
+    async def start_background(
+        self,
+        sandbox_id: str,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | None = None,
+        timeout_seconds: float | None = None,
+        user: str = "root",
+    ) -> ExecResult:
+        """Start a command in the background; its output is kept (bounded) inside the sandbox."""
+        sandbox = self._get(sandbox_id)
+        policy = self._policies.get(sandbox.plan.policy)
+        spec = self._command(
+            sandbox,
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            timeout_seconds=timeout_seconds,
+            user=user,
+            max_output_bytes=policy.exec.max_background_output_bytes,
+        )
+        async with self._jail(sandbox) as jail:
+            running = sum(1 for process in await jail.list() if process.running)
+            if running >= policy.exec.max_background_processes:
+                raise QuotaExceeded(
+                    f"{running} background processes are running in {sandbox_id}, the policy's maximum; "
+                    "kill one first (policy rule: exec.max_background_processes)"
+                )
+            process_id = await jail.spawn(spec, spec.timeout_seconds if timeout_seconds is not None else None)
+        return ExecResult(
+            exit_code=None,
+            stdout="",
+            stderr="",
+            timed_out=False,
+            truncated=False,
+            duration_ms=0.0,
+            process_id=process_id,
+        )
+
+    async def read_process_output(
+        self, sandbox_id: str, process_id: str, since: str | None = None
+    ) -> ProcessOutputResult:
+        sandbox = self._get(sandbox_id)
+        stdout_offset, stderr_offset = _parse_cursor(since)
+        limit = self._policies.get(sandbox.plan.policy).exec.max_output_bytes
+        async with self._jail(sandbox) as jail:
+            output = await jail.read(_process_id(process_id), stdout_offset, stderr_offset, limit)
+        return ProcessOutputResult(
+            process=_process_info(output.state),
+            stdout=output.stdout.decode("utf-8", errors="replace"),
+            stderr=output.stderr.decode("utf-8", errors="replace"),
+            next_cursor=f"{output.next_stdout_offset}:{output.next_stderr_offset}",
+            more=len(output.stdout) >= limit or len(output.stderr) >= limit,
+        )
+
+    async def write_process_stdin(
+        self, sandbox_id: str, process_id: str, data: str, close: bool
+    ) -> StdinWritten:
+        sandbox = self._get(sandbox_id)
+        payload = data.encode("utf-8", errors="surrogatepass")
+        limit = self._policies.get(sandbox.plan.policy).exec.max_stdin_bytes
+        if len(payload) > limit:
+            raise PolicyRefused(
+                f"data is {len(payload)} bytes, above the maximum {limit}", rule="exec.max_stdin_bytes"
+            )
+        async with self._jail(sandbox) as jail:
+            written = await jail.write(_process_id(process_id), payload, close)
+        return StdinWritten(process_id=process_id, written=written, closed=close)
+
+    async def kill_process(self, sandbox_id: str, process_id: str, signal: str | int = "TERM") -> ProcessInfo:
+        sandbox = self._get(sandbox_id)
+        async with self._jail(sandbox) as jail:
+            state = await jail.kill(_process_id(process_id), _signal_number(signal))
+        return _process_info(state)
+
+    async def list_processes(self, sandbox_id: str) -> ProcessList:
+        sandbox = self._get(sandbox_id)
+        async with self._jail(sandbox) as jail:
+            states = await jail.list()
+        return ProcessList(processes=[_process_info(state) for state in states])
 
     async def copy_to_sandbox(
         self, sandbox_id: str, host_source: str, sandbox_destination: str
@@ -325,6 +477,51 @@ class SandboxService:
         if sandbox.state == "gone" and not allow_gone:
             raise SandboxGone(f"sandbox {sandbox_id} has stopped; create a new one")
         return sandbox
+
+
+def _killed(outcome: CommandOutcome) -> bool:
+    """SIGKILL, directly or as a shell's 128+9: how the OOM killer's victims end."""
+    return outcome.signal == _SIGKILL or outcome.exit_code == 128 + _SIGKILL
+
+
+def _process_id(value: str) -> str:
+
+    if not _PROCESS_ID.match(value):
+        raise InvalidRequest(f"invalid process_id {value[:40]!r}: ids look like 'p1' (from exec_in_sandbox)")
+    return value
+
+
+def _parse_cursor(since: str | None) -> tuple[int, int]:
+    if not since:
+        return 0, 0
+    match = _CURSOR.match(since)
+    if match is None:
+        raise InvalidRequest(f"invalid cursor {since[:40]!r}: pass the next_cursor of a previous read")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _signal_number(value: str | int) -> int:
+    if isinstance(value, int):
+        if 1 <= value <= 64:
+            return value
+    else:
+        name = value.upper().removeprefix("SIG")
+        number = getattr(signal_module.Signals, f"SIG{name}", None)
+        if number is not None and name in _SIGNALS:
+            return int(number)
+    raise InvalidRequest(f"invalid signal {str(value)[:20]!r}: use one of {', '.join(_SIGNALS)} or 1-64")
+
+
+def _process_info(state: ProcessState) -> ProcessInfo:
+    return ProcessInfo(
+        process_id=state.process_id,
+        command=list(state.argv),
+        running=state.running,
+        exit_code=state.exit_code,
+        signal=state.signal,
+        timed_out=state.timed_out,
+        truncated=state.stdout_truncated or state.stderr_truncated,
+    )
 
 
 def _argv(command: str | Sequence[str]) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ async def run(backend: NspawnBackend, sandbox_id: str, script: str, timeout: flo
         timeout_seconds=timeout,
         max_output_bytes=1 << 20,
     )
-    return await backend.exec(sandbox_id, spec)
+    return await backend.jail(sandbox_id).run(spec)
 
 
 def status_fields(text: str, *names: str) -> dict[str, str]:
@@ -137,6 +137,9 @@ async def test_a_memory_hog_is_killed_inside_while_the_sandbox_lives_on(
     hog = await run(backend, sandbox, "python3 -c 'b = bytearray(256 << 20); print(len(b))'")
     assert hog.exit_code != 0
     assert hog.stdout == b""
+    assert (await backend.oom_kills(sandbox) or 0) >= 1
+    assert await backend.oom_kills(other) == 0
+
     assert (await run(backend, sandbox, "echo alive")).stdout == b"alive\n"
     assert (await run(backend, other, "echo alive")).stdout == b"alive\n"
 
@@ -234,3 +237,56 @@ async def test_twenty_snapshots_cost_little_disk(
         await make_sandbox()
     os.sync()
     assert used() - before < 50 << 20
+
+
+async def test_a_timeout_also_kills_setsid_escapers(backend: NspawnBackend, make_sandbox: Factory) -> None:
+    sandbox = await make_sandbox()
+    escape = "setsid sh -c 'exec sleep 1000' >/dev/null 2>&1 </dev/null & sleep 1000"
+    with anyio.fail_after(20):
+        outcome = await run(backend, sandbox, escape, timeout=1)
+    assert outcome.timed_out
+    survivors = await run(backend, sandbox, "grep -l '^sleep' /proc/[0-9]*/comm || true")
+    assert survivors.stdout == b""
+
+
+async def test_commands_can_run_as_the_images_unprivileged_user(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox()
+    spec = CommandSpec(
+        argv=("/bin/sh", "-c", "id -un; id -u; pwd; touch /etc/x"),
+        cwd=None,
+        env={},
+        stdin=b"",
+        timeout_seconds=10,
+        max_output_bytes=1 << 20,
+        user="sandbox",
+    )
+    outcome = await backend.jail(sandbox).run(spec)
+    assert outcome.stdout == b"sandbox\n1000\n/home/sandbox\n"
+    assert b"Permission denied" in outcome.stderr
+
+
+async def test_background_processes_outlive_their_request(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox()
+    spec = CommandSpec(
+        argv=("/bin/sh", "-c", "echo started; sleep 1000"),
+        cwd=None,
+        env={},
+        stdin=b"",
+        timeout_seconds=10,
+        max_output_bytes=1 << 20,
+    )
+    process = await backend.jail(sandbox).spawn(spec, None)
+    with anyio.fail_after(10):
+        while (output := await backend.jail(sandbox).read(process, 0, 0, 1 << 20)).stdout != b"started\n":
+            await anyio.sleep(0.01)
+    assert output.state.running
+    await backend.jail(sandbox).kill(process, 9)
+    with anyio.fail_after(10):
+        while (await backend.jail(sandbox).read(process, 0, 0, 1 << 20)).state.running:
+            await anyio.sleep(0.01)
+    survivors = await run(backend, sandbox, "grep -l '^sleep' /proc/[0-9]*/comm || true")
+    assert survivors.stdout == b""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 
-from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
+from nspawn_mcp.backend.api import CommandOutcome, CommandSpec, OutputChunk, ProcessOutput, ProcessState
 from nspawn_mcp.errors import NotFound, SandboxGone
 from nspawn_mcp.policy import SandboxPlan
 
@@ -39,6 +39,8 @@ class FakeBackend:
     create_error: BaseException | None = None
     create_gate: anyio.Event | None = None
     on_exec: Callable[[CommandSpec], CommandOutcome] = lambda spec: ok()
+    oom_kill_counts: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
 
     async def available_images(self) -> set[str]:
         return set(self.images)
@@ -61,11 +63,11 @@ class FakeBackend:
     async def leftovers(self) -> set[str]:
         return set(self.leftover_ids)
 
-    async def exec(self, sandbox_id: str, spec: CommandSpec) -> CommandOutcome:
-        if sandbox_id not in self.sandboxes:
-            raise SandboxGone("gone")
-        self.commands.append((sandbox_id, spec))
-        return self.on_exec(spec)
+    async def oom_kills(self, sandbox_id: str) -> int | None:
+        return self.oom_kill_counts.get(sandbox_id, 0)
+
+    def jail(self, sandbox_id: str) -> FakeJail:
+        return FakeJail(self, sandbox_id)
 
     async def copy_in(self, sandbox_id: str, host_source: Path, container_destination: str) -> None:
         self.files[(sandbox_id, container_destination)] = host_source.read_bytes()
@@ -78,3 +80,55 @@ class FakeBackend:
             os.symlink(data.removeprefix(b"symlink:").decode(), host_destination)
         else:
             host_destination.write_bytes(data)
+
+
+@dataclass
+class FakeJail:
+    backend: FakeBackend
+    sandbox_id: str
+
+    def _check(self) -> None:
+        if self.sandbox_id not in self.backend.sandboxes:
+            raise SandboxGone("the sandbox stopped while the request was running")
+
+    async def run(
+        self, spec: CommandSpec, on_output: Callable[[OutputChunk], Awaitable[None]] | None = None
+    ) -> CommandOutcome:
+        self._check()
+        self.backend.commands.append((self.sandbox_id, spec))
+        outcome = self.backend.on_exec(spec)
+        if on_output is not None:
+            await on_output(OutputChunk(stdout=outcome.stdout, stderr=outcome.stderr))
+        return outcome
+
+    async def spawn(self, spec: CommandSpec, timeout: float | None) -> str:
+        self._check()
+        process_id = f"p{len(self.backend.processes) + 1}"
+        self.backend.processes[process_id] = (spec, timeout)
+        return process_id
+
+    def _state(self, process_id: str) -> ProcessState:
+        if process_id not in self.backend.processes:
+            raise NotFound(f"no background process {process_id!r}")
+        spec, _ = self.backend.processes[process_id]
+        return ProcessState(process_id, spec.argv, True, None, None, False, False, False)
+
+    async def read(
+        self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int
+    ) -> ProcessOutput:
+        self._check()
+        output = b"0123456789"[stdout_offset : stdout_offset + max_bytes]
+        return ProcessOutput(self._state(process_id), output, b"", stdout_offset + len(output), stderr_offset)
+
+    async def write(self, process_id: str, data: bytes, close: bool) -> int:
+        self._check()
+        self._state(process_id)
+        return len(data)
+
+    async def kill(self, process_id: str, signal: int) -> ProcessState:
+        self._check()
+        return self._state(process_id)
+
+    async def list(self) -> list[ProcessState]:
+        self._check()
+        return [self._state(process_id) for process_id in self.backend.processes]

@@ -36,7 +36,7 @@ async def client(backend: FakeBackend, tmp_path: Path) -> AsyncIterator[Client]:
         yield connected
 
 
-async def test_the_five_tools_are_offered(client: Client) -> None:
+async def test_the_tools_are_offered(client: Client) -> None:
     tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {
         "create_sandbox",
@@ -44,7 +44,12 @@ async def test_the_five_tools_are_offered(client: Client) -> None:
         "copy_file",
         "destroy_sandbox",
         "list_sandboxes",
+        "read_process_output",
+        "write_process_stdin",
+        "kill_process",
+        "list_processes",
     }
+
     exec_schema = tools["exec_in_sandbox"].input_schema
     assert set(exec_schema["required"]) == {"sandbox_id", "command"}
     assert tools["destroy_sandbox"].annotations is not None
@@ -116,3 +121,33 @@ async def test_copy_path_escapes_are_refused_with_the_rule(client: Client) -> No
 async def test_the_workflow_prompt_is_offered(client: Client) -> None:
     prompts = (await client.list_prompts()).prompts
     assert [p.name for p in prompts] == ["sandbox_workflow"]
+
+
+async def test_output_is_streamed_as_progress(client: Client, backend: FakeBackend) -> None:
+    created = (await client.call_tool("create_sandbox", {})).structured_content
+    assert created is not None
+    backend.on_exec = lambda spec: ok(stdout=b"line 1\nline 2\n")
+    updates: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        updates.append(message)
+
+    arguments = {"sandbox_id": created["sandbox_id"], "command": "build"}
+    await client.call_tool("exec_in_sandbox", arguments, progress_callback=on_progress)
+    assert updates == ["line 1\nline 2"]
+
+
+async def test_background_commands_return_a_process_id(client: Client) -> None:
+    created = (await client.call_tool("create_sandbox", {})).structured_content
+    assert created is not None
+    sandbox = created["sandbox_id"]
+    started = await client.call_tool(
+        "exec_in_sandbox", {"sandbox_id": sandbox, "command": "serve", "background": True}
+    )
+    assert started.structured_content is not None
+    process = started.structured_content["process_id"]
+    assert process == "p1"
+    read = await client.call_tool("read_process_output", {"sandbox_id": sandbox, "process_id": process})
+    assert read.structured_content is not None
+    assert read.structured_content["stdout"] == "0123456789"
+    assert read.structured_content["next_cursor"] == "10:0"

@@ -136,7 +136,8 @@ async def test_exec_runs_shell_strings_and_argv_lists(service: SandboxService, b
     await service.exec(sandbox, ["python3", "-c", "print(1)"], cwd="/tmp", env={"A": "1"}, stdin="data")
     (_, shell), (_, argv) = backend.commands
     assert shell.argv == ("/bin/sh", "-c", "echo hi | wc -c")
-    assert shell.cwd == "/root"
+    assert shell.cwd is None  # the user's home
+    assert shell.user == "root"
     assert shell.timeout_seconds == 60
     assert argv.argv == ("python3", "-c", "print(1)")
     assert (argv.cwd, dict(argv.env), argv.stdin) == ("/tmp", {"A": "1"}, b"data")
@@ -266,3 +267,61 @@ async def test_symlinks_coming_out_of_a_sandbox_are_refused(
         await service.copy_from_sandbox(sandbox, "/root/link", "out")
     assert not (workdir / "work" / "out").exists()
     assert list((workdir / "staging").iterdir()) == []
+
+
+async def test_commands_can_run_as_another_user(service: SandboxService, backend: FakeBackend) -> None:
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    await service.exec(sandbox, "id", user="sandbox")
+    assert backend.commands[0][1].user == "sandbox"
+    with pytest.raises(InvalidRequest, match=r"invalid user"):
+        await service.exec(sandbox, "id", user="--root")
+
+
+async def test_exact_bytes_are_available_as_base64(service: SandboxService, backend: FakeBackend) -> None:
+    backend.on_exec = lambda spec: ok(stdout=b"\xff\x00")
+    result = await service.exec((await service.create(CreateRequest())).sandbox_id, "x", include_base64=True)
+    assert (result.stdout, result.stdout_base64, result.stderr_base64) == ("\ufffd\x00", "/wA=", "")
+
+
+async def test_an_oom_kill_is_reported(service: SandboxService, backend: FakeBackend) -> None:
+    sandbox = (await service.create(CreateRequest(memory_mb=64))).sandbox_id
+    backend.on_exec = lambda spec: CommandOutcome(None, 9, b"", b"", False, False, False, 5.0)
+    backend.oom_kill_counts[sandbox] = 1
+    assert (await service.exec(sandbox, "hog")).oom_killed is True
+    assert (await service.exec(sandbox, "kill -9 $$")).oom_killed is False  # no new OOM kill since
+    backend.sandboxes.pop(sandbox)
+    backend.oom_kill_counts[sandbox] = 2
+    with pytest.raises(SandboxGone, match=r"OOM-killed: it hit its memory cap of 64 MiB"):
+        await service.exec(sandbox, "hog")
+
+
+async def test_background_processes_are_capped_and_addressed_by_id(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    service = make_service(backend, workdir, clock, few="[exec]\nmax_background_processes = 2\n")
+    sandbox = (await service.create(CreateRequest(policy="few"))).sandbox_id
+    started = await service.start_background(sandbox, "sleep 100")
+    assert (started.process_id, started.exit_code) == ("p1", None)
+    await service.start_background(sandbox, ["sleep", "100"], timeout_seconds=30)
+    assert [timeout for _, timeout in backend.processes.values()] == [None, 30]
+    with pytest.raises(QuotaExceeded, match=r"exec.max_background_processes"):
+        await service.start_background(sandbox, "one more")
+    first = await service.read_process_output(sandbox, "p1")
+    assert (first.stdout, first.next_cursor) == ("0123456789", "10:0")
+    rest = await service.read_process_output(sandbox, "p1", since=first.next_cursor)
+    assert rest.stdout == ""
+    assert [p.process_id for p in (await service.list_processes(sandbox)).processes] == ["p1", "p2"]
+    assert (await service.write_process_stdin(sandbox, "p1", "input", close=True)).written == 5
+    assert (await service.kill_process(sandbox, "p2", "kill")).process_id == "p2"
+
+
+async def test_bad_process_requests_are_refused(service: SandboxService) -> None:
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    await service.start_background(sandbox, "sleep 100")
+    with pytest.raises(InvalidRequest, match=r"invalid process_id"):
+        await service.read_process_output(sandbox, "1; rm -rf /")
+    with pytest.raises(InvalidRequest, match=r"invalid cursor"):
+        await service.read_process_output(sandbox, "p1", since="garbage")
+    for signal in ("SEGV", 0, 65):
+        with pytest.raises(InvalidRequest, match=r"invalid signal"):
+            await service.kill_process(sandbox, "p1", signal)

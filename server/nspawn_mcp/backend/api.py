@@ -6,24 +6,26 @@ The real implementation is :class:`nspawn_mcp.backend.nspawn.NspawnBackend`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ..policy import SandboxPlan
 
-__all__ = ["Backend", "CommandOutcome", "CommandSpec"]
+__all__ = ["Backend", "CommandOutcome", "CommandSpec", "Jail", "OutputChunk", "ProcessOutput", "ProcessState"]
 
 
 @dataclass(frozen=True)
 class CommandSpec:
     argv: tuple[str, ...]
-    cwd: str
+    cwd: str | None
+    """None: the user's home directory."""
     env: Mapping[str, str]
     stdin: bytes
     timeout_seconds: float
     max_output_bytes: int
+    user: str = "root"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,55 @@ class CommandOutcome:
     stderr_truncated: bool
     timed_out: bool
     duration_ms: float
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """Output a running command produced since the previous chunk."""
+
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    process_id: str
+    argv: tuple[str, ...]
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+
+
+@dataclass(frozen=True)
+class ProcessOutput:
+    state: ProcessState
+    stdout: bytes
+    stderr: bytes
+    next_stdout_offset: int
+    next_stderr_offset: int
+
+
+class Jail(Protocol):
+    """The requests a running sandbox answers (its in-jail supervisor)."""
+
+    async def run(
+        self, spec: CommandSpec, on_output: Callable[[OutputChunk], Awaitable[None]] | None = None
+    ) -> CommandOutcome: ...
+
+    async def spawn(self, spec: CommandSpec, timeout: float | None) -> str: ...
+
+    async def read(
+        self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int
+    ) -> ProcessOutput: ...
+
+    async def write(self, process_id: str, data: bytes, close: bool) -> int: ...
+
+    async def kill(self, process_id: str, signal: int) -> ProcessState: ...
+
+    async def list(self) -> list[ProcessState]: ...
 
 
 class Backend(Protocol):
@@ -65,7 +116,13 @@ class Backend(Protocol):
         """Ids with some remains (snapshot, unit, directory) but no running sandbox."""
         ...
 
-    async def exec(self, sandbox_id: str, spec: CommandSpec) -> CommandOutcome: ...
+    async def oom_kills(self, sandbox_id: str) -> int | None:
+        """How many processes the OOM killer has killed in the sandbox so far (None: unknown)."""
+        ...
+
+    def jail(self, sandbox_id: str) -> Jail:
+        """The sandbox's supervisor; requests raise SandboxGone if it is not running."""
+        ...
 
     async def copy_in(self, sandbox_id: str, host_source: Path, container_destination: str) -> None: ...
 

@@ -100,8 +100,10 @@ class Machined:
     async def remove_image(self, name: str) -> None:
         await self._call("RemoveImage", "s", name, operation=f"removing image {name}")
 
-    async def mark_image_read_only(self, name: str) -> None:
-        await self._call("MarkImageReadOnly", "sb", name, True, operation=f"marking image {name} read-only")
+    async def mark_image_read_only(self, name: str, read_only: bool = True) -> None:
+        await self._call(
+            "MarkImageReadOnly", "sb", name, read_only, operation=f"marking image {name} read-only"
+        )
 
     async def copy_to_machine(self, name: str, host_source: str, container_destination: str) -> None:
         await self._call(

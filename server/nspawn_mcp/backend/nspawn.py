@@ -19,14 +19,15 @@ from importlib import resources
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 
-from ..errors import BackendError, NotFound, SandboxGone
+from ..errors import BackendError, NotFound
 from ..layout import Layout
 from ..naming import SANDBOX_ID, service_unit, slice_unit, template_image
 from ..policy import SandboxPlan
-from .api import CommandOutcome, CommandSpec
 from .bus import Bus
-from .jail import run_command
+from .cgroups import oom_kill_count
+from .jail import JailClient
 from .machine1 import Machined
 from .systemd1 import Systemd
 from .units import SUPERVISOR_SOCKET, SandboxPaths, build_units
@@ -166,11 +167,11 @@ class NspawnBackend:
             found |= {p.name for p in self._layout.sandboxes_dir.iterdir() if SANDBOX_ID.match(p.name)}
         return found - await self.running()
 
-    async def exec(self, sandbox_id: str, spec: CommandSpec) -> CommandOutcome:
-        socket_path = self._layout.control_dir(sandbox_id) / SUPERVISOR_SOCKET
-        if not socket_path.exists():
-            raise SandboxGone(f"sandbox {sandbox_id} is not running")
-        return await run_command(socket_path, spec)
+    async def oom_kills(self, sandbox_id: str) -> int | None:
+        return await anyio.to_thread.run_sync(oom_kill_count, sandbox_id)
+
+    def jail(self, sandbox_id: str) -> JailClient:
+        return JailClient(self._layout.control_dir(sandbox_id) / SUPERVISOR_SOCKET)
 
     async def copy_in(self, sandbox_id: str, host_source: Path, container_destination: str) -> None:
         await self._machined.copy_to_machine(sandbox_id, str(host_source), container_destination)

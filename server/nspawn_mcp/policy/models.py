@@ -59,6 +59,10 @@ class ExecPolicy(_Frozen):
     max_timeout_seconds: float = Field(default=600, gt=0, le=86400)
     max_output_bytes: ByteCount = Field(default=1 * _MiB, ge=1024, le=64 * _MiB, description="per stream")
     max_stdin_bytes: ByteCount = Field(default=8 * _MiB, ge=0, le=64 * _MiB)
+    max_background_processes: int = Field(default=16, ge=0, le=1024, description="per sandbox")
+    max_background_output_bytes: ByteCount = Field(
+        default=16 * _MiB, ge=1024, le=1024 * _MiB, description="per stream, kept on disk in the sandbox"
+    )
 
     @model_validator(mode="after")
     def _default_within_max(self) -> ExecPolicy:
