@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters
+
+from tests.e2e.conftest import SERVER
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -171,3 +176,61 @@ async def test_bad_input_gets_clear_errors_and_the_server_stays_up(client: Clien
     assert "limits.max.memory" in await error_text(client, "create_sandbox", memory_mb=1 << 30)
     assert "sandboxes.images" in await error_text(client, "create_sandbox", image="--bind=/:/x")
     assert (await call(client, "list_sandboxes"))["sandboxes"] == []
+
+
+async def test_background_processes_survive_disconnects_and_server_restarts(
+    box_lifetime: None, workdir: Path
+) -> None:
+    params = StdioServerParameters(command=str(SERVER), args=["serve"], cwd=str(workdir))
+    script = "for i in 1 2 3; do echo tick $i; sleep 0.3; done; echo done; sleep 1000"
+    async with Client(params) as first:
+        sandbox = (await call(first, "create_sandbox"))["sandbox_id"]
+        started = await call(first, "exec_in_sandbox", sandbox_id=sandbox, command=script, background=True)
+        process = started["process_id"]
+        early = await call(first, "read_process_output", sandbox_id=sandbox, process_id=process)
+    # the client went away and the server with it; a new server adopts the sandbox
+    async with Client(params) as second:
+        try:
+            assert [s["sandbox_id"] for s in (await call(second, "list_sandboxes"))["sandboxes"]] == [sandbox]
+            listed = (await call(second, "list_processes", sandbox_id=sandbox))["processes"]
+            assert [(p["process_id"], p["running"]) for p in listed] == [(process, True)]
+            seen = early["stdout"]
+            cursor = early["next_cursor"]
+            with anyio.fail_after(20):
+                while "done" not in seen:
+                    later = await call(
+                        second, "read_process_output", sandbox_id=sandbox, process_id=process, since=cursor
+                    )
+                    seen, cursor = seen + later["stdout"], later["next_cursor"]
+            assert seen == "tick 1\ntick 2\ntick 3\ndone\n"
+            killed = await call(second, "kill_process", sandbox_id=sandbox, process_id=process, signal="KILL")
+            assert killed["process_id"] == process
+        finally:
+            await call(second, "destroy_sandbox", sandbox_id=sandbox)
+
+
+async def test_cancelling_a_call_kills_its_command(client: Client) -> None:
+    sandbox = (await call(client, "create_sandbox"))["sandbox_id"]
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(
+                functools.partial(
+                    client.call_tool,
+                    "exec_in_sandbox",
+                    {"sandbox_id": sandbox, "command": "echo $$ > /root/pid; exec sleep 1000"},
+                )
+            )
+            with anyio.fail_after(20):
+                while not (
+                    await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="cat /root/pid")
+                )["stdout"]:
+                    await anyio.sleep(0.05)
+            tasks.cancel_scope.cancel()
+        probe = "test -d /proc/$(cat /root/pid) && echo alive || echo gone"
+        with anyio.fail_after(20):
+            while (await call(client, "exec_in_sandbox", sandbox_id=sandbox, command=probe))[
+                "stdout"
+            ] != "gone\n":
+                await anyio.sleep(0.05)
+    finally:
+        await call(client, "destroy_sandbox", sandbox_id=sandbox)
