@@ -40,6 +40,7 @@ def test_nspawn_command_line() -> None:
             "--timezone=off",
             "--console=pipe",
             "--as-pid2",
+            "--setenv=MALLOC_ARENA_MAX=1",
             "--bind-ro=/var/lib/nspawn-mcp/lib:/run/nspawn-mcp/lib",
             "--bind=/var/lib/nspawn-mcp/sandboxes/sbx-0123abcd/ctl:/run/nspawn-mcp/ctl",
             "--",

@@ -85,6 +85,7 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         "--timezone=off",
         "--console=pipe",
         "--as-pid2",
+        "--setenv=MALLOC_ARENA_MAX=1",
         f"--bind-ro={paths.lib_dir}:{CONTAINER_LIB_DIR}",
         f"--bind={paths.control_dir}:{CONTAINER_CONTROL_DIR}",
         "--",

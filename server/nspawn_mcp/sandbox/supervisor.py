@@ -51,12 +51,15 @@ import pwd
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import subprocess
+
 
 MAX_REQUEST_BYTES = 128 << 20
 BASE_ENV = {
@@ -160,6 +163,8 @@ class Cgroup:
 
 
 def _start(request: dict[str, Any], cgroup: Cgroup) -> subprocess.Popen[bytes]:
+    import subprocess
+
     argv = request.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise RequestError("bad_request", "argv must be a non-empty list of strings")
