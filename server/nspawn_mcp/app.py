@@ -10,17 +10,19 @@ from importlib import resources
 from typing import Annotated, Literal, ParamSpec, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from . import __version__
+from .audit import current_client
 from .backend.api import OutputChunk
 from .errors import InvalidRequest, SandboxError
 from .models import (
     CopyResult,
     DestroyResult,
     ExecResult,
+    PolicyDocument,
     ProcessInfo,
     ProcessList,
     ProcessOutputResult,
@@ -28,7 +30,7 @@ from .models import (
     SandboxList,
     StdinWritten,
 )
-from .policy import CreateRequest
+from .policy import CreateRequest, PolicySet
 from .service import SandboxService
 
 __all__ = ["build_server"]
@@ -46,15 +48,35 @@ when done. Sandboxes have no network, run as an unprivileged user on the host, a
 destroyed automatically after their ttl_seconds."""
 
 
+def _client_name(ctx: ServiceContext) -> str:
+    """The MCP client's self-reported name, for the audit log and per-client quotas."""
+    request = ctx.request_context
+    info = (request.meta or {}).get("io.modelcontextprotocol/clientInfo")
+    if isinstance(info, dict) and isinstance(info.get("name"), str):
+        return str(info["name"])[:64]
+    params = request.session.client_params
+    if params is not None:
+        return params.client_info.name[:64]
+    return "unknown"
+
+
 def _agent_errors(tool: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Our errors become tool errors whose text the agent reads; nothing else leaks."""
+    """Our errors become tool errors whose text the agent reads; nothing else leaks.
+
+    Also records which client is calling, for the audit log and per-client quotas.
+    """
 
     @functools.wraps(tool)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        ctx = kwargs.get("ctx")
+        token = current_client.set(_client_name(ctx)) if isinstance(ctx, Context) else None
         try:
             return await tool(*args, **kwargs)
         except SandboxError as exc:
             raise ToolError(str(exc)) from None
+        finally:
+            if token is not None:
+                current_client.reset(token)
 
     return wrapper
 
@@ -91,9 +113,16 @@ def _progress_reporter(ctx: ServiceContext) -> Callable[[OutputChunk], Awaitable
     return report
 
 
+def _policy_document(policies: PolicySet, name: str) -> PolicyDocument:
+    policy = policies.get(name)
+    return PolicyDocument(name=name, policy=policy.model_dump(mode="json"), available=policies.names)
+
+
 def build_server(
-    open_service: Callable[[], AbstractAsyncContextManager[SandboxService]],
+    open_service: Callable[[], AbstractAsyncContextManager[SandboxService]], policies: PolicySet
 ) -> MCPServer[SandboxService]:
+    """The MCP server; ``policies`` are the operator's, ``open_service`` runs for the server's lifetime."""
+
     @asynccontextmanager
     async def lifespan(_: MCPServer[SandboxService]) -> AsyncIterator[SandboxService]:
         async with open_service() as service:
@@ -261,6 +290,27 @@ def build_server(
     async def list_sandboxes(ctx: ServiceContext) -> SandboxList:
         """List the live sandboxes with their limits and expiry times."""
         return SandboxList(sandboxes=_service(ctx).list())
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @_agent_errors
+    async def get_policy(
+        ctx: ServiceContext,
+        name: Annotated[str, Field(description="policy name", max_length=32)] = "default",
+    ) -> PolicyDocument:
+        """Show an operator policy: default and maximum limits, exec and file rules, network mode."""
+        return _policy_document(policies, name)
+
+    @mcp.resource(
+        "policy://{name}",
+        name="policy",
+        description="An operator policy, as get_policy shows it",
+        mime_type="application/json",
+    )
+    def policy_resource(name: str) -> str:
+        try:
+            return _policy_document(policies, name).model_dump_json(indent=2)
+        except SandboxError as exc:
+            raise ResourceError(str(exc)) from None
 
     prompt_text = (resources.files("nspawn_mcp") / "data" / "prompts" / "sandbox-workflow.md").read_text()
 

@@ -24,9 +24,11 @@ def _serve(args: argparse.Namespace) -> int:
         layout=Layout.from_env(),
         policy_dirs=tuple(Path(p) for p in args.policy_dir),
         max_sandboxes=args.max_sandboxes,
+        audit_log=Path(args.audit_log) if args.audit_log else None,
     )
-    config.load_policies()  # fail fast, before any client connects
-    server = build_server(lambda: open_service(config))
+    policies = config.load_policies()  # fail fast, before any client connects
+    server = build_server(lambda: open_service(config, policies), policies)
+
     if args.http:
         host, _, port = args.http.rpartition(":")
         server.run("streamable-http", host=host or "127.0.0.1", port=int(port))
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy-dir", action="append", default=[], help="directory of operator policies (*.toml)"
     )
     serve.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all (default 64)")
+    serve.add_argument(
+        "--audit-log",
+        metavar="PATH",
+        help="JSON-lines audit log (default: audit.jsonl in the state directory)",
+    )
+
     serve.set_defaults(func=_serve)
 
     commands.add_parser("setup", help="create the image pool and the default template").set_defaults(

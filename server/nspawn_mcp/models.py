@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,7 @@ __all__ = [
     "DestroyResult",
     "ExecResult",
     "Limits",
+    "PolicyDocument",
     "ProcessInfo",
     "ProcessList",
     "ProcessOutputResult",
@@ -101,6 +102,14 @@ class CopyResult(_Result):
     destination: str
     bytes: int
     sha256: str
+
+
+class PolicyDocument(_Result):
+    name: str
+    policy: dict[str, Any] = Field(
+        description="the effective policy: defaults and maxima, exec, files, network"
+    )
+    available: list[str] = Field(description="every policy this server offers")
 
 
 class DestroyResult(_Result):

@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from .audit import AuditLog
 from .backend.nspawn import NspawnBackend
 from .box import host_runs_systemd, start_box, system_bus_address
 from .layout import Layout
@@ -30,6 +31,8 @@ class ServerConfig:
     layout: Layout = field(default_factory=Layout.from_env)
     policy_dirs: tuple[Path, ...] = ()
     max_sandboxes: int = 64
+    audit_log: Path | None = None
+    """Where decisions are logged (JSON lines); None: ``audit.jsonl`` in the state directory."""
 
     def load_policies(self) -> PolicySet:
         return PolicySet.load([*self.policy_dirs, shipped_policy_dir()])
@@ -48,8 +51,8 @@ def resolve_bus_address(layout: Layout) -> str:
 
 
 @asynccontextmanager
-async def open_service(config: ServerConfig) -> AsyncIterator[SandboxService]:
-    policies = config.load_policies()
+async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterator[SandboxService]:
+
     address = await anyio.to_thread.run_sync(resolve_bus_address, config.layout)
     service_box: list[SandboxService] = []
 
@@ -58,9 +61,14 @@ async def open_service(config: ServerConfig) -> AsyncIterator[SandboxService]:
             service_box[0].machine_removed(name)
 
     backend = await NspawnBackend.connect(address, config.layout, on_machine_removed=machine_removed)
+    audit = AuditLog(config.audit_log or config.layout.state_dir / "audit.jsonl")
     try:
         service = SandboxService(
-            backend, policies, state_dir=config.layout.sandboxes_dir, max_sandboxes=config.max_sandboxes
+            backend,
+            policies,
+            state_dir=config.layout.sandboxes_dir,
+            max_sandboxes=config.max_sandboxes,
+            audit=audit,
         )
         service_box.append(service)
         await service.reconcile()
@@ -70,3 +78,4 @@ async def open_service(config: ServerConfig) -> AsyncIterator[SandboxService]:
             tasks.cancel_scope.cancel()
     finally:
         backend.close()
+        audit.close()

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import signal as signal_module
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 
 from . import hostfs
+from .audit import AuditLog, current_client
 from .backend.api import Backend, CommandOutcome, CommandSpec, Jail, OutputChunk, ProcessState
 from .errors import InvalidRequest, NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
 from .models import (
@@ -77,6 +78,7 @@ class _Sandbox:
     expires_at: datetime
     state: State = "creating"
     oom_kills_seen: int = 0
+    owner: str = "local"
 
     def info(self) -> SandboxInfo:
         limits = self.plan.limits
@@ -105,6 +107,7 @@ class _MetaStore:
         folder = self._directory / sandbox.sandbox_id
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         data = {
+            "owner": sandbox.owner,
             "plan": asdict(sandbox.plan),
             "created_at": sandbox.created_at.isoformat(),
             "expires_at": sandbox.expires_at.isoformat(),
@@ -129,6 +132,7 @@ class _MetaStore:
                 created_at=datetime.fromisoformat(data["created_at"]),
                 expires_at=datetime.fromisoformat(data["expires_at"]),
                 state="running",
+                owner=str(data.get("owner", "local")),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -148,6 +152,7 @@ class SandboxService:
         cwd: str | None = None,
         max_sandboxes: int = 64,
         clock: Callable[[], datetime] = _now,
+        audit: AuditLog | None = None,
     ) -> None:
         self._backend = backend
         self._policies = policies
@@ -156,6 +161,23 @@ class SandboxService:
         self._max_sandboxes = max_sandboxes
         self._clock = clock
         self._sandboxes: dict[str, _Sandbox] = {}
+        self._audit = audit or AuditLog(None)
+
+    @contextlib.contextmanager
+    def _audited(
+        self, action: str, sandbox_id: str | None = None, **detail: object
+    ) -> Iterator[dict[str, object]]:
+        """Record the decision on ``action``; the body may add details (such as a new sandbox_id)."""
+        extra: dict[str, object] = {}
+        try:
+            yield extra
+        except Exception as exc:
+            self._audit.record(action, sandbox_id=sandbox_id, error=exc, detail=detail | extra)
+            raise
+        identity = extra.pop("sandbox_id", sandbox_id)
+        self._audit.record(
+            action, sandbox_id=identity if isinstance(identity, str) else None, detail=detail | extra
+        )
 
     @property
     def policies(self) -> PolicySet:
@@ -206,6 +228,12 @@ class SandboxService:
     # -- tools -----------------------------------------------------------------
 
     async def create(self, request: CreateRequest) -> SandboxInfo:
+        with self._audited("create_sandbox", request=asdict(request)) as audit:
+            info = await self._create(request)
+            audit["sandbox_id"] = info.sandbox_id
+        return info
+
+    async def _create(self, request: CreateRequest) -> SandboxInfo:
         policy = self._policies.get(request.policy)
         plan = resolve_create(request.policy, policy, request, cwd=self._cwd)
         live = [s for s in self._sandboxes.values() if s.state != "gone"]
@@ -219,6 +247,14 @@ class SandboxService:
                 f"policy {plan.policy!r} allows {policy.sandboxes.max_live} live sandboxes and "
                 f"{same_policy} exist; destroy one first (policy rule: sandboxes.max_live)"
             )
+        owner = current_client.get()
+        per_client = policy.sandboxes.max_live_per_client
+        mine = sum(1 for s in live if s.plan.policy == plan.policy and s.owner == owner)
+        if per_client is not None and mine >= per_client:
+            raise QuotaExceeded(
+                f"policy {plan.policy!r} allows {per_client} live sandboxes per client and you have {mine}; "
+                "destroy one first (policy rule: sandboxes.max_live_per_client)"
+            )
         if plan.image not in await self._backend.available_images():
             raise NotFound(f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`")
         created = self._clock()
@@ -227,6 +263,7 @@ class SandboxService:
             plan=plan,
             created_at=created,
             expires_at=created + timedelta(seconds=plan.limits.ttl_seconds),
+            owner=owner,
         )
         self._sandboxes[sandbox.sandbox_id] = sandbox
         try:
@@ -240,10 +277,11 @@ class SandboxService:
         return sandbox.info()
 
     async def destroy(self, sandbox_id: str) -> None:
-        sandbox = self._get(sandbox_id, allow_gone=True)
-        if sandbox.state == "destroying":
-            raise NotFound(f"sandbox {sandbox_id} is already being destroyed")
-        await self._destroy(sandbox)
+        with self._audited("destroy_sandbox", sandbox_id):
+            sandbox = self._get(sandbox_id, allow_gone=True)
+            if sandbox.state == "destroying":
+                raise NotFound(f"sandbox {sandbox_id} is already being destroyed")
+            await self._destroy(sandbox)
 
     async def _destroy(self, sandbox: _Sandbox) -> None:
         sandbox.state = "destroying"
@@ -302,12 +340,14 @@ class SandboxService:
         include_base64: bool = False,
         on_output: Callable[[OutputChunk], Awaitable[None]] | None = None,
     ) -> ExecResult:
-        sandbox = self._get(sandbox_id)
-        spec = self._command(
-            sandbox, command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
-        )
-        async with self._jail(sandbox) as jail:
-            outcome = await jail.run(spec, on_output)
+        with self._audited("exec", sandbox_id, command=_summary(command), user=user) as audit:
+            sandbox = self._get(sandbox_id)
+            spec = self._command(
+                sandbox, command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
+            )
+            async with self._jail(sandbox) as jail:
+                outcome = await jail.run(spec, on_output)
+            audit["exit_code"] = outcome.exit_code
         return ExecResult(
             exit_code=outcome.exit_code,
             signal=outcome.signal,
@@ -356,6 +396,19 @@ class SandboxService:
         user: str = "root",
     ) -> ExecResult:
         """Start a command in the background; its output is kept (bounded) inside the sandbox."""
+        with self._audited("exec_background", sandbox_id, command=_summary(command), user=user):
+            return await self._start_background(sandbox_id, command, cwd, env, stdin, timeout_seconds, user)
+
+    async def _start_background(
+        self,
+        sandbox_id: str,
+        command: str | Sequence[str],
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        stdin: str | None,
+        timeout_seconds: float | None,
+        user: str,
+    ) -> ExecResult:
         sandbox = self._get(sandbox_id)
         policy = self._policies.get(sandbox.plan.policy)
         spec = self._command(
@@ -431,6 +484,12 @@ class SandboxService:
     async def copy_to_sandbox(
         self, sandbox_id: str, host_source: str, sandbox_destination: str
     ) -> CopyResult:
+        with self._audited("copy_to_sandbox", sandbox_id, host_path=host_source[:4096]):
+            return await self._copy_to_sandbox(sandbox_id, host_source, sandbox_destination)
+
+    async def _copy_to_sandbox(
+        self, sandbox_id: str, host_source: str, sandbox_destination: str
+    ) -> CopyResult:
         sandbox = self._get(sandbox_id)
         destination = check_container_path(sandbox_destination)
         target = confine_host_path(host_source, sandbox.plan.allowed_host_roots, self._cwd)
@@ -447,6 +506,12 @@ class SandboxService:
         )
 
     async def copy_from_sandbox(
+        self, sandbox_id: str, sandbox_source: str, host_destination: str
+    ) -> CopyResult:
+        with self._audited("copy_from_sandbox", sandbox_id, host_path=host_destination[:4096]):
+            return await self._copy_from_sandbox(sandbox_id, sandbox_source, host_destination)
+
+    async def _copy_from_sandbox(
         self, sandbox_id: str, sandbox_source: str, host_destination: str
     ) -> CopyResult:
         sandbox = self._get(sandbox_id)
@@ -477,6 +542,12 @@ class SandboxService:
         if sandbox.state == "gone" and not allow_gone:
             raise SandboxGone(f"sandbox {sandbox_id} has stopped; create a new one")
         return sandbox
+
+
+def _summary(command: str | Sequence[str]) -> str:
+    """The command as the audit log shows it: one string, at most 1,000 characters."""
+    text = command if isinstance(command, str) else " ".join(command)
+    return text[:1000]
 
 
 def _killed(outcome: CommandOutcome) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,7 +33,7 @@ async def client(backend: FakeBackend, tmp_path: Path) -> AsyncIterator[Client]:
             backend, PolicySet.load([shipped_policy_dir()]), state_dir=tmp_path / "state", cwd=str(tmp_path)
         )
 
-    async with Client(build_server(open_service)) as connected:
+    async with Client(build_server(open_service, PolicySet.load([shipped_policy_dir()]))) as connected:
         yield connected
 
 
@@ -48,6 +49,7 @@ async def test_the_tools_are_offered(client: Client) -> None:
         "write_process_stdin",
         "kill_process",
         "list_processes",
+        "get_policy",
     }
 
     exec_schema = tools["exec_in_sandbox"].input_schema
@@ -151,3 +153,16 @@ async def test_background_commands_return_a_process_id(client: Client) -> None:
     assert read.structured_content is not None
     assert read.structured_content["stdout"] == "0123456789"
     assert read.structured_content["next_cursor"] == "10:0"
+
+
+async def test_policies_are_readable_as_a_tool_and_a_resource(client: Client) -> None:
+    shown = await client.call_tool("get_policy", {"name": "strict"})
+    assert shown.structured_content is not None
+    assert shown.structured_content["name"] == "strict"
+    assert shown.structured_content["policy"]["network"] == {"mode": "none"}
+    assert "default" in shown.structured_content["available"]
+    resource = await client.read_resource("policy://default")
+    text = resource.contents[0].text  # type: ignore[union-attr]
+    assert json.loads(text)["policy"]["limits"]["default"]["memory"] == "512MiB"
+    missing = await client.call_tool("get_policy", {"name": "nope"})
+    assert missing.is_error

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
 import pytest
 
+from nspawn_mcp.audit import AuditLog, current_client
 from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
 from nspawn_mcp.errors import (
     BackendError,
@@ -325,3 +327,56 @@ async def test_bad_process_requests_are_refused(service: SandboxService) -> None
     for signal in ("SEGV", 0, 65):
         with pytest.raises(InvalidRequest, match=r"invalid signal"):
             await service.kill_process(sandbox, "p1", signal)
+
+
+async def test_every_decision_is_audited_with_client_and_rule(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    log_path = workdir / "audit.jsonl"
+    audit = AuditLog(log_path)
+    service = SandboxService(
+        backend,
+        PolicySet({"default": load_policy_text("", "default.toml")}),
+        state_dir=workdir / "state",
+        cwd=str(workdir / "work"),
+        clock=clock,
+        audit=audit,
+    )
+    token = current_client.set("claude-code")
+    try:
+        sandbox = (await service.create(CreateRequest())).sandbox_id
+        with pytest.raises(PolicyRefused):
+            await service.create(CreateRequest(memory_mb=1 << 20))
+        await service.exec(sandbox, ["echo", "hi"])
+        with pytest.raises(PolicyRefused):
+            await service.copy_to_sandbox(sandbox, "/etc/shadow", "/x")
+        await service.destroy(sandbox)
+    finally:
+        current_client.reset(token)
+        audit.close()
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(e["action"], e["allowed"], e.get("rule")) for e in entries] == [
+        ("create_sandbox", True, None),
+        ("create_sandbox", False, "limits.max.memory"),
+        ("exec", True, None),
+        ("copy_to_sandbox", False, "files.allowed_host_dirs"),
+        ("destroy_sandbox", True, None),
+    ]
+    assert {e["client"] for e in entries} == {"claude-code"}
+    assert entries[0]["sandbox_id"] == sandbox
+    assert entries[2]["command"] == "echo hi"
+    assert entries[2]["exit_code"] == 0
+
+
+async def test_a_policy_can_cap_live_sandboxes_per_client(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    service = make_service(backend, workdir, clock, shared="[sandboxes]\nmax_live_per_client = 1\n")
+    for client in ("alice", "bob"):
+        token = current_client.set(client)
+        try:
+            await service.create(CreateRequest(policy="shared"))
+            with pytest.raises(QuotaExceeded, match=r"sandboxes.max_live_per_client"):
+                await service.create(CreateRequest(policy="shared"))
+        finally:
+            current_client.reset(token)

@@ -86,6 +86,10 @@ class NetworkPolicy(_Frozen):
 
 class SandboxesPolicy(_Frozen):
     max_live: int = Field(default=32, ge=1, le=10_000, description="live sandboxes of this policy")
+    max_live_per_client: int | None = Field(
+        default=None, ge=1, le=10_000, description="live sandboxes of this policy per MCP client name"
+    )
+
     images: tuple[str, ...] = Field(default=("default",), min_length=1, description="images agents may use")
 
 

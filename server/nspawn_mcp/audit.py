@@ -1,0 +1,73 @@
+"""The audit log: one JSON line per decision (who, what, allowed or refused, which rule).
+
+Who: the MCP client's name, set per request by the MCP layer through a context
+variable so the service does not have to pass it around.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from .errors import PolicyRefused, SandboxError
+
+__all__ = ["AuditLog", "current_client"]
+
+log = logging.getLogger(__name__)
+
+current_client: ContextVar[str] = ContextVar("nspawn_mcp_client", default="local")
+"""The client a request comes from; "local" outside MCP requests."""
+
+
+class AuditLog:
+    """Appends decisions to a JSON-lines file (or nowhere, with ``path=None``)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._file: IO[str] | None = None
+        self._lock = threading.Lock()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed by close()
+
+    def record(
+        self,
+        action: str,
+        *,
+        sandbox_id: str | None = None,
+        error: BaseException | None = None,
+        detail: Mapping[str, object] | None = None,
+    ) -> None:
+        entry: dict[str, object] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "client": current_client.get(),
+            "action": action,
+            "allowed": error is None,
+        }
+        if sandbox_id is not None:
+            entry["sandbox_id"] = sandbox_id
+        if isinstance(error, PolicyRefused):
+            entry["rule"] = error.rule
+        if isinstance(error, SandboxError):
+            entry["reason"] = str(error)
+        elif error is not None:
+            entry["reason"] = type(error).__name__
+        entry.update(detail or {})
+        if self._file is None:
+            return
+        line = json.dumps(entry, default=str)
+        with self._lock:
+            try:
+                self._file.write(line + "\n")
+            except OSError as exc:
+                log.warning("cannot write the audit log: %s", exc)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
