@@ -12,7 +12,7 @@ from typing import Annotated, Literal, ParamSpec, TypeVar
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp_types import ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from . import __version__
 from .audit import current_client
@@ -30,7 +30,7 @@ from .models import (
     SandboxList,
     StdinWritten,
 )
-from .policy import CreateRequest, PolicySet
+from .policy import CreateRequest, MountRequest, PolicySet
 from .service import SandboxService
 
 __all__ = ["build_server"]
@@ -92,6 +92,15 @@ ProcessId = Annotated[
     str, Field(description="id returned by exec_in_sandbox(background=true), like 'p1'", max_length=16)
 ]
 
+
+class MountSpec(BaseModel):
+    """One bind of a host path into the sandbox."""
+
+    host: str = Field(description="host path, under one of the policy's mounts.allowed", max_length=4096)
+    sandbox: str = Field(description="absolute path inside the sandbox, e.g. /work", max_length=4096)
+    writable: bool = Field(default=False, description="read-write, if the policy allows it for that path")
+
+
 _PROGRESS_LINES = 20
 _PROGRESS_CHARS = 4000
 
@@ -146,6 +155,10 @@ def build_server(
         cpus: Annotated[float | None, Field(description="CPU cap in CPUs, e.g. 0.5")] = None,
         max_processes: Annotated[int | None, Field(description="cap on processes and threads")] = None,
         ttl_seconds: Annotated[int | None, Field(description="destroy automatically after this long")] = None,
+        mounts: Annotated[
+            list[MountSpec] | None,
+            Field(description="host directories to bind in, if the policy allows them", max_length=64),
+        ] = None,
     ) -> SandboxInfo:
         """Create a fresh, isolated Linux sandbox (Debian with python3) and return its id and limits."""
         request = CreateRequest(
@@ -155,6 +168,7 @@ def build_server(
             cpus=cpus,
             max_processes=max_processes,
             ttl_seconds=ttl_seconds,
+            mounts=tuple(MountRequest(m.host, m.sandbox, m.writable) for m in mounts or ()),
         )
         return await _service(ctx).create(request)
 

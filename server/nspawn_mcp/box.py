@@ -13,7 +13,10 @@ namespaces (``unshare``). Two traps, both avoided here:
 The sandbox pool (a btrfs loop file) is mounted on ``/var/lib/machines`` inside the
 box's mount namespace only, so the host's view is untouched and the mount goes
 away with the box. The server stays in the host's namespaces and reaches the
-box's bus through ``/proc/PID/root``.
+box's bus through ``/proc/PID/root``. The host's own tree, as it was when the box
+started, stays visible to the box's daemons at ``Layout.box_host_view``, so host
+paths under ``/tmp`` can still be bound into sandboxes.
+
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ _MASKED_UNITS = (
 )
 
 _BOOT_SCRIPT = """set -eu
+mkdir -p "$4"
+mount --rbind / "$4"
+mount --make-rslave "$4"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
@@ -163,6 +169,7 @@ def _unshare_argv(layout: Layout) -> list[str]:
         str(layout.pool_image),
         str(layout.machines_dir),
         " ".join(_MASKED_UNITS),
+        str(layout.box_host_view),
     ]
 
 

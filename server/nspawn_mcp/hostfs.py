@@ -34,7 +34,14 @@ from pathlib import Path
 from .errors import CopyRefused, NotFound, PolicyRefused
 from .policy.paths import HostTarget, is_protected
 
-__all__ = ["CopyStats", "open_beneath", "publish_from_staging", "stage_from_host", "staging_area"]
+__all__ = [
+    "CopyStats",
+    "open_beneath",
+    "publish_from_staging",
+    "resolve_bind_source",
+    "stage_from_host",
+    "staging_area",
+]
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (new-style syscall table)
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -200,3 +207,22 @@ def publish_from_staging(staged: Path, target: HostTarget, limit: int, what: str
     finally:
         os.close(source)
     return stats
+
+
+def resolve_bind_source(target: HostTarget) -> str:
+    """The real path of a bind's source, found beneath its allowed root; refused if it escapes.
+
+    nspawn takes a path, so the path is resolved once here (symlinks followed only
+    while they stay beneath the root) and that resolved path is what nspawn binds.
+    """
+    with open_beneath(target, os.O_PATH) as fd:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    if is_protected(real):
+        raise PolicyRefused(
+            f"host path {target.path} resolves into a protected location", rule="mounts.allowed"
+        )
+    if ":" in real or "," in real:
+        raise CopyRefused(
+            f"host path {target.path} resolves to a path with ':' or ','; nspawn cannot bind it"
+        )
+    return real

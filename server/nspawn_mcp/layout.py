@@ -48,7 +48,13 @@ class Layout:
         return self.state_dir / "box"
 
     @property
+    def box_host_view(self) -> Path:
+        """Inside the private systemd's mount namespace: the host's tree (its /tmp included)."""
+        return self.box_dir / "host"
+
+    @property
     def pool_image(self) -> Path:
+
         return self.state_dir / "pool.img"
 
     @property

@@ -11,6 +11,7 @@ __all__ = [
     "DestroyResult",
     "ExecResult",
     "Limits",
+    "Mount",
     "PolicyDocument",
     "ProcessInfo",
     "ProcessList",
@@ -32,11 +33,19 @@ class Limits(_Result):
     ttl_seconds: int = Field(description="the sandbox is destroyed this long after creation")
 
 
+class Mount(_Result):
+    host: str = Field(description="the host path, as resolved")
+    sandbox: str
+    writable: bool
+
+
 class SandboxInfo(_Result):
     sandbox_id: str
     image: str
     policy: str
     limits: Limits
+    mounts: list[Mount] = Field(default_factory=list)
+
     created_at: str = Field(description="ISO 8601, UTC")
     expires_at: str = Field(description="ISO 8601, UTC")
 

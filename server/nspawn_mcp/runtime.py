@@ -21,7 +21,8 @@ from .policy import PolicySet
 from .policy.loader import shipped_policy_dir
 from .service import SandboxService
 
-__all__ = ["ServerConfig", "open_service", "resolve_bus_address"]
+__all__ = ["Daemons", "ServerConfig", "find_daemons", "open_service", "resolve_bus_address"]
+
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +39,44 @@ class ServerConfig:
         return PolicySet.load([*self.policy_dirs, shipped_policy_dir()])
 
 
-def resolve_bus_address(layout: Layout) -> str:
+@dataclass(frozen=True)
+class Daemons:
+    """Where systemd and machined are: their bus, and how they see the host's files."""
+
+    bus_address: str
+    host_view: Path | None = None
+    """Set when they run in the private systemd's mount namespace."""
+
+
+def find_daemons(layout: Layout) -> Daemons:
     """The system bus to use: an explicit address, the host's, or the private box's."""
     explicit = os.environ.get("NSPAWN_MCP_BUS_ADDRESS")
     if explicit:
-        return explicit
+        return Daemons(explicit)
     if host_runs_systemd():
-        return system_bus_address()
+        return Daemons(system_bus_address())
     box = start_box(layout)
     log.info("using the private systemd (pid %d)", box.pid)
-    return box.bus_address
+    return Daemons(box.bus_address, layout.box_host_view)
+
+
+def resolve_bus_address(layout: Layout) -> str:
+    return find_daemons(layout).bus_address
 
 
 @asynccontextmanager
 async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterator[SandboxService]:
 
-    address = await anyio.to_thread.run_sync(resolve_bus_address, config.layout)
+    daemons = await anyio.to_thread.run_sync(find_daemons, config.layout)
     service_box: list[SandboxService] = []
 
     def machine_removed(name: str) -> None:
         if service_box:
             service_box[0].machine_removed(name)
 
-    backend = await NspawnBackend.connect(address, config.layout, on_machine_removed=machine_removed)
+    backend = await NspawnBackend.connect(
+        daemons.bus_address, config.layout, on_machine_removed=machine_removed, host_view=daemons.host_view
+    )
     audit = AuditLog(config.audit_log or config.layout.state_dir / "audit.jsonl")
     try:
         service = SandboxService(

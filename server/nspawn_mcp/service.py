@@ -13,10 +13,11 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import re
 import signal as signal_module
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,7 @@ from .models import (
     CopyResult,
     ExecResult,
     Limits,
+    Mount,
     ProcessInfo,
     ProcessList,
     ProcessOutputResult,
@@ -40,8 +42,10 @@ from .models import (
 )
 from .naming import new_sandbox_id, parse_sandbox_id
 from .policy import (
+    BindMount,
     CreateRequest,
     ExecRequest,
+    HostTarget,
     PolicySet,
     ResolvedLimits,
     SandboxPlan,
@@ -92,6 +96,7 @@ class _Sandbox:
                 max_processes=limits.processes,
                 ttl_seconds=limits.ttl_seconds,
             ),
+            mounts=[Mount(host=m.source, sandbox=m.target, writable=m.writable) for m in self.plan.mounts],
             created_at=self.created_at.isoformat(timespec="milliseconds"),
             expires_at=self.expires_at.isoformat(timespec="milliseconds"),
         )
@@ -128,6 +133,7 @@ class _MetaStore:
                     limits=ResolvedLimits(**plan["limits"]),
                     network=plan["network"],
                     allowed_host_roots=tuple(plan["allowed_host_roots"]),
+                    mounts=tuple(BindMount(**mount) for mount in plan.get("mounts", ())),
                 ),
                 created_at=datetime.fromisoformat(data["created_at"]),
                 expires_at=datetime.fromisoformat(data["expires_at"]),
@@ -257,6 +263,8 @@ class SandboxService:
             )
         if plan.image not in await self._backend.available_images():
             raise NotFound(f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`")
+        if plan.mounts:
+            plan = replace(plan, mounts=await anyio.to_thread.run_sync(_resolve_binds, plan.mounts))
         created = self._clock()
         sandbox = _Sandbox(
             sandbox_id=new_sandbox_id(),
@@ -266,6 +274,7 @@ class SandboxService:
             owner=owner,
         )
         self._sandboxes[sandbox.sandbox_id] = sandbox
+
         try:
             self._store.save(sandbox)
             await self._backend.create(sandbox.sandbox_id, plan)
@@ -542,6 +551,16 @@ class SandboxService:
         if sandbox.state == "gone" and not allow_gone:
             raise SandboxGone(f"sandbox {sandbox_id} has stopped; create a new one")
         return sandbox
+
+
+def _resolve_binds(mounts: tuple[BindMount, ...]) -> tuple[BindMount, ...]:
+    """Each bind's source, resolved on the host beneath its allowed root (blocking I/O)."""
+    resolved = []
+    for mount in mounts:
+        relative = posixpath.relpath(mount.source, mount.root)
+        source = hostfs.resolve_bind_source(HostTarget(root=mount.root, relative=relative))
+        resolved.append(replace(mount, source=source))
+    return tuple(resolved)
 
 
 def _summary(command: str | Sequence[str]) -> str:

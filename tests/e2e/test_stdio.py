@@ -234,3 +234,45 @@ async def test_cancelling_a_call_kills_its_command(client: Client) -> None:
                 await anyio.sleep(0.05)
     finally:
         await call(client, "destroy_sandbox", sandbox_id=sandbox)
+
+
+async def test_the_dev_policy_binds_the_project_read_only_and_scratch_read_write(
+    client: Client, workdir: Path
+) -> None:
+    (workdir / "scratch").mkdir()
+    (workdir / "main.py").write_text("print('from the host')\n")
+    created = await call(
+        client,
+        "create_sandbox",
+        policy="dev",
+        mounts=[
+            {"host": ".", "sandbox": "/work"},
+            {"host": "scratch", "sandbox": "/scratch", "writable": True},
+        ],
+    )
+    sandbox = created["sandbox_id"]
+    try:
+        assert [(m["sandbox"], m["writable"]) for m in created["mounts"]] == [
+            ("/work", False),
+            ("/scratch", True),
+        ]
+        ran = await call(
+            client,
+            "exec_in_sandbox",
+            sandbox_id=sandbox,
+            command="python3 /work/main.py > /scratch/out.txt; touch /work/x",
+        )
+        assert "Read-only file system" in ran["stderr"]
+        assert (workdir / "scratch" / "out.txt").read_text() == "from the host\n"
+        assert not (workdir / "x").exists()
+    finally:
+        await call(client, "destroy_sandbox", sandbox_id=sandbox)
+    message = await error_text(
+        client, "create_sandbox", policy="dev", mounts=[{"host": ".", "sandbox": "/work", "writable": True}]
+    )
+    assert "mounts.allowed.writable" in message
+    message = await error_text(
+        client, "create_sandbox", policy="dev", mounts=[{"host": "/etc", "sandbox": "/x"}]
+    )
+    assert "mounts.allowed" in message
+    assert (await call(client, "list_sandboxes"))["sandboxes"] == []

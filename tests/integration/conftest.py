@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -19,8 +19,8 @@ from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.box import find_box, host_runs_systemd, stop_box
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import new_sandbox_id
-from nspawn_mcp.policy import CreateRequest, Policy, SandboxPlan, resolve_create
-from nspawn_mcp.runtime import resolve_bus_address
+from nspawn_mcp.policy import BindMount, CreateRequest, Policy, SandboxPlan, resolve_create
+from nspawn_mcp.runtime import Daemons, find_daemons
 
 
 @dataclass(frozen=True)
@@ -55,25 +55,24 @@ def layout() -> Layout:
 
 
 @pytest.fixture(scope="session")
-def bus_address(layout: Layout) -> Iterator[str]:
+def daemons(layout: Layout) -> Iterator[Daemons]:
     if os.geteuid() != 0:
         pytest.fail("integration tests need root (run `make test` as root)")
     started_here = not host_runs_systemd() and find_box(layout) is None
-    address = resolve_bus_address(layout)
-    yield address
+    yield find_daemons(layout)
     if started_here:
         stop_box(layout)
 
 
 @pytest.fixture(scope="session")
-def host(bus_address: str, layout: Layout) -> HostView:
+def host(daemons: Daemons, layout: Layout) -> HostView:
     box = find_box(layout)
     return HostView(root=Path(f"/proc/{box.pid}/root") if box else Path("/"))
 
 
 @pytest.fixture
-async def backend(bus_address: str, layout: Layout) -> AsyncIterator[NspawnBackend]:
-    connected = await NspawnBackend.connect(bus_address, layout)
+async def backend(daemons: Daemons, layout: Layout) -> AsyncIterator[NspawnBackend]:
+    connected = await NspawnBackend.connect(daemons.bus_address, layout, host_view=daemons.host_view)
     try:
         if "default" not in await connected.available_images():
             pytest.fail("the 'default' image is not installed: run `make setup`")
@@ -82,8 +81,10 @@ async def backend(bus_address: str, layout: Layout) -> AsyncIterator[NspawnBacke
         connected.close()
 
 
-def plan(**request: object) -> SandboxPlan:
-    return resolve_create("default", Policy(), CreateRequest(**request), cwd="/srv")  # type: ignore[arg-type]
+def plan(mounts: tuple[BindMount, ...] = (), **request: object) -> SandboxPlan:
+    """A plan from the default policy; ``mounts`` are taken as already allowed and resolved."""
+    resolved = resolve_create("default", Policy(), CreateRequest(**request), cwd="/srv")  # type: ignore[arg-type]
+    return replace(resolved, mounts=mounts)
 
 
 Factory = Callable[..., Awaitable[str]]
@@ -94,10 +95,10 @@ async def make_sandbox(backend: NspawnBackend) -> AsyncIterator[Factory]:
     """Create sandboxes with the real backend; whatever a test leaves is destroyed after it."""
     made: list[str] = []
 
-    async def make(**request: object) -> str:
+    async def make(mounts: tuple[BindMount, ...] = (), **request: object) -> str:
         sandbox_id = new_sandbox_id()
         made.append(sandbox_id)
-        await backend.create(sandbox_id, plan(**request))
+        await backend.create(sandbox_id, plan(mounts, **request))
         return sandbox_id
 
     yield make

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 
 import anyio
@@ -14,6 +15,7 @@ from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.errors import NotFound
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import service_unit, slice_unit
+from nspawn_mcp.policy import BindMount
 from tests.integration.conftest import Factory, HostView
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -290,3 +292,37 @@ async def test_background_processes_outlive_their_request(
             await anyio.sleep(0.01)
     survivors = await run(backend, sandbox, "grep -l '^sleep' /proc/[0-9]*/comm || true")
     assert survivors.stdout == b""
+
+
+async def test_binds_are_id_mapped_and_read_only_unless_allowed(
+    backend: NspawnBackend, make_sandbox: Factory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+
+    project = tmp_path_factory.mktemp("project")  # under /tmp, which a private systemd does not share
+    (project / "scratch").mkdir(parents=True)
+    (project / "README").write_text("project\n")
+    try:
+        sandbox = await make_sandbox(
+            mounts=(
+                BindMount(root=str(project), source=str(project), target="/work", writable=False),
+                BindMount(
+                    root=str(project / "scratch"),
+                    source=str(project / "scratch"),
+                    target="/scratch",
+                    writable=True,
+                ),
+            )
+        )
+        script = (
+            "stat -c %u /work/README; cat /work/README; "
+            "touch /work/new 2>&1 | grep -o 'Read-only file system'; "
+            "mount -o remount,rw /work 2>/dev/null || echo remount-refused; "
+            "echo made > /scratch/out"
+        )
+        outcome = await run(backend, sandbox, script)
+        assert outcome.stdout == b"0\nproject\nRead-only file system\nremount-refused\n"
+        assert (project / "scratch" / "out").read_text() == "made\n"
+        assert (project / "scratch" / "out").stat().st_uid == 0  # ID-mapped: root inside writes as root
+        assert not (project / "new").exists()
+    finally:
+        shutil.rmtree(project)

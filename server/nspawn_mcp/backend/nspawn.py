@@ -15,6 +15,7 @@ import contextlib
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -53,24 +54,36 @@ def install_supervisor(layout: Layout) -> None:
 
 
 class NspawnBackend:
-    def __init__(self, bus: Bus, systemd: Systemd, machined: Machined, layout: Layout) -> None:
+    def __init__(
+        self, bus: Bus, systemd: Systemd, machined: Machined, layout: Layout, host_view: Path | None = None
+    ) -> None:
         self._bus = bus
         self._systemd = systemd
         self._machined = machined
         self._layout = layout
+        self._host_view = host_view
 
     @classmethod
     async def connect(
-        cls, address: str, layout: Layout, *, on_machine_removed: Callable[[str], None] | None = None
+        cls,
+        address: str,
+        layout: Layout,
+        *,
+        on_machine_removed: Callable[[str], None] | None = None,
+        host_view: Path | None = None,
     ) -> NspawnBackend:
-        """Connect to the bus at ``address``; ``on_machine_removed`` hears of every machine that goes."""
+        """Connect to the bus at ``address``; ``on_machine_removed`` hears of every machine that goes.
+
+        ``host_view``: where the daemons see the host's tree, when they run in the
+        private systemd's mount namespace (whose /tmp is not the host's).
+        """
         bus = await Bus.connect(address)
         systemd = await Systemd.attach(bus)
         machined = await Machined.attach(bus, on_machine_removed)
         for directory in (layout.sandboxes_dir, layout.staging_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         install_supervisor(layout)
-        return cls(bus, systemd, machined, layout)
+        return cls(bus, systemd, machined, layout, host_view)
 
     def close(self) -> None:
         self._bus.disconnect()
@@ -113,6 +126,9 @@ class NspawnBackend:
             raise BackendError(
                 f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`"
             ) from None
+        if self._host_view is not None:
+            view = str(self._host_view)
+            plan = replace(plan, mounts=tuple(replace(m, source=view + m.source) for m in plan.mounts))
         units = build_units(sandbox_id, plan, self._paths(sandbox_id))
         await self._systemd.start_transient_unit(
             units.service_name, units.service_properties, aux={units.slice_name: units.slice_properties}

@@ -4,9 +4,11 @@ from .loader import PolicyError, PolicySet, load_policy_file
 from .models import Policy
 from .paths import HostTarget, check_container_path, confine_host_path
 from .resolve import (
+    BindMount,
     CreateRequest,
     ExecPlan,
     ExecRequest,
+    MountRequest,
     ResolvedLimits,
     SandboxPlan,
     resolve_create,
@@ -14,10 +16,12 @@ from .resolve import (
 )
 
 __all__ = [
+    "BindMount",
     "CreateRequest",
     "ExecPlan",
     "ExecRequest",
     "HostTarget",
+    "MountRequest",
     "Policy",
     "PolicyError",
     "PolicySet",

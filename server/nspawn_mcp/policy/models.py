@@ -18,6 +18,8 @@ __all__ = [
     "FilesPolicy",
     "LimitSet",
     "LimitsPolicy",
+    "MountRoot",
+    "MountsPolicy",
     "NetworkPolicy",
     "Policy",
     "SandboxesPolicy",
@@ -80,6 +82,16 @@ class FilesPolicy(_Frozen):
     max_copy_bytes: ByteCount = Field(default=1 * _GiB, ge=0)
 
 
+class MountRoot(_Frozen):
+    host: str = Field(description="a host directory agents may bind (it, or anything below it)")
+    writable: bool = Field(default=False, description="whether binds under it may be read-write")
+
+
+class MountsPolicy(_Frozen):
+    allowed: tuple[MountRoot, ...] = Field(default=(), description="host directories sandboxes may bind")
+    max_mounts: int = Field(default=8, ge=0, le=64, description="binds per sandbox")
+
+
 class NetworkPolicy(_Frozen):
     mode: Literal["none"] = Field(default="none", description="'none': loopback only")
 
@@ -100,5 +112,6 @@ class Policy(_Frozen):
     limits: LimitsPolicy = LimitsPolicy()
     exec: ExecPolicy = ExecPolicy()
     files: FilesPolicy = FilesPolicy()
+    mounts: MountsPolicy = MountsPolicy()
     network: NetworkPolicy = NetworkPolicy()
     sandboxes: SandboxesPolicy = SandboxesPolicy()

@@ -18,8 +18,10 @@ from ..errors import InvalidRequest, PolicyRefused
 __all__ = [
     "DENIED_HOST_ROOTS",
     "MAX_PATH_BYTES",
+    "RESERVED_SANDBOX_PATHS",
     "HostTarget",
     "check_container_path",
+    "check_mount_target",
     "confine_host_path",
     "is_protected",
     "resolve_allowed_roots",
@@ -129,6 +131,37 @@ def confine_host_path(path: str, roots: tuple[str, ...], cwd: str) -> HostTarget
         )
     relative = posixpath.relpath(absolute, best)
     return HostTarget(root=best, relative=relative)
+
+
+RESERVED_SANDBOX_PATHS: tuple[str, ...] = (
+    "/",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run/nspawn-mcp",
+    "/run/host",
+    "/var/tmp/.nspawn-mcp",
+)
+"""Where a bind may never go inside a sandbox: the kernel's and nspawn's, and ours."""
+
+
+def check_mount_target(path: str) -> str:
+    """A bind's place inside the sandbox: absolute, plain, and off the reserved paths."""
+    check_container_path(path)
+    parts = path.split("/")
+    if ".." in parts or "." in parts:
+        raise InvalidRequest(f"sandbox mount path {path!r} must not contain '.' or '..'")
+    if ":" in path or "," in path:
+        raise InvalidRequest(f"sandbox mount path {path!r} must not contain ':' or ','")
+    normal = posixpath.normpath(path)
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    for reserved in RESERVED_SANDBOX_PATHS:
+        if normal == reserved or (reserved != "/" and _is_within(normal, reserved)):
+            raise InvalidRequest(
+                f"sandbox mount path {path!r} is reserved; mount somewhere like /work or /data"
+            )
+    return normal
 
 
 def check_container_path(path: str) -> str:

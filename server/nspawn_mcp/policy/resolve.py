@@ -12,7 +12,7 @@ from typing import Literal
 
 from ..errors import InvalidRequest, PolicyRefused
 from .models import Policy
-from .paths import resolve_allowed_roots
+from .paths import check_mount_target, confine_host_path, resolve_allowed_roots
 
 __all__ = [
     "CreateRequest",
@@ -28,6 +28,15 @@ _MiB = 1 << 20
 
 
 @dataclass(frozen=True)
+class MountRequest:
+    """A host path to bind into the sandbox."""
+
+    host: str
+    sandbox: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
 class CreateRequest:
     """What an agent asked for; ``None`` means "the policy's default"."""
 
@@ -37,6 +46,17 @@ class CreateRequest:
     cpus: float | None = None
     max_processes: int | None = None
     ttl_seconds: int | None = None
+    mounts: tuple[MountRequest, ...] = ()
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A bind the policy allowed. ``source`` is checked again, beneath ``root``, when it is opened."""
+
+    root: str
+    source: str
+    target: str
+    writable: bool
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,7 @@ class SandboxPlan:
     limits: ResolvedLimits
     network: Literal["none"]
     allowed_host_roots: tuple[str, ...]
+    mounts: tuple[BindMount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,7 +150,48 @@ def resolve_create(policy_name: str, policy: Policy, request: CreateRequest, *, 
         ),
         network=policy.network.mode,
         allowed_host_roots=resolve_allowed_roots(policy.files.allowed_host_dirs, cwd),
+        mounts=_resolve_mounts(policy, request.mounts, cwd),
     )
+
+
+def _resolve_mounts(policy: Policy, requests: tuple[MountRequest, ...], cwd: str) -> tuple[BindMount, ...]:
+    if not requests:
+        return ()
+    if len(requests) > policy.mounts.max_mounts:
+        raise PolicyRefused(
+            f"{len(requests)} mounts asked, at most {policy.mounts.max_mounts} allowed",
+            rule="mounts.max_mounts",
+        )
+    pairs = [
+        (root, spec.writable)
+        for spec in policy.mounts.allowed
+        for root in resolve_allowed_roots([spec.host], cwd)
+    ]
+    roots = tuple(root for root, _ in pairs)
+    writable_roots = {root for root, writable in pairs if writable}
+    if not roots:
+        raise PolicyRefused("this policy allows no host mounts", rule="mounts.allowed")
+
+    mounts: list[BindMount] = []
+    targets: set[str] = set()
+    for request in requests:
+        target = check_mount_target(request.sandbox)
+        if target in targets:
+            raise InvalidRequest(f"two mounts at {target}")
+        targets.add(target)
+        try:
+            host = confine_host_path(request.host, roots, cwd)
+        except PolicyRefused as refusal:
+            raise PolicyRefused(
+                f"host path {request.host!r} may not be mounted; allowed: {', '.join(roots)}",
+                rule="mounts.allowed",
+            ) from refusal
+        if ":" in host.path or "," in host.path:
+            raise InvalidRequest(f"host path {request.host!r} must not contain ':' or ','")
+        if request.writable and host.root not in writable_roots:
+            raise PolicyRefused(f"{host.root} may only be mounted read-only", rule="mounts.allowed.writable")
+        mounts.append(BindMount(root=host.root, source=host.path, target=target, writable=request.writable))
+    return tuple(mounts)
 
 
 def resolve_exec(policy: Policy, request: ExecRequest) -> ExecPlan:
