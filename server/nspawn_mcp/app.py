@@ -155,6 +155,9 @@ def build_server(
         cpus: Annotated[float | None, Field(description="CPU cap in CPUs, e.g. 0.5")] = None,
         max_processes: Annotated[int | None, Field(description="cap on processes and threads")] = None,
         ttl_seconds: Annotated[int | None, Field(description="destroy automatically after this long")] = None,
+        disk_mb: Annotated[
+            int | None, Field(description="disk quota in MiB, image included, if the policy sets quotas")
+        ] = None,
         mounts: Annotated[
             list[MountSpec] | None,
             Field(description="host directories to bind in, if the policy allows them", max_length=64),
@@ -169,6 +172,7 @@ def build_server(
             max_processes=max_processes,
             ttl_seconds=ttl_seconds,
             mounts=tuple(MountRequest(m.host, m.sandbox, m.writable) for m in mounts or ()),
+            disk_mb=disk_mb,
         )
         return await _service(ctx).create(request)
 

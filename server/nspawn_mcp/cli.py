@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _setup(args: argparse.Namespace) -> int:
     from .provision import run_setup
 
-    return anyio.run(run_setup, Layout.from_env())
+    return anyio.run(run_setup, Layout.from_env(), args.disk_quotas)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -105,9 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.set_defaults(func=_serve)
 
-    commands.add_parser("setup", help="create the image pool and the default template").set_defaults(
-        func=_setup
+    setup = commands.add_parser("setup", help="create the image pool and the default template")
+    setup.add_argument(
+        "--disk-quotas",
+        action="store_true",
+        help="enable btrfs quotas on the pool, for policies with limits.*.disk (makes create/destroy slower)",
     )
+    setup.set_defaults(func=_setup)
+
     commands.add_parser("doctor", help="check every prerequisite").set_defaults(func=_doctor)
 
     box = commands.add_parser("box", help="the private systemd used where PID 1 is not systemd")

@@ -31,6 +31,7 @@ class Limits(_Result):
     cpus: float = Field(description="CPU cap, in CPUs")
     max_processes: int = Field(description="process/thread cap (TasksMax)")
     ttl_seconds: int = Field(description="the sandbox is destroyed this long after creation")
+    disk_mb: int | None = Field(default=None, description="quota on the sandbox's filesystem, image included")
 
 
 class Mount(_Result):

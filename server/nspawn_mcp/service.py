@@ -95,6 +95,7 @@ class _Sandbox:
                 cpus=limits.cpus,
                 max_processes=limits.processes,
                 ttl_seconds=limits.ttl_seconds,
+                disk_mb=None if limits.disk_bytes is None else limits.disk_bytes // _MiB,
             ),
             mounts=[Mount(host=m.source, sandbox=m.target, writable=m.writable) for m in self.plan.mounts],
             created_at=self.created_at.isoformat(timespec="milliseconds"),

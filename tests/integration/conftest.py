@@ -81,9 +81,14 @@ async def backend(daemons: Daemons, layout: Layout) -> AsyncIterator[NspawnBacke
         connected.close()
 
 
+DISK_QUOTA_POLICY = Policy.model_validate({"limits": {"max": {"disk": "4GiB"}}})
+
+
 def plan(mounts: tuple[BindMount, ...] = (), **request: object) -> SandboxPlan:
     """A plan from the default policy; ``mounts`` are taken as already allowed and resolved."""
-    resolved = resolve_create("default", Policy(), CreateRequest(**request), cwd="/srv")  # type: ignore[arg-type]
+    policy = DISK_QUOTA_POLICY if "disk_mb" in request else Policy()
+    resolved = resolve_create("default", policy, CreateRequest(**request), cwd="/srv")  # type: ignore[arg-type]
+
     return replace(resolved, mounts=mounts)
 
 

@@ -6,13 +6,16 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+from collections.abc import Iterator
 
 import anyio
 import pytest
 
 from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
 from nspawn_mcp.backend.nspawn import NspawnBackend
-from nspawn_mcp.errors import NotFound
+from nspawn_mcp.box import find_box
+from nspawn_mcp.errors import BackendError, NotFound
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import service_unit, slice_unit
 from nspawn_mcp.policy import BindMount
@@ -326,3 +329,32 @@ async def test_binds_are_id_mapped_and_read_only_unless_allowed(
         assert not (project / "new").exists()
     finally:
         shutil.rmtree(project)
+
+
+@pytest.fixture
+def disk_quotas(host: HostView, layout: Layout) -> Iterator[None]:
+    """btrfs quotas on the pool for one test (set-up enables them only with --disk-quotas)."""
+    box = find_box(layout)
+    enter = ["nsenter", "-t", str(box.pid), "-m", "--"] if box else []
+    subprocess.run([*enter, "btrfs", "quota", "enable", str(layout.machines_dir)], check=True)
+    yield
+    subprocess.run([*enter, "btrfs", "quota", "disable", str(layout.machines_dir)], check=True)
+
+
+async def test_writing_past_the_disk_quota_fails_inside_only(
+    backend: NspawnBackend, make_sandbox: Factory, disk_quotas: None, host: HostView
+) -> None:
+    sandbox = await make_sandbox(disk_mb=512)
+    free_before = os.statvfs(host.machines_dir).f_bavail
+    outcome = await run(backend, sandbox, "dd if=/dev/urandom of=/root/fill bs=1M count=600 2>&1; sync", 60)
+    assert b"Disk quota exceeded" in outcome.stdout
+    assert (await run(backend, sandbox, "echo alive")).stdout == b"alive\n"
+    used = (free_before - os.statvfs(host.machines_dir).f_bavail) * os.statvfs(host.machines_dir).f_frsize
+    assert used < 600 << 20
+
+
+async def test_without_host_quotas_a_disk_cap_is_refused_clearly(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    with pytest.raises(BackendError, match=r"setup --disk-quotas"):
+        await make_sandbox(disk_mb=512)

@@ -125,3 +125,16 @@ def test_with_no_allowed_directory_left_copies_are_refused_with_the_rule() -> No
     assert plan.allowed_host_roots == ()
     with pytest.raises(PolicyRefused, match=r"allows no host directory.*files.allowed_host_dirs"):
         confine_host_path("file.txt", plan.allowed_host_roots, cwd="/")
+
+
+def test_disk_quotas_are_opt_in_and_capped() -> None:
+    assert resolve_create("p", Policy(), CreateRequest(), cwd="/srv").limits.disk_bytes is None
+    with pytest.raises(PolicyRefused, match=r"no disk quotas.*limits.max.disk"):
+        resolve_create("p", Policy(), CreateRequest(disk_mb=1024), cwd="/srv")
+    capped = Policy.model_validate({"limits": {"max": {"disk": "4GiB"}}})
+    assert resolve_create("p", capped, CreateRequest(), cwd="/srv").limits.disk_bytes == 4 << 30
+    assert resolve_create("p", capped, CreateRequest(disk_mb=1024), cwd="/srv").limits.disk_bytes == 1 << 30
+    with pytest.raises(PolicyRefused, match=r"limits.max.disk"):
+        resolve_create("p", capped, CreateRequest(disk_mb=5000), cwd="/srv")
+    with pytest.raises(InvalidRequest, match=r"at least 512"):
+        resolve_create("p", capped, CreateRequest(disk_mb=100), cwd="/srv")

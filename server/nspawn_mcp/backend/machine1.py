@@ -97,7 +97,12 @@ class Machined:
     async def clone_image(self, source: str, new_name: str) -> None:
         await self._call("CloneImage", "ssb", source, new_name, False, operation=f"cloning image {source}")
 
+    async def set_image_limit(self, name: str, limit_bytes: int) -> None:
+        """A quota on the image's whole filesystem (a btrfs qgroup limit)."""
+        await self._call("SetImageLimit", "st", name, limit_bytes, operation=f"limiting image {name}")
+
     async def remove_image(self, name: str) -> None:
+
         await self._call("RemoveImage", "s", name, operation=f"removing image {name}")
 
     async def mark_image_read_only(self, name: str, read_only: bool = True) -> None:

@@ -126,6 +126,15 @@ class NspawnBackend:
             raise BackendError(
                 f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`"
             ) from None
+        if plan.limits.disk_bytes is not None:
+            try:
+                await self._machined.set_image_limit(sandbox_id, plan.limits.disk_bytes)
+            except BackendError:
+                raise BackendError(
+                    "this policy caps disk use, but this host has no disk quotas: the operator can run "
+                    "`nspawn-mcp setup --disk-quotas`, or you can pick a policy without limits.*.disk"
+                ) from None
+
         if self._host_view is not None:
             view = str(self._host_view)
             plan = replace(plan, mounts=tuple(replace(m, source=view + m.source) for m in plan.mounts))

@@ -40,6 +40,11 @@ class LimitSet(_Frozen):
     cpus: float = Field(default=1.0, gt=0, le=1024, description="CPU time, in whole CPUs (CPUQuota/100)")
     processes: int = Field(default=256, ge=8, le=1_000_000, description="TasksMax of the sandbox")
     ttl_seconds: int = Field(default=3600, ge=10, le=7 * 86400, description="lifetime before reaping")
+    disk: ByteCount | None = Field(
+        default=None,
+        description="quota on the sandbox's whole filesystem, image included (btrfs qgroup); "
+        "needs `nspawn-mcp setup --disk-quotas`; none by default",
+    )
 
 
 class LimitsPolicy(_Frozen):
@@ -51,7 +56,10 @@ class LimitsPolicy(_Frozen):
     @model_validator(mode="after")
     def _default_within_max(self) -> LimitsPolicy:
         for field in LimitSet.model_fields:
-            if getattr(self.default, field) > getattr(self.max, field):
+            default, maximum = getattr(self.default, field), getattr(self.max, field)
+            if maximum is None or default is None:
+                continue  # an unset disk default means the maximum (see resolve)
+            if default > maximum:
                 raise ValueError(f"limits.default.{field} is larger than limits.max.{field}")
         return self
 

@@ -47,6 +47,7 @@ class CreateRequest:
     max_processes: int | None = None
     ttl_seconds: int | None = None
     mounts: tuple[MountRequest, ...] = ()
+    disk_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ResolvedLimits:
     cpus: float
     processes: int
     ttl_seconds: int
+    disk_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,16 +144,41 @@ def resolve_create(policy_name: str, policy: Policy, request: CreateRequest, *, 
         rule="limits.max.ttl_seconds",
     )
     memory_bytes = default.memory if request.memory_mb is None else int(memory_mb) * _MiB
+    disk_bytes = _pick_disk(request.disk_mb, default.disk, maximum.disk)
     return SandboxPlan(
         policy=policy_name,
         image=request.image,
         limits=ResolvedLimits(
-            memory_bytes=memory_bytes, cpus=float(cpus), processes=int(processes), ttl_seconds=int(ttl)
+            memory_bytes=memory_bytes,
+            cpus=float(cpus),
+            processes=int(processes),
+            ttl_seconds=int(ttl),
+            disk_bytes=disk_bytes,
         ),
         network=policy.network.mode,
         allowed_host_roots=resolve_allowed_roots(policy.files.allowed_host_dirs, cwd),
         mounts=_resolve_mounts(policy, request.mounts, cwd),
     )
+
+
+def _pick_disk(asked_mb: int | None, default: int | None, maximum: int | None) -> int | None:
+    if asked_mb is None:
+        return default if default is not None else maximum
+
+    if maximum is None:
+        raise PolicyRefused(
+            "this policy sets no disk quotas, so disk_mb cannot be chosen", rule="limits.max.disk"
+        )
+    disk = _pick(
+        asked_mb,
+        0,
+        maximum // _MiB,
+        field="disk_mb",
+        unit=" MiB",
+        minimum=512,
+        rule="limits.max.disk",
+    )
+    return int(disk) * _MiB
 
 
 def _resolve_mounts(policy: Policy, requests: tuple[MountRequest, ...], cwd: str) -> tuple[BindMount, ...]:
