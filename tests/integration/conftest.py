@@ -84,11 +84,11 @@ async def backend(daemons: Daemons, layout: Layout) -> AsyncIterator[NspawnBacke
 DISK_QUOTA_POLICY = Policy.model_validate({"limits": {"max": {"disk": "4GiB"}}})
 
 
-def plan(mounts: tuple[BindMount, ...] = (), **request: object) -> SandboxPlan:
-    """A plan from the default policy; ``mounts`` are taken as already allowed and resolved."""
-    policy = DISK_QUOTA_POLICY if "disk_mb" in request else Policy()
+def plan(mounts: tuple[BindMount, ...] = (), policy: Policy | None = None, **request: object) -> SandboxPlan:
+    """A plan from ``policy`` (by default the default one); ``mounts`` are taken as allowed and resolved."""
+    if policy is None:
+        policy = DISK_QUOTA_POLICY if "disk_mb" in request else Policy()
     resolved = resolve_create("default", policy, CreateRequest(**request), cwd="/srv")  # type: ignore[arg-type]
-
     return replace(resolved, mounts=mounts)
 
 
@@ -100,10 +100,13 @@ async def make_sandbox(backend: NspawnBackend) -> AsyncIterator[Factory]:
     """Create sandboxes with the real backend; whatever a test leaves is destroyed after it."""
     made: list[str] = []
 
-    async def make(mounts: tuple[BindMount, ...] = (), **request: object) -> str:
+    async def make(
+        mounts: tuple[BindMount, ...] = (), policy: Policy | None = None, **request: object
+    ) -> str:
         sandbox_id = new_sandbox_id()
         made.append(sandbox_id)
-        await backend.create(sandbox_id, plan(mounts, **request))
+        await backend.create(sandbox_id, plan(mounts, policy, **request))
+
         return sandbox_id
 
     yield make

@@ -18,7 +18,7 @@ from nspawn_mcp.box import find_box
 from nspawn_mcp.errors import BackendError, NotFound
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import service_unit, slice_unit
-from nspawn_mcp.policy import BindMount
+from nspawn_mcp.policy import BindMount, Policy
 from tests.integration.conftest import Factory, HostView
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -178,6 +178,23 @@ async def test_only_loopback_exists_and_host_listeners_are_unreachable(
         "c=socket.create_connection(s.getsockname()); print('ok')\"",
     )
     assert own.stdout == b"ok\n"
+
+
+async def test_the_host_network_is_shared_only_under_a_policy_that_says_so(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox(policy=Policy.model_validate({"network": {"mode": "host"}}))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        outcome = await run(
+            backend,
+            sandbox,
+            f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port})); print('ok')\"",
+        )
+        listener.settimeout(5)
+        connection, _ = listener.accept()
+        connection.close()
+    assert outcome.stdout == b"ok\n"
 
 
 async def test_copies_round_trip_through_machined(

@@ -112,3 +112,10 @@ def test_every_property_is_in_the_signature_table() -> None:
 def test_bad_properties_fail_before_reaching_systemd(properties: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         encode(properties)
+
+
+def test_the_host_network_only_when_the_policy_says_so() -> None:
+    host_policy = Policy.model_validate({"network": {"mode": "host"}})
+    plan = resolve_create("trusted", host_policy, CreateRequest(), cwd="/srv")
+    assert "--private-network" not in build_units("sbx-0123abcd", plan, PATHS).argv
+    assert "--private-network" in UNITS.argv

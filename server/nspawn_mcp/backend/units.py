@@ -10,7 +10,8 @@ disposable sandbox needs:
   (CVE-2026-40226 class);
 - ``--private-users=pick --private-users-ownership=map``: root inside is an
   unprivileged uid outside, while files in the snapshot keep their real owners;
-- ``--private-network``: loopback only;
+- ``--private-network``: loopback only (policies may choose the host's network instead);
+
 - ``--as-pid2`` with the exec supervisor as payload. (``--notify-ready=yes`` cannot
   be used for the supervisor's readiness: nspawn accepts READY=1 only from the
   container's PID 1, which is nspawn's stub init here. The backend waits for the
@@ -83,7 +84,7 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         f"--directory={paths.root}",
         "--private-users=pick",
         "--private-users-ownership=map",
-        "--private-network",
+        *(["--private-network"] if plan.network == "none" else []),
         "--link-journal=no",
         "--resolv-conf=off",
         "--timezone=off",

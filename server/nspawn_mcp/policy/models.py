@@ -101,7 +101,10 @@ class MountsPolicy(_Frozen):
 
 
 class NetworkPolicy(_Frozen):
-    mode: Literal["none"] = Field(default="none", description="'none': loopback only")
+    mode: Literal["none", "host"] = Field(
+        default="none",
+        description="'none': loopback only; 'host': the host's network, unfiltered (trusted workloads only)",
+    )
 
 
 class SandboxesPolicy(_Frozen):

@@ -76,7 +76,8 @@ class SandboxPlan:
     policy: str
     image: str
     limits: ResolvedLimits
-    network: Literal["none"]
+    network: Literal["none", "host"]
+
     allowed_host_roots: tuple[str, ...]
     mounts: tuple[BindMount, ...] = ()
 
