@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -375,3 +377,48 @@ async def test_without_host_quotas_a_disk_cap_is_refused_clearly(
 ) -> None:
     with pytest.raises(BackendError, match=r"setup --disk-quotas"):
         await make_sandbox(disk_mb=512)
+
+
+POSTURE_PROBE = (Path(__file__).parent / "probes" / "posture.py").read_bytes()
+
+
+async def test_the_kernels_dangerous_interfaces_are_out_of_reach(
+    backend: NspawnBackend, make_sandbox: Factory
+) -> None:
+    sandbox = await make_sandbox()
+    spec = CommandSpec(
+        argv=("python3", "-"),
+        cwd=None,
+        env={},
+        stdin=POSTURE_PROBE,
+        timeout_seconds=30,
+        max_output_bytes=1 << 20,
+    )
+    outcome = await backend.jail(sandbox).run(spec)
+    assert outcome.stderr == b""
+    assert json.loads(outcome.stdout) == {
+        "add_key": "EPERM",
+        "bpf": "EPERM",
+        "finit_module": "EPERM",
+        "init_module": "EPERM",
+        "io_uring_setup": "EPERM",
+        "kexec_load": "EPERM",
+        "keyctl": "EPERM",
+        "open_by_handle_at": "EPERM",
+        "perf_event_open": "EPERM",
+        "settimeofday": "EPERM",
+        "swapon": "EPERM",
+        "userfaultfd": "EPERM",
+        "reboot": "EINVAL",  # in a pid namespace reboot(2) can only end that namespace
+        "mknod /dev/sda": "EPERM",
+        "read /dev/kmsg": "ENOENT",
+        "read /dev/mem": "ENOENT",
+        "read /proc/kcore": "ENOENT",
+        "write /proc/sysrq-trigger": "ENOENT",
+        "write core_pattern": "EROFS",
+        "write uevent_helper": "EROFS",
+        "kallsyms addresses": "hidden",
+        "host dbus socket": "absent",
+        "systemd private socket": "absent",
+        "processes visible": "3",  # nspawn's stub init, the supervisor, the probe: no host PIDs
+    }

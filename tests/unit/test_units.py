@@ -40,6 +40,7 @@ def test_nspawn_command_line() -> None:
             "--timezone=off",
             "--console=pipe",
             "--as-pid2",
+            "--system-call-filter=~io_uring_setup io_uring_enter io_uring_register",
             "--setenv=MALLOC_ARENA_MAX=1",
             "--bind-ro=/var/lib/nspawn-mcp/lib:/run/nspawn-mcp/lib",
             "--bind=/var/lib/nspawn-mcp/sandboxes/sbx-0123abcd/ctl:/run/nspawn-mcp/ctl",
