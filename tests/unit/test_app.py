@@ -159,7 +159,7 @@ async def test_policies_are_readable_as_a_tool_and_a_resource(client: Client) ->
     shown = await client.call_tool("get_policy", {"name": "strict"})
     assert shown.structured_content is not None
     assert shown.structured_content["name"] == "strict"
-    assert shown.structured_content["policy"]["network"] == {"mode": "none"}
+    assert shown.structured_content["policy"]["network"]["mode"] == "none"
     assert "default" in shown.structured_content["available"]
     resource = await client.read_resource("policy://default")
     text = resource.contents[0].text  # type: ignore[union-attr]

@@ -92,7 +92,6 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         "--as-pid2",
         # on top of nspawn's own filter: io_uring bypasses seccomp for the operations it queues
         "--system-call-filter=~io_uring_setup io_uring_enter io_uring_register",
-
         "--setenv=MALLOC_ARENA_MAX=1",
         f"--bind-ro={paths.lib_dir}:{CONTAINER_LIB_DIR}",
         f"--bind={paths.control_dir}:{CONTAINER_CONTROL_DIR}",

@@ -6,6 +6,7 @@ from .paths import HostTarget, check_container_path, confine_host_path
 from .resolve import (
     BindMount,
     CreateRequest,
+    EgressPlan,
     ExecPlan,
     ExecRequest,
     MountRequest,
@@ -18,6 +19,7 @@ from .resolve import (
 __all__ = [
     "BindMount",
     "CreateRequest",
+    "EgressPlan",
     "ExecPlan",
     "ExecRequest",
     "HostTarget",

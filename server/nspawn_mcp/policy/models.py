@@ -7,13 +7,15 @@ errors: a typo must never silently widen (or narrow) what a sandbox may do.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyNetwork, model_validator
 
 from .sizes import ByteCount
 
 __all__ = [
+    "EgressRule",
     "ExecPolicy",
     "FilesPolicy",
     "LimitSet",
@@ -26,6 +28,7 @@ __all__ = [
 ]
 
 _MiB = 1 << 20
+_DOMAIN = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _GiB = 1 << 30
 
 
@@ -100,11 +103,45 @@ class MountsPolicy(_Frozen):
     max_mounts: int = Field(default=8, ge=0, le=64, description="binds per sandbox")
 
 
-class NetworkPolicy(_Frozen):
-    mode: Literal["none", "host"] = Field(
-        default="none",
-        description="'none': loopback only; 'host': the host's network, unfiltered (trusted workloads only)",
+class EgressRule(_Frozen):
+    cidr: IPvAnyNetwork = Field(
+        description="destination addresses, e.g. '203.0.113.0/24' or '198.51.100.7/32'"
     )
+    ports: tuple[int, ...] = Field(min_length=1, description="TCP ports allowed to those addresses")
+
+    @model_validator(mode="after")
+    def _ports_in_range(self) -> EgressRule:
+        if any(not 1 <= port <= 65535 for port in self.ports):
+            raise ValueError("ports must be between 1 and 65535")
+        return self
+
+
+class NetworkPolicy(_Frozen):
+    mode: Literal["none", "egress", "host"] = Field(
+        default="none",
+        description="'none': loopback only; 'egress': only the listed addresses and domains, DNS filtered; "
+        "'host': the host's network, unfiltered (trusted workloads only)",
+    )
+    allow: tuple[EgressRule, ...] = Field(default=(), description="egress: address ranges and ports")
+    domains: tuple[str, ...] = Field(
+        default=(),
+        description="egress: names the sandbox may resolve and reach ('*.example.org' for subdomains)",
+    )
+    domain_ports: tuple[int, ...] = Field(
+        default=(443,), description="egress: TCP ports for the listed domains"
+    )
+    upstream_dns: IPvAnyAddress | None = Field(
+        default=None, description="egress: where listed names are resolved (default: the host's resolver)"
+    )
+
+    @model_validator(mode="after")
+    def _egress_fields_need_egress(self) -> NetworkPolicy:
+        if self.mode != "egress" and (self.allow or self.domains):
+            raise ValueError("network.allow and network.domains need network.mode = 'egress'")
+        for domain in self.domains:
+            if not _DOMAIN.match(domain):
+                raise ValueError(f"invalid domain {domain!r}: use names like 'pypi.org' or '*.example.org'")
+        return self
 
 
 class SandboxesPolicy(_Frozen):

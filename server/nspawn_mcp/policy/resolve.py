@@ -16,6 +16,7 @@ from .paths import check_mount_target, confine_host_path, resolve_allowed_roots
 
 __all__ = [
     "CreateRequest",
+    "EgressPlan",
     "ExecPlan",
     "ExecRequest",
     "ResolvedLimits",
@@ -70,16 +71,27 @@ class ResolvedLimits:
 
 
 @dataclass(frozen=True)
+class EgressPlan:
+    """What an 'egress' sandbox may reach; ``subnet`` is its /30, given when it is created."""
+
+    rules: tuple[tuple[str, tuple[int, ...]], ...]
+    domains: tuple[str, ...]
+    domain_ports: tuple[int, ...]
+    upstream_dns: str | None
+    subnet: str | None = None
+
+
+@dataclass(frozen=True)
 class SandboxPlan:
     """Everything about a sandbox that the policy decided."""
 
     policy: str
     image: str
     limits: ResolvedLimits
-    network: Literal["none", "host"]
-
+    network: Literal["none", "egress", "host"]
     allowed_host_roots: tuple[str, ...]
     mounts: tuple[BindMount, ...] = ()
+    egress: EgressPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,17 @@ def resolve_create(policy_name: str, policy: Policy, request: CreateRequest, *, 
         network=policy.network.mode,
         allowed_host_roots=resolve_allowed_roots(policy.files.allowed_host_dirs, cwd),
         mounts=_resolve_mounts(policy, request.mounts, cwd),
+        egress=_egress_plan(policy) if policy.network.mode == "egress" else None,
+    )
+
+
+def _egress_plan(policy: Policy) -> EgressPlan:
+    network = policy.network
+    return EgressPlan(
+        rules=tuple((str(rule.cidr), tuple(rule.ports)) for rule in network.allow),
+        domains=tuple(network.domains),
+        domain_ports=tuple(network.domain_ports),
+        upstream_dns=str(network.upstream_dns) if network.upstream_dns else None,
     )
 
 
