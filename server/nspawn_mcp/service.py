@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -44,6 +44,7 @@ from .naming import new_sandbox_id, parse_sandbox_id
 from .policy import (
     BindMount,
     CreateRequest,
+    EgressPlan,
     ExecRequest,
     HostTarget,
     PolicySet,
@@ -135,6 +136,7 @@ class _MetaStore:
                     network=plan["network"],
                     allowed_host_roots=tuple(plan["allowed_host_roots"]),
                     mounts=tuple(BindMount(**mount) for mount in plan.get("mounts", ())),
+                    egress=_load_egress(plan.get("egress")),
                 ),
                 created_at=datetime.fromisoformat(data["created_at"]),
                 expires_at=datetime.fromisoformat(data["expires_at"]),
@@ -552,6 +554,19 @@ class SandboxService:
         if sandbox.state == "gone" and not allow_gone:
             raise SandboxGone(f"sandbox {sandbox_id} has stopped; create a new one")
         return sandbox
+
+
+def _load_egress(data: dict[str, Any] | None) -> EgressPlan | None:
+    if data is None:
+        return None
+    return EgressPlan(
+        rules=tuple((str(cidr), tuple(ports)) for cidr, ports in data["rules"]),
+        domains=tuple(data["domains"]),
+        domain_ports=tuple(data["domain_ports"]),
+        upstream_dns=data["upstream_dns"],
+        private_dns_answers=bool(data["private_dns_answers"]),
+        subnet=data["subnet"],
+    )
 
 
 def _resolve_binds(mounts: tuple[BindMount, ...]) -> tuple[BindMount, ...]:

@@ -133,6 +133,11 @@ class NetworkPolicy(_Frozen):
     upstream_dns: IPvAnyAddress | None = Field(
         default=None, description="egress: where listed names are resolved (default: the host's resolver)"
     )
+    private_dns_answers: bool = Field(
+        default=False,
+        description="egress: let listed domains resolve to private addresses (an internal mirror); "
+        "loopback, link-local and sandbox addresses are refused regardless",
+    )
 
     @model_validator(mode="after")
     def _egress_fields_need_egress(self) -> NetworkPolicy:

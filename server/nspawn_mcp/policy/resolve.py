@@ -78,6 +78,7 @@ class EgressPlan:
     domains: tuple[str, ...]
     domain_ports: tuple[int, ...]
     upstream_dns: str | None
+    private_dns_answers: bool = False
     subnet: str | None = None
 
 
@@ -182,6 +183,7 @@ def _egress_plan(policy: Policy) -> EgressPlan:
         domains=tuple(network.domains),
         domain_ports=tuple(network.domain_ports),
         upstream_dns=str(network.upstream_dns) if network.upstream_dns else None,
+        private_dns_answers=network.private_dns_answers,
     )
 
 
