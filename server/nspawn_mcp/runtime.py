@@ -14,6 +14,7 @@ import anyio
 import anyio.to_thread
 
 from .audit import AuditLog
+from .backend.network import EgressNetwork
 from .backend.nspawn import NspawnBackend
 from .box import host_runs_systemd, start_box, system_bus_address
 from .layout import Layout
@@ -46,6 +47,8 @@ class Daemons:
     bus_address: str
     host_view: Path | None = None
     """Set when they run in the private systemd's mount namespace."""
+    proc_root: Path = Path("/proc")
+    """Where the PIDs they report (such as a machine's leader) are found."""
 
 
 def find_daemons(layout: Layout) -> Daemons:
@@ -57,7 +60,7 @@ def find_daemons(layout: Layout) -> Daemons:
         return Daemons(system_bus_address())
     box = start_box(layout)
     log.info("using the private systemd (pid %d)", box.pid)
-    return Daemons(box.bus_address, layout.box_host_view)
+    return Daemons(box.bus_address, layout.box_host_view, Path(f"/proc/{box.pid}/root/proc"))
 
 
 def resolve_bus_address(layout: Layout) -> str:
@@ -74,24 +77,28 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
         if service_box:
             service_box[0].machine_removed(name)
 
-    backend = await NspawnBackend.connect(
-        daemons.bus_address, config.layout, on_machine_removed=machine_removed, host_view=daemons.host_view
-    )
     audit = AuditLog(config.audit_log or config.layout.state_dir / "audit.jsonl")
-    try:
-        service = SandboxService(
-            backend,
-            policies,
-            state_dir=config.layout.sandboxes_dir,
-            max_sandboxes=config.max_sandboxes,
-            audit=audit,
+    async with anyio.create_task_group() as tasks:
+        backend = await NspawnBackend.connect(
+            daemons.bus_address,
+            config.layout,
+            on_machine_removed=machine_removed,
+            host_view=daemons.host_view,
+            network=EgressNetwork(tasks, daemons.proc_root, config.layout.state_dir),
         )
-        service_box.append(service)
-        await service.reconcile()
-        async with anyio.create_task_group() as tasks:
+        try:
+            service = SandboxService(
+                backend,
+                policies,
+                state_dir=config.layout.sandboxes_dir,
+                max_sandboxes=config.max_sandboxes,
+                audit=audit,
+            )
+            service_box.append(service)
+            await service.reconcile()
             tasks.start_soon(service.run_reaper)
             yield service
+        finally:
             tasks.cancel_scope.cancel()
-    finally:
-        backend.close()
-        audit.close()
+            backend.close()
+            audit.close()

@@ -28,6 +28,7 @@ import anyio.to_thread
 from . import hostfs
 from .audit import AuditLog, current_client
 from .backend.api import Backend, CommandOutcome, CommandSpec, Jail, OutputChunk, ProcessState
+from .backend.egress import allocate_subnet
 from .errors import InvalidRequest, NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
 from .models import (
     CopyResult,
@@ -204,6 +205,7 @@ class SandboxService:
                 await self._backend.destroy(sandbox_id)
             else:
                 self._sandboxes[sandbox_id] = sandbox
+                await self._backend.adopt(sandbox_id, sandbox.plan)
         for sandbox_id in sorted(await self._backend.leftovers()):
             log.info("removing the remains of sandbox %s", sandbox_id)
             await self._backend.destroy(sandbox_id)
@@ -268,6 +270,13 @@ class SandboxService:
             raise NotFound(f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`")
         if plan.mounts:
             plan = replace(plan, mounts=await anyio.to_thread.run_sync(_resolve_binds, plan.mounts))
+        if plan.egress is not None:
+            used = [
+                s.plan.egress.subnet
+                for s in self._sandboxes.values()
+                if s.plan.egress and s.plan.egress.subnet
+            ]
+            plan = replace(plan, egress=replace(plan.egress, subnet=allocate_subnet(used)))
         created = self._clock()
         sandbox = _Sandbox(
             sandbox_id=new_sandbox_id(),

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from nspawn_mcp.backend.egress import allocate_subnet
 from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.box import find_box, host_runs_systemd, stop_box
 from nspawn_mcp.layout import Layout
@@ -95,20 +97,31 @@ def plan(mounts: tuple[BindMount, ...] = (), policy: Policy | None = None, **req
 Factory = Callable[..., Awaitable[str]]
 
 
-@pytest.fixture
-async def make_sandbox(backend: NspawnBackend) -> AsyncIterator[Factory]:
-    """Create sandboxes with the real backend; whatever a test leaves is destroyed after it."""
-    made: list[str] = []
+@asynccontextmanager
+async def sandbox_factory(backend: NspawnBackend) -> AsyncIterator[Factory]:
+    """Create sandboxes with the real backend; whatever is left is destroyed on exit."""
+    made: dict[str, SandboxPlan] = {}
 
     async def make(
         mounts: tuple[BindMount, ...] = (), policy: Policy | None = None, **request: object
     ) -> str:
         sandbox_id = new_sandbox_id()
-        made.append(sandbox_id)
-        await backend.create(sandbox_id, plan(mounts, policy, **request))
-
+        the_plan = plan(mounts, policy, **request)
+        if the_plan.egress is not None:
+            taken = [p.egress.subnet for p in made.values() if p.egress and p.egress.subnet]
+            the_plan = replace(the_plan, egress=replace(the_plan.egress, subnet=allocate_subnet(taken)))
+        made[sandbox_id] = the_plan
+        await backend.create(sandbox_id, the_plan)
         return sandbox_id
 
-    yield make
-    for sandbox_id in made:
-        await backend.destroy(sandbox_id)
+    try:
+        yield make
+    finally:
+        for sandbox_id in made:
+            await backend.destroy(sandbox_id)
+
+
+@pytest.fixture
+async def make_sandbox(backend: NspawnBackend) -> AsyncIterator[Factory]:
+    async with sandbox_factory(backend) as make:
+        yield make

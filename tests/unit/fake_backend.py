@@ -34,6 +34,8 @@ class FakeBackend:
     sandboxes: dict[str, SandboxPlan] = field(default_factory=dict)
     files: dict[tuple[str, str], bytes] = field(default_factory=dict)
     destroyed: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+
     commands: list[tuple[str, CommandSpec]] = field(default_factory=list)
     leftover_ids: set[str] = field(default_factory=set)
     create_error: BaseException | None = None
@@ -51,6 +53,9 @@ class FakeBackend:
             await self.create_gate.wait()
         if self.create_error is not None:
             raise self.create_error
+
+    async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        self.adopted.append(sandbox_id)
 
     async def destroy(self, sandbox_id: str) -> None:
         self.destroyed.append(sandbox_id)

@@ -104,6 +104,10 @@ class Backend(Protocol):
         """Snapshot the image and start the sandbox; return once it accepts commands."""
         ...
 
+    async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        """Take a running sandbox over after a server restart (restart what serves it)."""
+        ...
+
     async def destroy(self, sandbox_id: str) -> None:
         """Remove everything of the sandbox. Idempotent: also cleans up a half-made one."""
         ...

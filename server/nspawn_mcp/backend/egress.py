@@ -72,8 +72,9 @@ add map {TABLE} sandbox_egress {{ type ifname : verdict; }}
 add chain {TABLE} input {{ type filter hook input priority filter; policy accept; }}
 add chain {TABLE} forward {{ type filter hook forward priority filter; policy accept; }}
 add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
-add rule {TABLE} input iifname "{_INTERFACES}" udp dport 53 accept
-add rule {TABLE} input iifname "{_INTERFACES}" tcp dport 53 accept
+add rule {TABLE} input iifname "{_INTERFACES}" ip daddr {SANDBOX_NETWORK} udp dport 53 accept
+add rule {TABLE} input iifname "{_INTERFACES}" ip daddr {SANDBOX_NETWORK} tcp dport 53 accept
+
 add rule {TABLE} input iifname "{_INTERFACES}" ct state established,related accept
 add rule {TABLE} input iifname "{_INTERFACES}" drop
 add rule {TABLE} forward oifname "{_INTERFACES}" ct state established,related accept
@@ -100,7 +101,6 @@ def sandbox_rules(sandbox_id: str, plan: EgressPlan) -> str:
     if plan.domains and plan.domain_ports:
         domain_ports = _ports(plan.domain_ports)
         lines.append(f"add rule {TABLE} {chain} ip daddr @{resolved} tcp dport {{ {domain_ports} }} accept")
-
 
     lines.append(f'add element {TABLE} sandbox_egress {{ "{host_interface(sandbox_id)}" : jump {chain} }}')
     return "\n".join(lines) + "\n"

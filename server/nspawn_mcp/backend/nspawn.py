@@ -25,11 +25,13 @@ import anyio.to_thread
 from ..errors import BackendError, NotFound
 from ..layout import Layout
 from ..naming import SANDBOX_ID, service_unit, slice_unit, template_image
-from ..policy import SandboxPlan
+from ..policy import EgressPlan, SandboxPlan
 from .bus import Bus
 from .cgroups import oom_kill_count
+from .egress import endpoints
 from .jail import JailClient
 from .machine1 import Machined
+from .network import EgressNetwork
 from .systemd1 import Systemd
 from .units import SUPERVISOR_SOCKET, SandboxPaths, build_units
 
@@ -55,13 +57,20 @@ def install_supervisor(layout: Layout) -> None:
 
 class NspawnBackend:
     def __init__(
-        self, bus: Bus, systemd: Systemd, machined: Machined, layout: Layout, host_view: Path | None = None
+        self,
+        bus: Bus,
+        systemd: Systemd,
+        machined: Machined,
+        layout: Layout,
+        host_view: Path | None = None,
+        network: EgressNetwork | None = None,
     ) -> None:
         self._bus = bus
         self._systemd = systemd
         self._machined = machined
         self._layout = layout
         self._host_view = host_view
+        self._network = network
 
     @classmethod
     async def connect(
@@ -71,6 +80,7 @@ class NspawnBackend:
         *,
         on_machine_removed: Callable[[str], None] | None = None,
         host_view: Path | None = None,
+        network: EgressNetwork | None = None,
     ) -> NspawnBackend:
         """Connect to the bus at ``address``; ``on_machine_removed`` hears of every machine that goes.
 
@@ -83,7 +93,7 @@ class NspawnBackend:
         for directory in (layout.sandboxes_dir, layout.staging_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         install_supervisor(layout)
-        return cls(bus, systemd, machined, layout, host_view)
+        return cls(bus, systemd, machined, layout, host_view, network)
 
     def close(self) -> None:
         self._bus.disconnect()
@@ -143,6 +153,23 @@ class NspawnBackend:
             units.service_name, units.service_properties, aux={units.slice_name: units.slice_properties}
         )
         await self._wait_until_ready(sandbox_id)
+        if plan.egress is not None:
+            await self._attach_network(sandbox_id, plan.egress)
+
+    async def _attach_network(self, sandbox_id: str, plan: EgressPlan) -> None:
+        if self._network is None:
+            raise BackendError("egress networking is not available in this server")
+        leader = await self._machined.machine_leader(sandbox_id)
+        await self._network.attach(sandbox_id, plan, leader)
+        assert plan.subnet is not None
+        host_end, _ = endpoints(plan.subnet)
+        resolv = self._layout.sandbox_dir(sandbox_id) / "resolv.conf"
+        resolv.write_text(f"nameserver {host_end}\noptions edns0\n")
+        await self._machined.copy_to_machine(sandbox_id, str(resolv), "/etc/resolv.conf")
+
+    async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        if plan.egress is not None and self._network is not None:
+            await self._network.serve(sandbox_id, plan.egress)
 
     async def _wait_until_ready(self, sandbox_id: str) -> None:
         """The container is up once its unit started; the supervisor needs a moment more.
@@ -158,6 +185,8 @@ class NspawnBackend:
         raise BackendError(f"sandbox {sandbox_id} did not become ready in {_READY_TIMEOUT:g} s")
 
     async def destroy(self, sandbox_id: str) -> None:
+        if self._network is not None:
+            await self._network.detach(sandbox_id)
         await self._systemd.stop_unit(service_unit(sandbox_id))
         await self._systemd.reset_failed(service_unit(sandbox_id))
         await self._systemd.stop_unit(slice_unit(sandbox_id))

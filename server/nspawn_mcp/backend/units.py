@@ -73,7 +73,16 @@ def _bind(mount: BindMount) -> str:
     return f"--bind{'' if mount.writable else '-ro'}={mount.source}:{mount.target}:idmap"
 
 
+def _network(plan: SandboxPlan) -> list[str]:
+    if plan.network == "none":
+        return ["--private-network"]
+    if plan.network == "egress":
+        return ["--network-veth"]  # host end ve-<id>; addressed and filtered by backend.network
+    return []
+
+
 def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list[str]:
+
     return [
         NSPAWN,
         "--quiet",
@@ -84,7 +93,7 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         f"--directory={paths.root}",
         "--private-users=pick",
         "--private-users-ownership=map",
-        *(["--private-network"] if plan.network == "none" else []),
+        *_network(plan),
         "--link-journal=no",
         "--resolv-conf=off",
         "--timezone=off",

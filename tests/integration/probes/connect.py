@@ -1,0 +1,47 @@
+"""Run inside a sandbox: try each target given as JSON on stdin; print what happened, as JSON.
+
+A target is {"host": name or address, "port": n} (TCP) or {"resolve": name}.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+
+def dns_direct(server: str, name: str) -> str:
+    """A DNS question straight to ``server``, past the sandbox's resolver."""
+    question = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    packet = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + question + b"\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(2)
+        try:
+            udp.sendto(packet, (server, 53))
+            udp.recv(512)
+        except OSError as exc:
+            return f"error: {type(exc).__name__}"
+    return "answered"
+
+
+results: list[object] = []
+for target in json.load(sys.stdin):
+    if "dns_direct" in target:
+        results.append(dns_direct(target["dns_direct"], target["name"]))
+        continue
+
+    if "resolve" in target:
+        try:
+            results.append(
+                sorted({info[4][0] for info in socket.getaddrinfo(target["resolve"], 80, socket.AF_INET)})
+            )
+        except OSError as exc:
+            results.append(f"error: {type(exc).__name__}")
+        continue
+    try:
+        with socket.create_connection((target["host"], target["port"]), timeout=2) as connection:
+            connection.settimeout(2)
+            results.append(connection.recv(100).decode().strip())
+    except OSError as exc:
+        results.append(f"error: {type(exc).__name__}")
+print(json.dumps(results))
