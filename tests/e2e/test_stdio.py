@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
 from tests.e2e.conftest import SERVER
+from tests.netns import outside_hosts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -276,3 +278,48 @@ async def test_the_dev_policy_binds_the_project_read_only_and_scratch_read_write
     )
     assert "mounts.allowed" in message
     assert (await call(client, "list_sandboxes"))["sandboxes"] == []
+
+
+EGRESS_POLICY = """
+[network]
+mode = "egress"
+allow = [{ cidr = "198.18.0.2/32", ports = [8443] }]
+domains = ["allowed.test"]
+domain_ports = [8443]
+upstream_dns = "198.18.0.2"
+private_dns_answers = true
+"""
+
+FETCH = """
+import socket, sys
+for host, port in [("allowed.test", 8443), ("198.18.0.3", 8443), ("also.test", 8443)]:
+    try:
+        with socket.create_connection((host, port), timeout=2) as c:
+            print(c.recv(100).decode().strip())
+    except OSError as exc:
+        print(type(exc).__name__)
+"""
+
+
+async def test_an_egress_policy_reaches_its_listed_hosts_only(
+    box_lifetime: None, workdir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    policies = workdir / "policies"
+    policies.mkdir()
+    (policies / "lab.toml").write_text(EGRESS_POLICY)
+    params = StdioServerParameters(
+        command=str(SERVER), args=["serve", "--policy-dir", str(policies)], cwd=str(workdir)
+    )
+    with outside_hosts(tmp_path_factory.mktemp("outside") / "seen.log") as seen:
+        async with Client(params) as client:
+            sandbox = (await call(client, "create_sandbox", policy="lab"))["sandbox_id"]
+            try:
+                result = await call(
+                    client, "exec_in_sandbox", sandbox_id=sandbox, command=["python3", "-c", FETCH]
+                )
+            finally:
+                await call(client, "destroy_sandbox", sandbox_id=sandbox)
+        assert result["stdout"].splitlines() == ["hello from 198.18.0.2:8443", "TimeoutError", "gaierror"]
+        assert "dns also.test." not in seen.read_text()
+    table = await anyio.run_process(["nft", "list", "table", "inet", "nspawn_mcp"], check=False)
+    assert table.returncode != 0  # the last egress sandbox took the host's rules with it

@@ -4,8 +4,6 @@ tests make (198.18.0.2 and .3, with a DNS server); nothing leaves this machine."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,44 +17,17 @@ from nspawn_mcp.layout import Layout
 from nspawn_mcp.policy import Policy
 from nspawn_mcp.runtime import Daemons
 from tests.integration.conftest import Factory, sandbox_factory
-from tests.waiting import wait_until
+from tests.netns import outside_hosts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 PROBES = Path(__file__).parent / "probes"
-NETNS = "nsmcp-test-out"
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True)
 
 
 @pytest.fixture(scope="module")
 def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The test hosts: a network namespace behind a veth, with HTTP-ish and DNS servers that log."""
-    log = tmp_path_factory.mktemp("outside") / "seen.log"
-    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
-    subprocess.run(["ip", "link", "del", "nsmt-host"], capture_output=True, check=False)
-    sh("ip", "netns", "add", NETNS)
-    sh("ip", "link", "add", "nsmt-host", "type", "veth", "peer", "name", "nsmt-out")
-    sh("ip", "link", "set", "nsmt-out", "netns", NETNS)
-    sh("ip", "addr", "add", "198.18.0.1/24", "dev", "nsmt-host")
-    sh("ip", "link", "set", "nsmt-host", "up")
-    inside = ["ip", "netns", "exec", NETNS]
-    sh(*inside, "ip", "addr", "add", "198.18.0.2/24", "dev", "nsmt-out")
-    sh(*inside, "ip", "addr", "add", "198.18.0.3/24", "dev", "nsmt-out")
-    sh(*inside, "ip", "link", "set", "nsmt-out", "up")
-    sh(*inside, "ip", "link", "set", "lo", "up")
-    hosts = subprocess.Popen([*inside, sys.executable, str(PROBES / "test_host.py"), str(log)])
-    try:
-        with anyio.from_thread.start_blocking_portal() as portal:
-            portal.call(wait_until, lambda: log.exists() and "ready" in log.read_text())
+    with outside_hosts(tmp_path_factory.mktemp("outside") / "seen.log") as log:
         yield log
-    finally:
-        hosts.kill()
-        hosts.wait()
-        subprocess.run(["ip", "netns", "del", NETNS], check=False)
-        subprocess.run(["ip", "link", "del", "nsmt-host"], capture_output=True, check=False)
 
 
 @pytest.fixture

@@ -113,7 +113,10 @@ class EgressRule(_Frozen):
     def _ports_in_range(self) -> EgressRule:
         if any(not 1 <= port <= 65535 for port in self.ports):
             raise ValueError("ports must be between 1 and 65535")
+        if self.cidr.version != 4:
+            raise ValueError("only IPv4 ranges are supported for egress (sandboxes get no IPv6 route)")
         return self
+
 
 
 class NetworkPolicy(_Frozen):

@@ -1,0 +1,136 @@
+"""The pure rules of egress sandboxes: addresses, names, answers, and the nftables text."""
+
+from __future__ import annotations
+
+import pytest
+from inline_snapshot import snapshot
+
+from nspawn_mcp.backend.egress import (
+    allocate_subnet,
+    base_ruleset,
+    domain_allowed,
+    endpoints,
+    host_interface,
+    reachable_answer,
+    resolved_addresses,
+    sandbox_rules,
+    sandbox_rules_removal,
+)
+from nspawn_mcp.policy import CreateRequest, Policy, PolicyError, resolve_create
+from nspawn_mcp.policy.loader import load_policy_text
+
+EGRESS = Policy.model_validate(
+    {
+        "network": {
+            "mode": "egress",
+            "allow": [{"cidr": "203.0.113.0/24", "ports": [443, 80]}],
+            "domains": ["pypi.org", "*.pythonhosted.org"],
+            "domain_ports": [443],
+        }
+    }
+)
+PLAN = resolve_create("egress", EGRESS, CreateRequest(), cwd="/srv").egress
+
+
+def test_subnets_are_the_first_free_slash_30() -> None:
+    assert allocate_subnet([]) == "10.213.0.0/30"
+    assert allocate_subnet(["10.213.0.0/30", "10.213.0.8/30"]) == "10.213.0.4/30"
+    assert endpoints("10.213.0.4/30") == ("10.213.0.5", "10.213.0.6")
+    assert host_interface("sbx-0123abcd") == "ve-sbx-0123abcd"
+
+
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [
+        ("pypi.org", True),
+        ("PyPI.org.", True),
+        ("files.pythonhosted.org", True),
+        ("a.b.pythonhosted.org.", True),
+        ("pythonhosted.org", False),
+        ("evilpypi.org", False),
+        ("pypi.org.evil.example", False),
+        ("secret-data.pypi.org", False),
+    ],
+)
+def test_only_listed_names_resolve(name: str, allowed: bool) -> None:
+    assert domain_allowed(name, ("pypi.org", "*.pythonhosted.org")) is allowed
+
+
+@pytest.mark.parametrize(
+    ("address", "public_only", "private_allowed"),
+    [
+        ("151.101.0.223", True, True),
+        ("10.1.2.3", False, True),
+        ("192.168.1.1", False, True),
+        ("100.64.0.1", False, True),
+        ("169.254.169.254", False, False),
+        ("127.0.0.1", False, False),
+        ("10.213.0.6", False, False),
+        ("224.0.0.1", False, False),
+        ("0.0.0.0", False, False),
+        ("2606:4700::1111", False, False),
+    ],
+)
+def test_resolved_addresses_are_filtered(address: str, public_only: bool, private_allowed: bool) -> None:
+    assert reachable_answer(address, private_allowed=False) is public_only
+    assert reachable_answer(address, private_allowed=True) is private_allowed
+
+
+def test_the_ruleset_is_pinned() -> None:
+    assert PLAN is not None
+    assert base_ruleset() == snapshot("""\
+add table inet nspawn_mcp
+add map inet nspawn_mcp sandbox_egress { type ifname : verdict; }
+add chain inet nspawn_mcp input { type filter hook input priority filter; policy accept; }
+add chain inet nspawn_mcp forward { type filter hook forward priority filter; policy accept; }
+add chain inet nspawn_mcp postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add rule inet nspawn_mcp input iifname "ve-sbx-*" ip daddr 10.213.0.0/16 udp dport 53 accept
+add rule inet nspawn_mcp input iifname "ve-sbx-*" ip daddr 10.213.0.0/16 tcp dport 53 accept
+
+add rule inet nspawn_mcp input iifname "ve-sbx-*" ct state established,related accept
+add rule inet nspawn_mcp input iifname "ve-sbx-*" drop
+add rule inet nspawn_mcp forward oifname "ve-sbx-*" ct state established,related accept
+add rule inet nspawn_mcp forward oifname "ve-sbx-*" drop
+add rule inet nspawn_mcp forward iifname "ve-sbx-*" ip daddr 10.213.0.0/16 drop
+add rule inet nspawn_mcp forward iifname "ve-sbx-*" meta nfproto ipv4 iifname vmap @sandbox_egress
+add rule inet nspawn_mcp forward iifname "ve-sbx-*" drop
+add rule inet nspawn_mcp postrouting ip saddr 10.213.0.0/16 oifname != "ve-sbx-*" masquerade
+""")
+    assert sandbox_rules("sbx-0123abcd", PLAN) == snapshot("""\
+add set inet nspawn_mcp resolved_0123abcd { type ipv4_addr; flags timeout; }
+add chain inet nspawn_mcp egress_0123abcd
+add rule inet nspawn_mcp egress_0123abcd ip daddr 203.0.113.0/24 tcp dport { 80, 443 } accept
+add rule inet nspawn_mcp egress_0123abcd ip daddr @resolved_0123abcd tcp dport { 443 } accept
+add element inet nspawn_mcp sandbox_egress { "ve-sbx-0123abcd" : jump egress_0123abcd }
+""")
+    assert sandbox_rules_removal("sbx-0123abcd") == snapshot(
+        [
+            'delete element inet nspawn_mcp sandbox_egress { "ve-sbx-0123abcd" }\n',
+            "delete chain inet nspawn_mcp egress_0123abcd\n",
+            "delete set inet nspawn_mcp resolved_0123abcd\n",
+        ]
+    )
+    assert resolved_addresses("sbx-0123abcd", ["151.101.0.223"], 30) == snapshot(
+        "add element inet nspawn_mcp resolved_0123abcd { 151.101.0.223 timeout 60s }\n"
+    )
+
+
+def test_egress_settings_need_egress_mode_and_valid_domains() -> None:
+    with pytest.raises(PolicyError, match=r"need network.mode = 'egress'"):
+        load_policy_text('[network]\ndomains = ["pypi.org"]\n', "p.toml")
+    with pytest.raises(PolicyError, match=r"invalid domain"):
+        load_policy_text('[network]\nmode = "egress"\ndomains = ["*evil*"]\n', "p.toml")
+    with pytest.raises(PolicyError, match=r"network.allow.0.cidr"):
+        load_policy_text('[network]\nmode = "egress"\nallow = [{ cidr = "nope", ports = [1] }]\n', "p.toml")
+    with pytest.raises(PolicyError, match=r"only IPv4"):
+        load_policy_text(
+            '[network]\nmode = "egress"\nallow = [{ cidr = "2001:db8::/32", ports = [443] }]\n', "p"
+        )
+    with pytest.raises(PolicyError, match=r"between 1 and 65535"):
+        load_policy_text(
+            '[network]\nmode = "egress"\nallow = [{ cidr = "1.2.3.4/32", ports = [0] }]\n', "p.toml"
+        )
+
+
+def test_no_egress_plan_without_egress_mode() -> None:
+    assert resolve_create("default", Policy(), CreateRequest(), cwd="/srv").egress is None
