@@ -118,7 +118,6 @@ class EgressRule(_Frozen):
         return self
 
 
-
 class NetworkPolicy(_Frozen):
     mode: Literal["none", "egress", "host"] = Field(
         default="none",
