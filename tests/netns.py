@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 NETNS = "nsmcp-test-out"
-HOST_SCRIPT = Path(__file__).parent / "integration" / "probes" / "test_host.py"
+HOST_SCRIPT = Path(__file__).parent / "integration" / "probes" / "outside_host.py"
 
 
 def _sh(*argv: str) -> None:
