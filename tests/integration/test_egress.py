@@ -95,6 +95,8 @@ async def test_egress_reaches_only_what_the_policy_lists(
             {"resolve": "also.test"},  # a name listed nowhere
             {"resolve": "rebind.test"},  # listed, but resolves to cloud metadata
             {"host": "169.254.169.254", "port": 80},
+            {"host": "2852039166", "port": 80},  # the same address, as one number
+            {"host": "::ffff:169.254.169.254", "port": 80},  # and IPv4-mapped IPv6
             {"dns_direct": "198.18.0.2", "name": "exfil.test"},  # DNS past the resolver
         ],
     )
@@ -107,7 +109,11 @@ async def test_egress_reaches_only_what_the_policy_lists(
         "error: gaierror",
         "error: TimeoutError",
         "error: TimeoutError",
+        "error: TimeoutError",  # IPv4-mapped: the kernel sends it as IPv4, and it is dropped
+
+        "error: TimeoutError",
     ]
+
     seen = outside.read_text().splitlines()
     assert "tcp 198.18.0.2:8080" not in seen
     assert "tcp 198.18.0.3:8443" not in seen

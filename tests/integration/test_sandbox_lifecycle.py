@@ -19,9 +19,10 @@ from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.box import find_box
 from nspawn_mcp.errors import BackendError, NotFound
 from nspawn_mcp.layout import Layout
-from nspawn_mcp.naming import service_unit, slice_unit
+from nspawn_mcp.naming import new_sandbox_id, service_unit, slice_unit
 from nspawn_mcp.policy import BindMount, Policy
-from tests.integration.conftest import Factory, HostView
+from nspawn_mcp.runtime import Daemons
+from tests.integration.conftest import Factory, HostView, plan
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -422,3 +423,20 @@ async def test_the_kernels_dangerous_interfaces_are_out_of_reach(
         "systemd private socket": "absent",
         "processes visible": "3",  # nspawn's stub init, the supervisor, the probe: no host PIDs
     }
+
+
+async def test_a_planted_nspawn_settings_file_is_ignored(
+    backend: NspawnBackend, host: HostView, daemons: Daemons
+) -> None:
+    sandbox_id = new_sandbox_id()
+    settings = host.machines_dir / f"{sandbox_id}.nspawn"
+    settings.write_text("[Files]\nBind=/etc:/host-etc\n[Network]\nPrivate=no\nVirtualEthernet=no\n")
+    try:
+        await backend.create(sandbox_id, plan())
+        outcome = await run(
+            backend, sandbox_id, "test -e /host-etc && echo bound || echo absent; ls /sys/class/net"
+        )
+        assert outcome.stdout == b"absent\nlo\n"
+    finally:
+        await backend.destroy(sandbox_id)
+        settings.unlink(missing_ok=True)  # machined removes an image's settings file with it
