@@ -50,7 +50,6 @@ def run_checks(layout: Layout) -> list[Check]:
         _binary("unshare", "/usr/bin/unshare", "util-linux"),
         _binary("nft", "/usr/sbin/nft", "nftables"),
         _binary("ip", "/usr/sbin/ip", "iproute2"),
-
         _openat2(),
     ]
     if host_runs_systemd():

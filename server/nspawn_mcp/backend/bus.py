@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,16 +70,30 @@ class Bus:
             raise BackendUnavailable(f"{operation or member}: the system bus connection failed") from None
         if reply is None:
             raise BackendUnavailable(f"{operation or member}: no reply from the system bus")
+        for fd in reply.unix_fds:  # no call of ours expects descriptors back
+            _close_quietly(fd)
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            for fd in reply.unix_fds:
-                _close_quietly(fd)
             raise map_dbus_error(reply.error_name, text, operation or member)
-        for fd in reply.unix_fds:
-            _close_quietly(fd)
         return list(reply.body)
 
+    async def get_property(
+        self, *, destination: str, path: str, interface: str, name: str, operation: str
+    ) -> Any:
+        """``org.freedesktop.DBus.Properties.Get``, unwrapped from its variant."""
+        reply = await self.call(
+            destination=destination,
+            path=path,
+            interface="org.freedesktop.DBus.Properties",
+            member="Get",
+            signature="ss",
+            body=[interface, name],
+            operation=operation,
+        )
+        return reply[0].value
+
     async def add_match(self, rule: str) -> None:
+
         await self.call(
             destination="org.freedesktop.DBus",
             path="/org/freedesktop/DBus",
@@ -104,7 +119,5 @@ class Bus:
 
 
 def _close_quietly(fd: int) -> None:
-    import os
-
     with contextlib.suppress(OSError):
         os.close(fd)

@@ -76,16 +76,13 @@ class Machined:
 
     async def _machine_property(self, name: str, prop: str) -> Any:
         (path,) = await self._call("GetMachine", "s", name, operation=f"looking up machine {name}")
-        reply = await self._bus.call(
+        return await self._bus.get_property(
             destination=_DEST,
             path=path,
-            interface="org.freedesktop.DBus.Properties",
-            member="Get",
-            signature="ss",
-            body=["org.freedesktop.machine1.Machine", prop],
+            interface="org.freedesktop.machine1.Machine",
+            name=prop,
             operation=f"reading {prop} of machine {name}",
         )
-        return reply[0].value
 
     async def terminate_machine(self, name: str) -> None:
         await self._call("TerminateMachine", "s", name, operation=f"terminating {name}")

@@ -20,7 +20,7 @@ __all__ = ["Systemd", "UnitStatus"]
 _DEST = "org.freedesktop.systemd1"
 _PATH = "/org/freedesktop/systemd1"
 _MANAGER = "org.freedesktop.systemd1.Manager"
-_PROPERTIES = "org.freedesktop.DBus.Properties"
+
 _REMEMBERED_JOBS = 4096
 
 
@@ -137,25 +137,10 @@ class Systemd:
 
     async def unit_property(self, name: str, interface: str, prop: str) -> Any:
         path = await self._manager("GetUnit", "s", name, operation=f"looking up {name}")
-        reply = await self._bus.call(
+        return await self._bus.get_property(
             destination=_DEST,
             path=path,
-            interface=_PROPERTIES,
-            member="Get",
-            signature="ss",
-            body=[interface, prop],
+            interface=interface,
+            name=prop,
             operation=f"reading {prop} of {name}",
         )
-        return reply[0].value
-
-    async def system_state(self) -> str:
-        reply = await self._bus.call(
-            destination=_DEST,
-            path=_PATH,
-            interface=_PROPERTIES,
-            member="Get",
-            signature="ss",
-            body=[_MANAGER, "SystemState"],
-            operation="reading the system state",
-        )
-        return str(reply[0].value)
