@@ -110,7 +110,6 @@ async def test_egress_reaches_only_what_the_policy_lists(
         "error: TimeoutError",
         "error: TimeoutError",
         "error: TimeoutError",  # IPv4-mapped: the kernel sends it as IPv4, and it is dropped
-
         "error: TimeoutError",
     ]
 
