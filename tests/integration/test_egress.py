@@ -94,6 +94,8 @@ async def test_egress_reaches_only_what_the_policy_lists(
             {"host": "198.18.0.3", "port": 8443},  # unlisted address
             {"resolve": "also.test"},  # a name listed nowhere
             {"resolve": "rebind.test"},  # listed, but resolves to cloud metadata
+            {"host": "10.0.0.1", "port": 80},  # private ranges
+            {"host": "192.168.0.1", "port": 443},
             {"host": "169.254.169.254", "port": 80},
             {"host": "2852039166", "port": 80},  # the same address, as one number
             {"host": "::ffff:169.254.169.254", "port": 80},  # and IPv4-mapped IPv6
@@ -107,6 +109,8 @@ async def test_egress_reaches_only_what_the_policy_lists(
         "error: TimeoutError",
         "error: gaierror",
         "error: gaierror",
+        "error: TimeoutError",
+        "error: TimeoutError",
         "error: TimeoutError",
         "error: TimeoutError",
         "error: TimeoutError",  # IPv4-mapped: the kernel sends it as IPv4, and it is dropped
@@ -161,3 +165,21 @@ async def test_sandboxes_and_the_host_are_out_of_reach(
         [{"host": peer, "port": 9000}, {"host": gateway, "port": 22}, {"host": "198.18.0.1", "port": 22}],
     )
     assert results == ["error: TimeoutError", "error: TimeoutError", "error: TimeoutError"]
+
+
+async def test_a_sandbox_without_network_reaches_no_test_host(
+    egress_backend: NspawnBackend, make_egress_sandbox: Factory, outside: Path
+) -> None:
+    sandbox = await make_egress_sandbox()  # the default policy: network "none"
+    before = len(outside.read_text().splitlines())
+    results = await probe(
+        egress_backend,
+        sandbox,
+        [
+            {"host": "198.18.0.2", "port": 8443},
+            {"resolve": "allowed.test"},
+            {"dns_direct": "198.18.0.2", "name": "x"},
+        ],
+    )
+    assert results == ["error: OSError", "error: gaierror", "error: OSError"]
+    assert outside.read_text().splitlines()[before:] == []  # nothing reached the test hosts
