@@ -99,8 +99,10 @@ class EgressNetwork:
     async def attach(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
         """Address both ends of the sandbox's veth, route, apply its rules, start its resolver."""
         assert plan.subnet is not None
+        self._resolvers[sandbox_id] = anyio.CancelScope()  # from here on, detach has work to do
         await self._ensure_base()
         host_end, sandbox_end = endpoints(plan.subnet)
+
         interface = host_interface(sandbox_id)
         await _run(["ip", "addr", "add", f"{host_end}/30", "dev", interface])
         await _run(["ip", "link", "set", interface, "up"])
@@ -121,9 +123,11 @@ class EgressNetwork:
         self._tasks.start_soon(self._resolve_forever, scope, socket, sandbox_id, plan)
 
     async def detach(self, sandbox_id: str) -> None:
+        """Undo :meth:`attach` (or :meth:`serve`); nothing to do for sandboxes without egress."""
         scope = self._resolvers.pop(sandbox_id, None)
-        if scope is not None:
-            scope.cancel()
+        if scope is None:
+            return
+        scope.cancel()
         for script in sandbox_rules_removal(sandbox_id):
             await _run(["nft", "-f", "-"], script, check=False)
         await self._remove_base_if_unused()
