@@ -79,12 +79,13 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
 
     audit = AuditLog(config.audit_log or config.layout.state_dir / "audit.jsonl")
     async with anyio.create_task_group() as tasks:
+        network = EgressNetwork(tasks, daemons.proc_root, config.layout.state_dir)
         backend = await NspawnBackend.connect(
             daemons.bus_address,
             config.layout,
             on_machine_removed=machine_removed,
             host_view=daemons.host_view,
-            network=EgressNetwork(tasks, daemons.proc_root, config.layout.state_dir),
+            network=network,
         )
         try:
             service = SandboxService(
@@ -96,6 +97,8 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
             )
             service_box.append(service)
             await service.reconcile()
+            await network.prune({sandbox.sandbox_id for sandbox in service.list()})
+
             tasks.start_soon(service.run_reaper)
             yield service
         finally:

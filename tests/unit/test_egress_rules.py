@@ -9,6 +9,7 @@ from nspawn_mcp.backend.egress import (
     allocate_subnet,
     base_ruleset,
     domain_allowed,
+    egress_interfaces_in,
     endpoints,
     host_interface,
     reachable_answer,
@@ -134,3 +135,13 @@ def test_egress_settings_need_egress_mode_and_valid_domains() -> None:
 
 def test_no_egress_plan_without_egress_mode() -> None:
     assert resolve_create("default", Policy(), CreateRequest(), cwd="/srv").egress is None
+
+
+def test_the_sandboxes_with_egress_rules_are_read_from_nft_json() -> None:
+    listing = (
+        '{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"map": {"family": "inet", '
+        '"name": "sandbox_egress", "table": "nspawn_mcp", "type": "ifname", "handle": 1, "map": "verdict", '
+        '"elem": [["ve-sbx-0123abcd", {"jump": {"target": "egress_0123abcd"}}]]}}]}'
+    )
+    assert egress_interfaces_in(listing) == {"sbx-0123abcd"}
+    assert egress_interfaces_in('{"nftables": [{"metainfo": {}}]}') == set()

@@ -14,6 +14,7 @@ and anything unlisted are dropped; replies to what was allowed pass.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable
 
 from ..policy import EgressPlan
@@ -23,6 +24,7 @@ __all__ = [
     "allocate_subnet",
     "base_ruleset",
     "domain_allowed",
+    "egress_interfaces_in",
     "endpoints",
     "host_interface",
     "reachable_answer",
@@ -122,6 +124,17 @@ def resolved_addresses(sandbox_id: str, addresses: Iterable[str], ttl_seconds: i
 
 def _ports(ports: Iterable[int]) -> str:
     return ", ".join(str(port) for port in sorted(set(ports)))
+
+
+def egress_interfaces_in(listing: str) -> set[str]:
+    """Sandbox ids whose veths have entries in ``nft -j list map ... sandbox_egress`` output."""
+    found: set[str] = set()
+    for item in json.loads(listing).get("nftables", []):
+        for element in item.get("map", {}).get("elem", []):
+            key = element[0] if isinstance(element, list) else element
+            if isinstance(key, str) and key.startswith("ve-sbx-"):
+                found.add(key.removeprefix("ve-"))
+    return found
 
 
 def domain_allowed(name: str, domains: Iterable[str]) -> bool:

@@ -30,6 +30,7 @@ from ..policy import EgressPlan
 from .egress import (
     base_ruleset,
     domain_allowed,
+    egress_interfaces_in,
     endpoints,
     host_interface,
     reachable_answer,
@@ -95,6 +96,19 @@ class EgressNetwork:
         if await self._saved_forwarding.exists():
             await _IP_FORWARD.write_text(await self._saved_forwarding.read_text())
             await self._saved_forwarding.unlink()
+
+    async def prune(self, keep: set[str]) -> None:
+        """After a restart: drop the rules of egress sandboxes that went while the server was down."""
+        listing = await anyio.run_process(
+            ["nft", "-j", "list", "map", "inet", "nspawn_mcp", "sandbox_egress"], check=False
+        )
+        if listing.returncode != 0:
+            return
+        for sandbox_id in egress_interfaces_in(listing.stdout.decode()) - keep:
+            log.info("removing the egress rules of vanished sandbox %s", sandbox_id)
+            for script in sandbox_rules_removal(sandbox_id):
+                await _run(["nft", "-f", "-"], script, check=False)
+        await self._remove_base_if_unused()
 
     async def attach(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
         """Address both ends of the sandbox's veth, route, apply its rules, start its resolver."""
