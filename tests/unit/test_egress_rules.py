@@ -139,8 +139,9 @@ def test_no_egress_plan_without_egress_mode() -> None:
 
 def test_the_sandboxes_with_egress_rules_are_read_from_nft_json() -> None:
     listing = (
-        '{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"map": {"family": "inet", '
-        '"name": "sandbox_egress", "table": "nspawn_mcp", "type": "ifname", "handle": 1, "map": "verdict", '
+        '{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, '
+        '{"map": {"family": "inet", "name": "sandbox_egress", "table": "nspawn_mcp", '
+        '"type": "ifname", "handle": 1, "map": "verdict", '
         '"elem": [["ve-sbx-0123abcd", {"jump": {"target": "egress_0123abcd"}}]]}}]}'
     )
     assert egress_interfaces_in(listing) == {"sbx-0123abcd"}
