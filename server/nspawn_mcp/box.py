@@ -17,6 +17,8 @@ box's bus through ``/proc/PID/root``. The host's own tree, as it was when the bo
 started, stays visible to the box's daemons at ``Layout.box_host_view``, so host
 paths under ``/tmp`` can still be bound into sandboxes.
 
+
+
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ _BOOT_SCRIPT = """set -eu
 mkdir -p "$4"
 mount --rbind / "$4"
 mount --make-rslave "$4"
+mount -t proc -o nosuid,nodev,noexec proc /proc
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
@@ -161,7 +164,6 @@ def _unshare_argv(layout: Layout) -> list[str]:
         "--mount",
         "--propagation",
         "private",
-        "--mount-proc",
         "sh",
         "-c",
         _BOOT_SCRIPT,

@@ -36,6 +36,7 @@ from .policy.paths import HostTarget, is_protected
 
 __all__ = [
     "CopyStats",
+    "check_same_beneath",
     "open_beneath",
     "publish_from_staging",
     "resolve_bind_source",
@@ -226,3 +227,23 @@ def resolve_bind_source(target: HostTarget) -> str:
             f"host path {target.path} resolves to a path with ':' or ','; nspawn cannot bind it"
         )
     return real
+
+
+def check_same_beneath(root: str, relative: str, expected: os.stat_result) -> None:
+    """Refuse unless ``relative``, resolved beneath ``root``, is still the object ``expected``.
+
+    ``root`` may be the host tree as another mount namespace sees it (the private
+    systemd's view): a source swapped for a symlink, or for another object, since
+    it was checked is refused (HOSTILE-TESTS B11, up to the moment nspawn binds it).
+    """
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _openat2(root_fd, relative, os.O_PATH)
+    except OSError:
+        raise CopyRefused("a mount's host path changed while the sandbox was being created") from None
+    finally:
+        os.close(root_fd)
+    found = os.fstat(fd)
+    os.close(fd)
+    if (found.st_dev, found.st_ino) != (expected.st_dev, expected.st_ino):
+        raise CopyRefused("a mount's host path changed while the sandbox was being created")

@@ -50,6 +50,11 @@ class Daemons:
     proc_root: Path = Path("/proc")
     """Where the PIDs they report (such as a machine's leader) are found."""
 
+    @property
+    def root(self) -> Path:
+        """Their root directory, reachable from here."""
+        return self.proc_root.parent
+
 
 def find_daemons(layout: Layout) -> Daemons:
     """The system bus to use: an explicit address, the host's, or the private box's."""
@@ -86,7 +91,9 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
             on_machine_removed=machine_removed,
             host_view=daemons.host_view,
             network=network,
+            daemons_root=daemons.root,
         )
+
         try:
             service = SandboxService(
                 backend,

@@ -38,6 +38,7 @@ async def egress_backend(daemons: Daemons, layout: Layout) -> AsyncIterator[Nspa
             layout,
             host_view=daemons.host_view,
             network=EgressNetwork(tasks, daemons.proc_root, layout.state_dir),
+            daemons_root=daemons.root,
         )
         yield backend
         backend.close()

@@ -17,7 +17,7 @@ import pytest
 from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
 from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.box import find_box
-from nspawn_mcp.errors import BackendError, NotFound
+from nspawn_mcp.errors import BackendError, CopyRefused, NotFound
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import new_sandbox_id, service_unit, slice_unit
 from nspawn_mcp.policy import BindMount, Policy
@@ -440,3 +440,16 @@ async def test_a_planted_nspawn_settings_file_is_ignored(
     finally:
         await backend.destroy(sandbox_id)
         settings.unlink(missing_ok=True)  # machined removes an image's settings file with it
+
+
+async def test_a_bind_source_swapped_after_the_check_is_refused(
+    backend: NspawnBackend, make_sandbox: Factory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    project = tmp_path_factory.mktemp("swapped")
+    (project / "data").mkdir()
+    checked = BindMount(root=str(project), source=str(project / "data"), target="/work", writable=False)
+    # the policy checked project/data; now it becomes a symlink to /etc before the mount
+    (project / "data").rename(project / "elsewhere")
+    (project / "data").symlink_to("/etc")
+    with pytest.raises(CopyRefused, match=r"changed while the sandbox was being created"):
+        await make_sandbox(mounts=(checked,))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,10 +23,11 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from .. import hostfs
 from ..errors import BackendError, NotFound
 from ..layout import Layout
 from ..naming import SANDBOX_ID, service_unit, slice_unit, template_image
-from ..policy import EgressPlan, SandboxPlan
+from ..policy import BindMount, EgressPlan, SandboxPlan
 from .bus import Bus
 from .cgroups import oom_kill_count
 from .egress import endpoints
@@ -64,12 +66,15 @@ class NspawnBackend:
         layout: Layout,
         host_view: Path | None = None,
         network: EgressNetwork | None = None,
+        daemons_root: Path = Path("/"),
     ) -> None:
         self._bus = bus
         self._systemd = systemd
         self._machined = machined
         self._layout = layout
         self._host_view = host_view
+        # the host's tree as the daemons' mount namespace has it, reachable from here
+        self._daemons_view = daemons_root / str(host_view).lstrip("/") if host_view else Path("/")
         self._network = network
 
     @classmethod
@@ -81,6 +86,7 @@ class NspawnBackend:
         on_machine_removed: Callable[[str], None] | None = None,
         host_view: Path | None = None,
         network: EgressNetwork | None = None,
+        daemons_root: Path = Path("/"),
     ) -> NspawnBackend:
         """Connect to the bus at ``address``; ``on_machine_removed`` hears of every machine that goes.
 
@@ -93,7 +99,7 @@ class NspawnBackend:
         for directory in (layout.sandboxes_dir, layout.staging_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         install_supervisor(layout)
-        return cls(bus, systemd, machined, layout, host_view, network)
+        return cls(bus, systemd, machined, layout, host_view, network, daemons_root)
 
     def close(self) -> None:
         self._bus.disconnect()
@@ -145,14 +151,13 @@ class NspawnBackend:
                     "`nspawn-mcp setup --disk-quotas`, or you can pick a policy without limits.*.disk"
                 ) from None
 
-        if self._host_view is not None:
-            view = str(self._host_view)
-            plan = replace(plan, mounts=tuple(replace(m, source=view + m.source) for m in plan.mounts))
-        units = build_units(sandbox_id, plan, self._paths(sandbox_id))
+        mounts = tuple([await anyio.to_thread.run_sync(self._recheck, mount) for mount in plan.mounts])
+        units = build_units(sandbox_id, replace(plan, mounts=mounts), self._paths(sandbox_id))
         await self._systemd.start_transient_unit(
             units.service_name, units.service_properties, aux={units.slice_name: units.slice_properties}
         )
         await self._wait_until_ready(sandbox_id)
+
         if plan.egress is not None:
             await self._attach_network(sandbox_id, plan.egress)
 
@@ -170,6 +175,22 @@ class NspawnBackend:
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
         if plan.egress is not None and self._network is not None:
             await self._network.serve(sandbox_id, plan.egress)
+
+    def _recheck(self, mount: BindMount) -> BindMount:
+        """Check the bind's source once more, as the daemons see it, just before nspawn binds it.
+
+        It must still lead, beneath its allowed root, to the very object the policy
+        checked. nspawn takes a path (a descriptor of another mount namespace cannot
+        be bound there), so a swap after this check and before the bind is not caught.
+        """
+        hostfs.check_same_beneath(
+            str(self._daemons_view / mount.root.lstrip("/")),
+            os.path.relpath(mount.source, mount.root),
+            os.stat(mount.source),
+        )
+        if self._host_view is None:
+            return mount
+        return replace(mount, source=str(self._host_view) + mount.source)
 
     async def _wait_until_ready(self, sandbox_id: str) -> None:
         """The container is up once its unit started; the supervisor needs a moment more.
