@@ -101,6 +101,7 @@ async def test_egress_reaches_only_what_the_policy_lists(
             {"host": "2852039166", "port": 80},  # the same address, as one number
             {"host": "::ffff:169.254.169.254", "port": 80},  # and IPv4-mapped IPv6
             {"dns_direct": "198.18.0.2", "name": "exfil.test"},  # DNS past the resolver
+            {"udp": "198.18.0.2", "port": 8443},  # QUIC to an allowed address and port
         ],
     )
     assert results == [
@@ -116,6 +117,7 @@ async def test_egress_reaches_only_what_the_policy_lists(
         "error: TimeoutError",
         "error: TimeoutError",  # IPv4-mapped: the kernel sends it as IPv4, and it is dropped
         "error: TimeoutError",
+        "sent",
     ]
 
     seen = outside.read_text().splitlines()
@@ -123,6 +125,8 @@ async def test_egress_reaches_only_what_the_policy_lists(
     assert "tcp 198.18.0.3:8443" not in seen
     assert "dns also.test." not in seen  # an unlisted name never leaves the host
     assert "dns exfil.test." not in seen
+    assert "udp 198.18.0.2:8443" not in seen  # TCP only: no QUIC
+
     assert "dns allowed.test." in seen
 
 

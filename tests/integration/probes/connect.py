@@ -24,8 +24,21 @@ def dns_direct(server: str, name: str) -> str:
     return "answered"
 
 
+def udp_send(host: str, port: int) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        try:
+            udp.sendto(b"\xc0quic-initial", (host, port))
+        except OSError as exc:
+            return f"error: {type(exc).__name__}"
+    return "sent"
+
+
 results: list[object] = []
 for target in json.load(sys.stdin):
+    if "udp" in target:
+        results.append(udp_send(target["udp"], target["port"]))
+        continue
+
     if "dns_direct" in target:
         results.append(dns_direct(target["dns_direct"], target["name"]))
         continue

@@ -49,6 +49,14 @@ class Dns(socketserver.BaseRequestHandler):
         sock.sendto(reply.to_wire(), self.client_address)
 
 
+class Datagram(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        _, sock = self.request
+        host, port = sock.getsockname()
+        log(f"udp {host}:{port}")
+
+
+
 class TCP(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
@@ -59,6 +67,7 @@ servers: list[socketserver.BaseServer] = [
     TCP(("198.18.0.2", 8080), Hello),
     TCP(("198.18.0.3", 8443), Hello),
     socketserver.ThreadingUDPServer(("198.18.0.2", 53), Dns),
+    socketserver.ThreadingUDPServer(("198.18.0.2", 8443), Datagram),  # where QUIC would go
 ]
 for server in servers:
     threading.Thread(target=server.serve_forever, daemon=True).start()
