@@ -48,6 +48,7 @@ from .policy import (
     EgressPlan,
     ExecRequest,
     HostTarget,
+    Policy,
     PolicySet,
     ResolvedLimits,
     SandboxPlan,
@@ -233,9 +234,6 @@ class SandboxService:
                 except SandboxError as exc:
                     log.warning("cleaning up sandbox %s failed: %s", sandbox.sandbox_id, exc)
 
-    async def close(self) -> None:
-        """Nothing to do: sandboxes outlive the server and are adopted on restart."""
-
     # -- tools -----------------------------------------------------------------
 
     async def create(self, request: CreateRequest) -> SandboxInfo:
@@ -247,29 +245,14 @@ class SandboxService:
     async def _create(self, request: CreateRequest) -> SandboxInfo:
         policy = self._policies.get(request.policy)
         plan = resolve_create(request.policy, policy, request, cwd=self._cwd)
-        live = [s for s in self._sandboxes.values() if s.state != "gone"]
-        if len(live) >= self._max_sandboxes:
-            raise QuotaExceeded(
-                f"this server already runs {len(live)} sandboxes, its maximum; destroy one first"
-            )
-        same_policy = sum(1 for s in live if s.plan.policy == plan.policy)
-        if same_policy >= policy.sandboxes.max_live:
-            raise QuotaExceeded(
-                f"policy {plan.policy!r} allows {policy.sandboxes.max_live} live sandboxes and "
-                f"{same_policy} exist; destroy one first (policy rule: sandboxes.max_live)"
-            )
-        owner = current_client.get()
-        per_client = policy.sandboxes.max_live_per_client
-        mine = sum(1 for s in live if s.plan.policy == plan.policy and s.owner == owner)
-        if per_client is not None and mine >= per_client:
-            raise QuotaExceeded(
-                f"policy {plan.policy!r} allows {per_client} live sandboxes per client and you have {mine}; "
-                "destroy one first (policy rule: sandboxes.max_live_per_client)"
-            )
         if plan.image not in await self._backend.available_images():
             raise NotFound(f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`")
         if plan.mounts:
             plan = replace(plan, mounts=await anyio.to_thread.run_sync(_resolve_binds, plan.mounts))
+        # From the quota checks to registering the sandbox nothing awaits, so concurrent
+        # creates cannot both take the last slot or the same subnet.
+        owner = current_client.get()
+        self._check_quotas(policy, plan, owner)
         if plan.egress is not None:
             used = [
                 s.plan.egress.subnet
@@ -286,7 +269,6 @@ class SandboxService:
             owner=owner,
         )
         self._sandboxes[sandbox.sandbox_id] = sandbox
-
         try:
             self._store.save(sandbox)
             await self._backend.create(sandbox.sandbox_id, plan)
@@ -297,12 +279,29 @@ class SandboxService:
         sandbox.state = "running"
         return sandbox.info()
 
+    def _check_quotas(self, policy: Policy, plan: SandboxPlan, owner: str) -> None:
+        live = [s for s in self._sandboxes.values() if s.state != "gone"]
+        if len(live) >= self._max_sandboxes:
+            raise QuotaExceeded(
+                f"this server already runs {len(live)} sandboxes, its maximum; destroy one first"
+            )
+        same_policy = [s for s in live if s.plan.policy == plan.policy]
+        if len(same_policy) >= policy.sandboxes.max_live:
+            raise QuotaExceeded(
+                f"policy {plan.policy!r} allows {policy.sandboxes.max_live} live sandboxes and "
+                f"{len(same_policy)} exist; destroy one first (policy rule: sandboxes.max_live)"
+            )
+        per_client = policy.sandboxes.max_live_per_client
+        mine = sum(1 for s in same_policy if s.owner == owner)
+        if per_client is not None and mine >= per_client:
+            raise QuotaExceeded(
+                f"policy {plan.policy!r} allows {per_client} live sandboxes per client and you have {mine}; "
+                "destroy one first (policy rule: sandboxes.max_live_per_client)"
+            )
+
     async def destroy(self, sandbox_id: str) -> None:
         with self._audited("destroy_sandbox", sandbox_id):
-            sandbox = self._get(sandbox_id, allow_gone=True)
-            if sandbox.state == "destroying":
-                raise NotFound(f"sandbox {sandbox_id} is already being destroyed")
-            await self._destroy(sandbox)
+            await self._destroy(self._get(sandbox_id, allow_gone=True))
 
     async def _destroy(self, sandbox: _Sandbox) -> None:
         sandbox.state = "destroying"

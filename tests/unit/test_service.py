@@ -380,3 +380,26 @@ async def test_a_policy_can_cap_live_sandboxes_per_client(
                 await service.create(CreateRequest(policy="shared"))
         finally:
             current_client.reset(token)
+
+
+async def test_concurrent_creates_cannot_share_the_last_slot(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    service = make_service(backend, workdir, clock, one="[sandboxes]\nmax_live = 1\n")
+    backend.create_gate = anyio.Event()
+    outcomes: list[str] = []
+
+    async def create() -> None:
+        try:
+            await service.create(CreateRequest(policy="one"))
+            outcomes.append("created")
+        except QuotaExceeded:
+            outcomes.append("refused")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(create)
+        tasks.start_soon(create)
+        await anyio.wait_all_tasks_blocked()
+        backend.create_gate.set()
+    assert sorted(outcomes) == ["created", "refused"]
+    assert len(backend.sandboxes) == 1

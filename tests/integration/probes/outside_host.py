@@ -56,7 +56,6 @@ class Datagram(socketserver.BaseRequestHandler):
         log(f"udp {host}:{port}")
 
 
-
 class TCP(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
