@@ -27,16 +27,14 @@ from tests.integration.conftest import Factory, HostView, plan
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
-async def run(backend: NspawnBackend, sandbox_id: str, script: str, timeout: float = 30) -> CommandOutcome:
-    spec = CommandSpec(
-        argv=("/bin/sh", "-c", script),
-        cwd="/root",
-        env={},
-        stdin=b"",
-        timeout_seconds=timeout,
-        max_output_bytes=1 << 20,
+def command(*argv: str, timeout: float = 30, stdin: bytes = b"", user: str = "root") -> CommandSpec:
+    return CommandSpec(
+        argv=argv, cwd=None, env={}, stdin=stdin, timeout_seconds=timeout, max_output_bytes=1 << 20, user=user
     )
-    return await backend.jail(sandbox_id).run(spec)
+
+
+async def run(backend: NspawnBackend, sandbox_id: str, script: str, timeout: float = 30) -> CommandOutcome:
+    return await backend.jail(sandbox_id).run(command("/bin/sh", "-c", script, timeout=timeout))
 
 
 def status_fields(text: str, *names: str) -> dict[str, str]:
@@ -278,16 +276,9 @@ async def test_commands_can_run_as_the_images_unprivileged_user(
     backend: NspawnBackend, make_sandbox: Factory
 ) -> None:
     sandbox = await make_sandbox()
-    spec = CommandSpec(
-        argv=("/bin/sh", "-c", "id -un; id -u; pwd; touch /etc/x"),
-        cwd=None,
-        env={},
-        stdin=b"",
-        timeout_seconds=10,
-        max_output_bytes=1 << 20,
-        user="sandbox",
+    outcome = await backend.jail(sandbox).run(
+        command("/bin/sh", "-c", "id -un; id -u; pwd; touch /etc/x", user="sandbox")
     )
-    outcome = await backend.jail(sandbox).run(spec)
     assert outcome.stdout == b"sandbox\n1000\n/home/sandbox\n"
     assert b"Permission denied" in outcome.stderr
 
@@ -296,15 +287,7 @@ async def test_background_processes_outlive_their_request(
     backend: NspawnBackend, make_sandbox: Factory
 ) -> None:
     sandbox = await make_sandbox()
-    spec = CommandSpec(
-        argv=("/bin/sh", "-c", "echo started; sleep 1000"),
-        cwd=None,
-        env={},
-        stdin=b"",
-        timeout_seconds=10,
-        max_output_bytes=1 << 20,
-    )
-    process = await backend.jail(sandbox).spawn(spec, None)
+    process = await backend.jail(sandbox).spawn(command("/bin/sh", "-c", "echo started; sleep 1000"), None)
     with anyio.fail_after(10):
         while (output := await backend.jail(sandbox).read(process, 0, 0, 1 << 20)).stdout != b"started\n":
             await anyio.sleep(0.01)
@@ -387,15 +370,7 @@ async def test_the_kernels_dangerous_interfaces_are_out_of_reach(
     backend: NspawnBackend, make_sandbox: Factory
 ) -> None:
     sandbox = await make_sandbox()
-    spec = CommandSpec(
-        argv=("python3", "-"),
-        cwd=None,
-        env={},
-        stdin=POSTURE_PROBE,
-        timeout_seconds=30,
-        max_output_bytes=1 << 20,
-    )
-    outcome = await backend.jail(sandbox).run(spec)
+    outcome = await backend.jail(sandbox).run(command("python3", "-", stdin=POSTURE_PROBE))
     assert outcome.stderr == b""
     assert json.loads(outcome.stdout) == {
         "add_key": "EPERM",
