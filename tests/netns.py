@@ -1,6 +1,7 @@
 """Test hosts for network tests, in a network namespace the tests make themselves.
 
-198.18.0.2 and 198.18.0.3 (a benchmarking range, unrouted) sit behind a veth
+198.18.0.2, .3 and .4 (a benchmarking range, unrouted) sit behind a veth
+
 whose host end is 198.18.0.1. They run TCP servers and a DNS server that log
 every connection and question; nothing leaves this machine.
 """
@@ -40,6 +41,7 @@ def outside_hosts(log: Path) -> Iterator[Path]:
         inside = ["ip", "netns", "exec", NETNS]
         _sh(*inside, "ip", "addr", "add", "198.18.0.2/24", "dev", "nsmt-out")
         _sh(*inside, "ip", "addr", "add", "198.18.0.3/24", "dev", "nsmt-out")
+        _sh(*inside, "ip", "addr", "add", "198.18.0.4/24", "dev", "nsmt-out")
         _sh(*inside, "ip", "link", "set", "nsmt-out", "up")
         _sh(*inside, "ip", "link", "set", "lo", "up")
         hosts = subprocess.Popen([*inside, sys.executable, str(HOST_SCRIPT), str(log)])

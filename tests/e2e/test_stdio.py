@@ -282,7 +282,7 @@ async def test_the_dev_policy_binds_the_project_read_only_and_scratch_read_write
 EGRESS_POLICY = """
 [network]
 mode = "egress"
-allow = [{ cidr = "198.18.0.2/32", ports = [8443] }]
+allow = [{ cidr = "198.18.0.4/32", ports = [8443] }]
 domains = ["allowed.test"]
 domain_ports = [8443]
 upstream_dns = "198.18.0.2"
@@ -290,10 +290,24 @@ private_dns_answers = true
 """
 
 FETCH = """
-import socket, sys
-for host, port in [("allowed.test", 8443), ("198.18.0.3", 8443), ("also.test", 8443)]:
+import socket, ssl
+
+def hello(name):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    out = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+for host, port, name in [("allowed.test", 8443, "allowed.test"), ("198.18.0.4", 8443, None),
+                         ("198.18.0.3", 8443, None), ("also.test", 8443, None)]:
     try:
         with socket.create_connection((host, port), timeout=2) as c:
+            if name:
+                c.sendall(hello(name))
             print(c.recv(100).decode().strip())
     except OSError as exc:
         print(type(exc).__name__)
@@ -318,7 +332,12 @@ async def test_an_egress_policy_reaches_its_listed_hosts_only(
                 )
             finally:
                 await call(client, "destroy_sandbox", sandbox_id=sandbox)
-        assert result["stdout"].splitlines() == ["hello from 198.18.0.2:8443", "TimeoutError", "gaierror"]
+        assert result["stdout"].splitlines() == [
+            "hello from 198.18.0.2:8443",
+            "hello from 198.18.0.4:8443",
+            "TimeoutError",
+            "gaierror",
+        ]
         assert "dns also.test." not in seen.read_text()
     table = await anyio.run_process(["nft", "list", "table", "inet", "nspawn_mcp"], check=False)
     assert table.returncode != 0  # the last egress sandbox took the host's rules with it

@@ -56,7 +56,7 @@ def egress_policy(private_dns_answers: bool = True) -> Policy:
         {
             "network": {
                 "mode": "egress",
-                "allow": [{"cidr": "198.18.0.2/32", "ports": [8443]}],
+                "allow": [{"cidr": "198.18.0.4/32", "ports": [8443]}],
                 "domains": ["allowed.test", "rebind.test"],
                 "domain_ports": [8443],
                 "upstream_dns": "198.18.0.2",
@@ -89,9 +89,12 @@ async def test_egress_reaches_only_what_the_policy_lists(
         egress_backend,
         sandbox,
         [
-            {"host": "198.18.0.2", "port": 8443},  # listed address and port
-            {"host": "allowed.test", "port": 8443},  # listed domain
-            {"host": "198.18.0.2", "port": 8080},  # listed address, other port
+            {"host": "198.18.0.4", "port": 8443},  # listed address and port
+            {"tls": "allowed.test", "port": 8443, "sni": "allowed.test"},  # listed domain, over TLS
+            {"tls": "allowed.test", "port": 8443, "sni": "evil.test"},  # its address, another name
+            {"host": "allowed.test", "port": 8443},  # its address, no TLS: no name to check
+            {"tls": "198.18.0.3", "port": 8443, "sni": "allowed.test"},  # a listed name, elsewhere
+            {"host": "198.18.0.2", "port": 8080},  # the domain's address, other port
             {"host": "198.18.0.3", "port": 8443},  # unlisted address
             {"resolve": "also.test"},  # a name listed nowhere
             {"resolve": "rebind.test"},  # listed, but resolves to cloud metadata
@@ -101,12 +104,15 @@ async def test_egress_reaches_only_what_the_policy_lists(
             {"host": "2852039166", "port": 80},  # the same address, as one number
             {"host": "::ffff:169.254.169.254", "port": 80},  # and IPv4-mapped IPv6
             {"dns_direct": "198.18.0.2", "name": "exfil.test"},  # DNS past the resolver
-            {"udp": "198.18.0.2", "port": 8443},  # QUIC to an allowed address and port
+            {"udp": "198.18.0.4", "port": 8443},  # QUIC to an allowed address and port
         ],
     )
     assert results == [
+        "hello from 198.18.0.4:8443",
         "hello from 198.18.0.2:8443",
-        "hello from 198.18.0.2:8443",
+        "closed",
+        "error: TimeoutError",
+        "error: TimeoutError",
         "error: TimeoutError",
         "error: TimeoutError",
         "error: gaierror",
@@ -119,13 +125,13 @@ async def test_egress_reaches_only_what_the_policy_lists(
         "error: TimeoutError",
         "sent",
     ]
-
     seen = outside.read_text().splitlines()
     assert "tcp 198.18.0.2:8080" not in seen
     assert "tcp 198.18.0.3:8443" not in seen
     assert "dns also.test." not in seen  # an unlisted name never leaves the host
     assert "dns exfil.test." not in seen
-    assert "udp 198.18.0.2:8443" not in seen  # TCP only: no QUIC
+    assert "udp 198.18.0.4:8443" not in seen  # TCP only: no QUIC
+    assert seen.count("tcp 198.18.0.2:8443") == 1  # only the connection that named allowed.test
 
     assert "dns allowed.test." in seen
 
@@ -135,9 +141,9 @@ async def test_listed_names_may_not_resolve_to_private_addresses_unless_allowed(
 ) -> None:
     sandbox = await make_egress_sandbox(policy=egress_policy(private_dns_answers=False))
     results = await probe(
-        egress_backend, sandbox, [{"resolve": "allowed.test"}, {"host": "198.18.0.2", "port": 8443}]
+        egress_backend, sandbox, [{"resolve": "allowed.test"}, {"host": "198.18.0.4", "port": 8443}]
     )
-    assert results == ["error: gaierror", "hello from 198.18.0.2:8443"]
+    assert results == ["error: gaierror", "hello from 198.18.0.4:8443"]
 
 
 async def test_sandboxes_and_the_host_are_out_of_reach(

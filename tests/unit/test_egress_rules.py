@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
+from dataclasses import replace
+
 import pytest
 from inline_snapshot import snapshot
 
@@ -12,6 +15,7 @@ from nspawn_mcp.backend.egress import (
     egress_interfaces_in,
     endpoints,
     host_interface,
+    parse_sni,
     reachable_answer,
     resolved_addresses,
     sandbox_rules,
@@ -30,7 +34,9 @@ EGRESS = Policy.model_validate(
         }
     }
 )
-PLAN = resolve_create("egress", EGRESS, CreateRequest(), cwd="/srv").egress
+_EGRESS_PLAN = resolve_create("egress", EGRESS, CreateRequest(), cwd="/srv").egress
+assert _EGRESS_PLAN is not None
+PLAN = replace(_EGRESS_PLAN, subnet="10.213.0.4/30")
 
 
 def test_subnets_are_the_first_free_slash_30() -> None:
@@ -78,16 +84,19 @@ def test_resolved_addresses_are_filtered(address: str, public_only: bool, privat
 
 
 def test_the_ruleset_is_pinned() -> None:
-    assert PLAN is not None
-    assert base_ruleset() == snapshot("""\
+    assert base_ruleset() == snapshot(
+        """\
 add table inet nspawn_mcp
 add map inet nspawn_mcp sandbox_egress { type ifname : verdict; }
+add map inet nspawn_mcp sandbox_sni { type ifname : verdict; }
+add chain inet nspawn_mcp prerouting { type nat hook prerouting priority dstnat; policy accept; }
 add chain inet nspawn_mcp input { type filter hook input priority filter; policy accept; }
 add chain inet nspawn_mcp forward { type filter hook forward priority filter; policy accept; }
 add chain inet nspawn_mcp postrouting { type nat hook postrouting priority srcnat; policy accept; }
 add rule inet nspawn_mcp input iifname "ve-sbx-*" ip daddr 10.213.0.0/16 udp dport 53 accept
 add rule inet nspawn_mcp input iifname "ve-sbx-*" ip daddr 10.213.0.0/16 tcp dport 53 accept
 
+add rule inet nspawn_mcp input iifname "ve-sbx-*" ip daddr 10.213.0.0/16 tcp dport 3129 accept
 add rule inet nspawn_mcp input iifname "ve-sbx-*" ct state established,related accept
 add rule inet nspawn_mcp input iifname "ve-sbx-*" drop
 add rule inet nspawn_mcp forward oifname "ve-sbx-*" ct state established,related accept
@@ -95,19 +104,26 @@ add rule inet nspawn_mcp forward oifname "ve-sbx-*" drop
 add rule inet nspawn_mcp forward iifname "ve-sbx-*" ip daddr 10.213.0.0/16 drop
 add rule inet nspawn_mcp forward iifname "ve-sbx-*" meta nfproto ipv4 iifname vmap @sandbox_egress
 add rule inet nspawn_mcp forward iifname "ve-sbx-*" drop
+add rule inet nspawn_mcp prerouting iifname "ve-sbx-*" meta nfproto ipv4 iifname vmap @sandbox_sni
 add rule inet nspawn_mcp postrouting ip saddr 10.213.0.0/16 oifname != "ve-sbx-*" masquerade
-""")
+"""
+    )
     assert sandbox_rules("sbx-0123abcd", PLAN) == snapshot("""\
 add set inet nspawn_mcp resolved_0123abcd { type ipv4_addr; flags timeout; }
 add chain inet nspawn_mcp egress_0123abcd
+add chain inet nspawn_mcp sni_0123abcd
 add rule inet nspawn_mcp egress_0123abcd ip daddr 203.0.113.0/24 tcp dport { 80, 443 } accept
-add rule inet nspawn_mcp egress_0123abcd ip daddr @resolved_0123abcd tcp dport { 443 } accept
+add rule inet nspawn_mcp sni_0123abcd ip daddr 203.0.113.0/24 tcp dport { 80, 443 } return
+add rule inet nspawn_mcp sni_0123abcd ip daddr @resolved_0123abcd tcp dport { 443 } dnat ip to 10.213.0.5:3129
 add element inet nspawn_mcp sandbox_egress { "ve-sbx-0123abcd" : jump egress_0123abcd }
+add element inet nspawn_mcp sandbox_sni { "ve-sbx-0123abcd" : jump sni_0123abcd }
 """)
     assert sandbox_rules_removal("sbx-0123abcd") == snapshot(
         [
             'delete element inet nspawn_mcp sandbox_egress { "ve-sbx-0123abcd" }\n',
+            'delete element inet nspawn_mcp sandbox_sni { "ve-sbx-0123abcd" }\n',
             "delete chain inet nspawn_mcp egress_0123abcd\n",
+            "delete chain inet nspawn_mcp sni_0123abcd\n",
             "delete set inet nspawn_mcp resolved_0123abcd\n",
         ]
     )
@@ -146,3 +162,22 @@ def test_the_sandboxes_with_egress_rules_are_read_from_nft_json() -> None:
     )
     assert egress_interfaces_in(listing) == {"sbx-0123abcd"}
     assert egress_interfaces_in('{"nftables": [{"metainfo": {}}]}') == set()
+
+
+def client_hello(server_name: str | None) -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    outgoing = ssl.MemoryBIO()
+    connection = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        connection.do_handshake()
+    return outgoing.read()
+
+
+def test_the_server_name_is_read_from_a_client_hello() -> None:
+    hello = client_hello("Files.PythonHosted.org")
+    assert parse_sni(hello) == (True, "files.pythonhosted.org")
+    assert parse_sni(hello[:40]) == (False, None)
+    assert parse_sni(client_hello(None)) == (True, None)
+    assert parse_sni(b"GET / HTTP/1.1\r\nHost: pypi.org\r\n\r\n") == (True, None)
+    assert parse_sni(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00") == (True, None)

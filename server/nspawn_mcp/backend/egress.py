@@ -5,10 +5,13 @@ Each egress sandbox gets a /30 from ``SANDBOX_NETWORK``: the host end of its vet
 where the server's filtering resolver listens; the sandbox is the second.
 
 The host's nftables table ``inet nspawn_mcp`` refuses everything from a sandbox
-veth except DNS to the host end (input) and, forwarded, the sandbox's own rules:
-listed CIDR/port pairs, and the addresses its listed domains resolved to (a set
-with timeouts, filled by the resolver). Other sandboxes, the host itself, IPv6
-and anything unlisted are dropped; replies to what was allowed pass.
+veth except DNS and the server-name check on the host end (input) and, forwarded,
+the sandbox's listed CIDR/port pairs. Connections to the addresses its listed
+domains resolved to (a set with timeouts, filled by the resolver) on the domain
+ports are redirected to the server, which relays them only if their TLS
+ClientHello names a listed domain that resolved to that very address. Other
+sandboxes, the host itself, IPv6 and anything unlisted are dropped.
+
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from ..policy import EgressPlan
 
 __all__ = [
     "SANDBOX_NETWORK",
+    "SNI_PROXY_PORT",
     "allocate_subnet",
     "base_ruleset",
     "domain_allowed",
     "egress_interfaces_in",
     "endpoints",
     "host_interface",
+    "parse_sni",
     "reachable_answer",
     "resolved_addresses",
     "sandbox_rules",
@@ -35,6 +40,8 @@ __all__ = [
 
 SANDBOX_NETWORK = ipaddress.IPv4Network("10.213.0.0/16")
 TABLE = "inet nspawn_mcp"
+SNI_PROXY_PORT = 3129
+"""Where an egress sandbox's connections to its listed domains are redirected, on its gateway."""
 _INTERFACES = "ve-sbx-*"
 
 
@@ -62,6 +69,10 @@ def _chain(sandbox_id: str) -> str:
     return "egress_" + sandbox_id.removeprefix("sbx-")
 
 
+def _sni_chain(sandbox_id: str) -> str:
+    return "sni_" + sandbox_id.removeprefix("sbx-")
+
+
 def _set(sandbox_id: str) -> str:
     return "resolved_" + sandbox_id.removeprefix("sbx-")
 
@@ -71,12 +82,15 @@ def base_ruleset() -> str:
     return f"""\
 add table {TABLE}
 add map {TABLE} sandbox_egress {{ type ifname : verdict; }}
+add map {TABLE} sandbox_sni {{ type ifname : verdict; }}
+add chain {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
 add chain {TABLE} input {{ type filter hook input priority filter; policy accept; }}
 add chain {TABLE} forward {{ type filter hook forward priority filter; policy accept; }}
 add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
 add rule {TABLE} input iifname "{_INTERFACES}" ip daddr {SANDBOX_NETWORK} udp dport 53 accept
 add rule {TABLE} input iifname "{_INTERFACES}" ip daddr {SANDBOX_NETWORK} tcp dport 53 accept
 
+add rule {TABLE} input iifname "{_INTERFACES}" ip daddr {SANDBOX_NETWORK} tcp dport {SNI_PROXY_PORT} accept
 add rule {TABLE} input iifname "{_INTERFACES}" ct state established,related accept
 add rule {TABLE} input iifname "{_INTERFACES}" drop
 add rule {TABLE} forward oifname "{_INTERFACES}" ct state established,related accept
@@ -84,35 +98,48 @@ add rule {TABLE} forward oifname "{_INTERFACES}" drop
 add rule {TABLE} forward iifname "{_INTERFACES}" ip daddr {SANDBOX_NETWORK} drop
 add rule {TABLE} forward iifname "{_INTERFACES}" meta nfproto ipv4 iifname vmap @sandbox_egress
 add rule {TABLE} forward iifname "{_INTERFACES}" drop
+add rule {TABLE} prerouting iifname "{_INTERFACES}" meta nfproto ipv4 iifname vmap @sandbox_sni
 add rule {TABLE} postrouting ip saddr {SANDBOX_NETWORK} oifname != "{_INTERFACES}" masquerade
 """
 
 
 def sandbox_rules(sandbox_id: str, plan: EgressPlan) -> str:
-    chain, resolved = _chain(sandbox_id), _set(sandbox_id)
+    """Listed ranges are forwarded as they are; connections to addresses that listed
+    domains resolved to go to the TLS server-name check on the sandbox's gateway."""
+    assert plan.subnet is not None
+    chain, resolved, sni = _chain(sandbox_id), _set(sandbox_id), _sni_chain(sandbox_id)
+    interface = host_interface(sandbox_id)
+    gateway, _ = endpoints(plan.subnet)
     lines = [
         f"add set {TABLE} {resolved} {{ type ipv4_addr; flags timeout; }}",
         f"add chain {TABLE} {chain}",
+        f"add chain {TABLE} {sni}",
     ]
     for cidr, ports in plan.rules:
         network = ipaddress.ip_network(cidr)
         if network.version == 4:
-            lines.append(
-                f"add rule {TABLE} {chain} ip daddr {network} tcp dport {{ {_ports(ports)} }} accept"
-            )
-    if plan.domains and plan.domain_ports:
-        domain_ports = _ports(plan.domain_ports)
-        lines.append(f"add rule {TABLE} {chain} ip daddr @{resolved} tcp dport {{ {domain_ports} }} accept")
+            listed = f"ip daddr {network} tcp dport {{ {_ports(ports)} }}"
+            lines.append(f"add rule {TABLE} {chain} {listed} accept")
+            lines.append(f"add rule {TABLE} {sni} {listed} return")  # listed ranges are not redirected
 
-    lines.append(f'add element {TABLE} sandbox_egress {{ "{host_interface(sandbox_id)}" : jump {chain} }}')
+    if plan.domains and plan.domain_ports:
+        lines.append(
+            f"add rule {TABLE} {sni} ip daddr @{resolved} tcp dport {{ {_ports(plan.domain_ports)} }} "
+            f"dnat ip to {gateway}:{SNI_PROXY_PORT}"
+        )
+    lines.append(f'add element {TABLE} sandbox_egress {{ "{interface}" : jump {chain} }}')
+    lines.append(f'add element {TABLE} sandbox_sni {{ "{interface}" : jump {sni} }}')
     return "\n".join(lines) + "\n"
 
 
 def sandbox_rules_removal(sandbox_id: str) -> list[str]:
     """Separate scripts, so one that fails (already gone) does not stop the others."""
+    interface = host_interface(sandbox_id)
     return [
-        f'delete element {TABLE} sandbox_egress {{ "{host_interface(sandbox_id)}" }}\n',
+        f'delete element {TABLE} sandbox_egress {{ "{interface}" }}\n',
+        f'delete element {TABLE} sandbox_sni {{ "{interface}" }}\n',
         f"delete chain {TABLE} {_chain(sandbox_id)}\n",
+        f"delete chain {TABLE} {_sni_chain(sandbox_id)}\n",
         f"delete set {TABLE} {_set(sandbox_id)}\n",
     ]
 
@@ -175,3 +202,41 @@ def reachable_answer(address: str, *, private_allowed: bool) -> bool:
     if ip.version != 4 or any(ip in network for network in _NEVER):
         return False
     return private_allowed or not any(ip in network for network in _PRIVATE)
+
+
+def parse_sni(data: bytes) -> tuple[bool, str | None]:
+    """(complete, server name) of a TLS ClientHello at the start of ``data``.
+
+    ``complete`` is False while more bytes are needed; a complete record that is not
+    a ClientHello, or has no server name, gives (True, None).
+    """
+    if len(data) < 5:
+        return False, None
+    if data[0] != 0x16:  # not a TLS handshake record
+        return True, None
+    length = int.from_bytes(data[3:5], "big")
+    if len(data) < 5 + length:
+        return False, None
+    hello = data[5 : 5 + length]
+    try:
+        if hello[0] != 0x01:  # ClientHello
+            return True, None
+        position = 4 + 2 + 32  # handshake header, version, random
+        position += 1 + hello[position]  # session id
+        position += 2 + int.from_bytes(hello[position : position + 2], "big")  # cipher suites
+        position += 1 + hello[position]  # compression methods
+        end = position + 2 + int.from_bytes(hello[position : position + 2], "big")
+        position += 2
+        while position + 4 <= end:
+            kind = int.from_bytes(hello[position : position + 2], "big")
+            size = int.from_bytes(hello[position + 2 : position + 4], "big")
+            body = hello[position + 4 : position + 4 + size]
+            if kind == 0:  # server_name: list length, type 0 (host name), name length, name
+                if len(body) >= 5 and body[2] == 0:
+                    name_length = int.from_bytes(body[3:5], "big")
+                    return True, body[5 : 5 + name_length].decode("ascii").lower()
+                return True, None
+            position += 4 + size
+    except (IndexError, UnicodeDecodeError):
+        return True, None
+    return True, None

@@ -9,11 +9,20 @@ names the policy lists: for those it asks the upstream resolver, keeps only the 
 records the policy lets the sandbox reach, adds them to the sandbox's nftables set
 (for as long as their TTL, at least a minute) and only then replies. Any other
 name gets REFUSED without a query leaving the host, so DNS cannot carry data out.
+
+Next to it, on port ``SNI_PROXY_PORT``, connections to those addresses arrive
+(redirected by nftables). Each is relayed to where it was going only if it opens
+with a TLS ClientHello whose server name is listed and resolved, for this sandbox,
+to that address: a listed name cannot be used to reach other sites that share
+its address (a CDN), and plain-text connections to domain addresses are refused.
+
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 from pathlib import Path
 
 import anyio
@@ -28,11 +37,13 @@ from anyio.abc import TaskGroup
 from ..errors import BackendError
 from ..policy import EgressPlan
 from .egress import (
+    SNI_PROXY_PORT,
     base_ruleset,
     domain_allowed,
     egress_interfaces_in,
     endpoints,
     host_interface,
+    parse_sni,
     reachable_answer,
     resolved_addresses,
     sandbox_rules,
@@ -44,6 +55,10 @@ __all__ = ["EgressNetwork"]
 log = logging.getLogger(__name__)
 
 _UPSTREAM_TIMEOUT = 3.0
+_HELLO_TIMEOUT = 10.0
+_CONNECT_TIMEOUT = 10.0
+_MAX_HELLO = 64 << 10
+_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 _IP_FORWARD = anyio.Path("/proc/sys/net/ipv4/ip_forward")
 
 _MAX_DNS_MESSAGE = 4096
@@ -58,6 +73,22 @@ def _host_resolver() -> str:
     except OSError:
         pass
     return "127.0.0.1"
+
+
+def _original_destination(stream: anyio.abc.SocketStream) -> tuple[str, int]:
+    """Where the sandbox sent a connection before nftables redirected it here."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610 - not Django
+    packed = raw.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+    return socket.inet_ntoa(packed[4:8]), int.from_bytes(packed[2:4], "big")
+
+
+async def _pipe(source: anyio.abc.SocketStream, destination: anyio.abc.SocketStream) -> None:
+    try:
+        async for chunk in source:
+            await destination.send(chunk)
+        await destination.send_eof()
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass
 
 
 async def _run(argv: list[str], stdin: str | None = None, *, check: bool = True) -> bool:
@@ -75,6 +106,8 @@ class EgressNetwork:
         self._tasks = tasks
         self._proc_root = proc_root
         self._resolvers: dict[str, anyio.CancelScope] = {}
+        # per sandbox: address -> the listed names that resolved to it
+        self._answers: dict[str, dict[str, set[str]]] = {}
         self._saved_forwarding = anyio.Path(state_dir / "ip_forward.saved")
 
     async def _ensure_base(self) -> None:
@@ -128,13 +161,15 @@ class EgressNetwork:
         await self.serve(sandbox_id, plan)
 
     async def serve(self, sandbox_id: str, plan: EgressPlan) -> None:
-        """Start the sandbox's filtering resolver (also after a server restart)."""
+        """Start the sandbox's filtering resolver and server-name check (also after a restart)."""
         assert plan.subnet is not None
         host_end, _ = endpoints(plan.subnet)
-        socket = await anyio.create_udp_socket(local_host=host_end, local_port=53)
+        udp = await anyio.create_udp_socket(local_host=host_end, local_port=53)
+        listener = await anyio.create_tcp_listener(local_host=host_end, local_port=SNI_PROXY_PORT)
         scope = anyio.CancelScope()
         self._resolvers[sandbox_id] = scope
-        self._tasks.start_soon(self._resolve_forever, scope, socket, sandbox_id, plan)
+        self._answers.setdefault(sandbox_id, {})
+        self._tasks.start_soon(self._serve_forever, scope, udp, listener, sandbox_id, plan)
 
     async def detach(self, sandbox_id: str) -> None:
         """Undo :meth:`attach` (or :meth:`serve`); nothing to do for sandboxes without egress."""
@@ -142,21 +177,65 @@ class EgressNetwork:
         if scope is None:
             return
         scope.cancel()
+        self._answers.pop(sandbox_id, None)
         for script in sandbox_rules_removal(sandbox_id):
             await _run(["nft", "-f", "-"], script, check=False)
         await self._remove_base_if_unused()
 
-    async def _resolve_forever(
-        self, scope: anyio.CancelScope, socket: anyio.abc.UDPSocket, sandbox_id: str, plan: EgressPlan
+    async def _serve_forever(
+        self,
+        scope: anyio.CancelScope,
+        udp: anyio.abc.UDPSocket,
+        listener: anyio.abc.Listener[anyio.abc.SocketStream],
+        sandbox_id: str,
+        plan: EgressPlan,
     ) -> None:
         with scope:
-            async with socket, anyio.create_task_group() as queries:
-                async for packet, client in socket:
-                    queries.start_soon(self._answer, socket, packet, client, sandbox_id, plan)
+            async with udp, listener, anyio.create_task_group() as tasks:
+                tasks.start_soon(listener.serve, functools.partial(self._check_and_relay, sandbox_id, plan))
+                async for packet, client in udp:
+                    tasks.start_soon(self._answer, udp, packet, client, sandbox_id, plan)
+
+    async def _check_and_relay(
+        self, sandbox_id: str, plan: EgressPlan, client: anyio.abc.SocketStream
+    ) -> None:
+        """A connection redirected here must carry a TLS ClientHello naming a listed domain that
+        resolved, for this sandbox, to the address it was sent to; then it is relayed there."""
+        async with client:
+            address, port = _original_destination(client)
+            hello = b""
+            complete, name = False, None
+            with anyio.move_on_after(_HELLO_TIMEOUT):
+                while not complete and len(hello) <= _MAX_HELLO:
+                    try:
+                        hello += await client.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                        return
+                    complete, name = parse_sni(hello)
+            known = self._answers.get(sandbox_id, {}).get(address, set())
+            if name is None or not domain_allowed(name, plan.domains) or name not in known:
+                log.info(
+                    "sandbox %s: refused a connection to %s:%d (server name %r)",
+                    sandbox_id,
+                    address,
+                    port,
+                    name,
+                )
+                return
+            try:
+                with anyio.fail_after(_CONNECT_TIMEOUT):
+                    upstream = await anyio.connect_tcp(address, port)
+            except (OSError, TimeoutError):
+                return
+            async with upstream:
+                await upstream.send(hello)
+                async with anyio.create_task_group() as pipes:
+                    pipes.start_soon(_pipe, client, upstream)
+                    pipes.start_soon(_pipe, upstream, client)
 
     async def _answer(
         self,
-        socket: anyio.abc.UDPSocket,
+        udp: anyio.abc.UDPSocket,
         packet: bytes,
         client: tuple[str, int],
         sandbox_id: str,
@@ -172,7 +251,7 @@ class EgressNetwork:
             reply = dns.message.make_response(query)
             reply.set_rcode(dns.rcode.SERVFAIL)
         try:
-            await socket.sendto(reply.to_wire(max_size=_MAX_DNS_MESSAGE), *client)
+            await udp.sendto(reply.to_wire(max_size=_MAX_DNS_MESSAGE), *client)
         except (OSError, dns.exception.DNSException) as exc:
             log.info("cannot answer a DNS query of %s: %s", sandbox_id, exc)
 
@@ -206,6 +285,10 @@ class EgressNetwork:
         if allowed:
             script = resolved_addresses(sandbox_id, allowed, max(allowed.values()))
             await _run(["nft", "-f", "-"], script)
+            name = query.question[0].name.to_text().rstrip(".").lower()
+            answers = self._answers.setdefault(sandbox_id, {})
+            for address in allowed:
+                answers.setdefault(address, set()).add(name)
         reply.set_rcode(upstream.rcode())
         reply.answer = kept
         return reply

@@ -5,6 +5,7 @@ A target is {"host": name or address, "port": n} (TCP) or {"resolve": name}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -33,8 +34,30 @@ def udp_send(host: str, port: int) -> str:
     return "sent"
 
 
+def tls(host: str, port: int, server_name: str) -> str:
+    """Open a TLS connection as far as the ClientHello naming ``server_name``; return what comes back."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    outgoing = ssl.MemoryBIO()
+    client = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    try:
+        with socket.create_connection((host, port), timeout=2) as connection:
+            connection.settimeout(2)
+            connection.sendall(outgoing.read())
+            return connection.recv(100).decode(errors="replace").strip() or "closed"
+    except OSError as exc:
+        return f"error: {type(exc).__name__}"
+
+
 results: list[object] = []
 for target in json.load(sys.stdin):
+    if "tls" in target:
+        results.append(tls(target["tls"], target["port"], target["sni"]))
+        continue
     if "udp" in target:
         results.append(udp_send(target["udp"], target["port"]))
         continue

@@ -65,6 +65,7 @@ servers: list[socketserver.BaseServer] = [
     TCP(("198.18.0.2", 8443), Hello),
     TCP(("198.18.0.2", 8080), Hello),
     TCP(("198.18.0.3", 8443), Hello),
+    TCP(("198.18.0.4", 8443), Hello),
     socketserver.ThreadingUDPServer(("198.18.0.2", 53), Dns),
     socketserver.ThreadingUDPServer(("198.18.0.2", 8443), Datagram),  # where QUIC would go
 ]
