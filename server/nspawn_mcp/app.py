@@ -44,8 +44,10 @@ INSTRUCTIONS = """\
 Disposable Linux sandboxes (systemd-nspawn containers). Typical use: create_sandbox,
 then exec_in_sandbox as often as needed (a shell string or an argv list), copy_file to
 move files between the host's allowed directories and the sandbox, and destroy_sandbox
-when done. Sandboxes have no network, run as an unprivileged user on the host, and are
-destroyed automatically after their ttl_seconds."""
+when done. Long-running commands can run with background=true. Each sandbox runs as an
+unprivileged user on the host, has only what its policy allows (get_policy shows it; by
+default no network), and is destroyed automatically after its ttl_seconds."""
+
 
 
 def _client_name(ctx: ServiceContext) -> str:
