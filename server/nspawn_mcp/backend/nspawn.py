@@ -2,12 +2,16 @@
 
 Steps of a create, each undone by :meth:`NspawnBackend.destroy`:
 
-1. machined ``CloneImage`` of the template: a btrfs snapshot (copy-on-write).
+1. machined ``CloneImage`` of the template: a btrfs snapshot (copy-on-write), and
+   ``SetImageLimit`` where the policy caps disk use.
 2. systemd ``StartTransientUnit`` of the nspawn service, with the sandbox's slice
    (which carries MemoryMax / TasksMax / CPUQuota) as an auxiliary unit. The
-   service is Type=notify and nspawn runs with ``--notify-ready=yes``, so the job
-   completes once the exec supervisor inside listens.
+   service is Type=notify, so the job completes once the container runs; then the
+   exec supervisor's socket appearing means it accepts commands.
+3. For egress policies: the veth's addresses, the nftables rules, the resolver and
+   the server-name check (:mod:`.network`), and the sandbox's resolv.conf.
 """
+
 
 from __future__ import annotations
 
