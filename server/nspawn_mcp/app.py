@@ -49,7 +49,6 @@ unprivileged user on the host, has only what its policy allows (get_policy shows
 default no network), and is destroyed automatically after its ttl_seconds."""
 
 
-
 def _client_name(ctx: ServiceContext) -> str:
     """The MCP client's self-reported name, for the audit log and per-client quotas."""
     request = ctx.request_context

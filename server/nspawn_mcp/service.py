@@ -10,31 +10,25 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import os
 import posixpath
-import re
-import signal as signal_module
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
 
-from . import hostfs
+from . import commands, hostfs
 from .audit import AuditLog, current_client
-from .backend.api import Backend, CommandOutcome, CommandSpec, Jail, OutputChunk, ProcessState
+from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState
 from .backend.egress import allocate_subnet
-from .errors import InvalidRequest, NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
+from .errors import NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
 from .models import (
     CopyResult,
     ExecResult,
-    Limits,
-    Mount,
     ProcessInfo,
     ProcessList,
     ProcessOutputResult,
@@ -45,108 +39,24 @@ from .naming import new_sandbox_id, parse_sandbox_id
 from .policy import (
     BindMount,
     CreateRequest,
-    EgressPlan,
     ExecRequest,
     HostTarget,
     Policy,
     PolicySet,
-    ResolvedLimits,
     SandboxPlan,
     check_container_path,
     confine_host_path,
     resolve_create,
     resolve_exec,
 )
+from .records import MetaStore, SandboxRecord
 
 __all__ = ["SandboxService"]
 
 log = logging.getLogger(__name__)
 
 _MiB = 1 << 20
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_MAX_ARGV = 4096
-_MAX_COMMAND_BYTES = 1 << 20
-_MAX_ENV = 256
 _REAP_INTERVAL = 1.0
-_SIGKILL = 9
-_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_PROCESS_ID = re.compile(r"^p[0-9]{1,9}$")
-_CURSOR = re.compile(r"^([0-9]{1,15}):([0-9]{1,15})$")
-_SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
-
-State = Literal["creating", "running", "destroying", "gone"]
-
-
-@dataclass
-class _Sandbox:
-    sandbox_id: str
-    plan: SandboxPlan
-    created_at: datetime
-    expires_at: datetime
-    state: State = "creating"
-    oom_kills_seen: int = 0
-    owner: str = "local"
-
-    def info(self) -> SandboxInfo:
-        limits = self.plan.limits
-        return SandboxInfo(
-            sandbox_id=self.sandbox_id,
-            image=self.plan.image,
-            policy=self.plan.policy,
-            limits=Limits(
-                memory_mb=limits.memory_bytes // _MiB,
-                cpus=limits.cpus,
-                max_processes=limits.processes,
-                ttl_seconds=limits.ttl_seconds,
-                disk_mb=None if limits.disk_bytes is None else limits.disk_bytes // _MiB,
-            ),
-            mounts=[Mount(host=m.source, sandbox=m.target, writable=m.writable) for m in self.plan.mounts],
-            created_at=self.created_at.isoformat(timespec="milliseconds"),
-            expires_at=self.expires_at.isoformat(timespec="milliseconds"),
-        )
-
-
-class _MetaStore:
-    """``meta.json`` per sandbox, so a restarted server can adopt what it made."""
-
-    def __init__(self, directory: Path) -> None:
-        self._directory = directory
-
-    def save(self, sandbox: _Sandbox) -> None:
-        folder = self._directory / sandbox.sandbox_id
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = {
-            "owner": sandbox.owner,
-            "plan": asdict(sandbox.plan),
-            "created_at": sandbox.created_at.isoformat(),
-            "expires_at": sandbox.expires_at.isoformat(),
-        }
-        temporary = folder / "meta.json.tmp"
-        temporary.write_text(json.dumps(data))
-        temporary.replace(folder / "meta.json")
-
-    def load(self, sandbox_id: str) -> _Sandbox | None:
-        try:
-            data = json.loads((self._directory / sandbox_id / "meta.json").read_text())
-            plan = data["plan"]
-            return _Sandbox(
-                sandbox_id=sandbox_id,
-                plan=SandboxPlan(
-                    policy=plan["policy"],
-                    image=plan["image"],
-                    limits=ResolvedLimits(**plan["limits"]),
-                    network=plan["network"],
-                    allowed_host_roots=tuple(plan["allowed_host_roots"]),
-                    mounts=tuple(BindMount(**mount) for mount in plan.get("mounts", ())),
-                    egress=_load_egress(plan.get("egress")),
-                ),
-                created_at=datetime.fromisoformat(data["created_at"]),
-                expires_at=datetime.fromisoformat(data["expires_at"]),
-                state="running",
-                owner=str(data.get("owner", "local")),
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
 
 
 def _now() -> datetime:
@@ -167,11 +77,11 @@ class SandboxService:
     ) -> None:
         self._backend = backend
         self._policies = policies
-        self._store = _MetaStore(state_dir)
+        self._store = MetaStore(state_dir)
         self._cwd = cwd or os.getcwd()
         self._max_sandboxes = max_sandboxes
         self._clock = clock
-        self._sandboxes: dict[str, _Sandbox] = {}
+        self._sandboxes: dict[str, SandboxRecord] = {}
         self._audit = audit or AuditLog(None)
 
     @contextlib.contextmanager
@@ -189,10 +99,6 @@ class SandboxService:
         self._audit.record(
             action, sandbox_id=identity if isinstance(identity, str) else None, detail=detail | extra
         )
-
-    @property
-    def policies(self) -> PolicySet:
-        return self._policies
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -261,7 +167,7 @@ class SandboxService:
             ]
             plan = replace(plan, egress=replace(plan.egress, subnet=allocate_subnet(used)))
         created = self._clock()
-        sandbox = _Sandbox(
+        sandbox = SandboxRecord(
             sandbox_id=new_sandbox_id(),
             plan=plan,
             created_at=created,
@@ -303,7 +209,7 @@ class SandboxService:
         with self._audited("destroy_sandbox", sandbox_id):
             await self._destroy(self._get(sandbox_id, allow_gone=True))
 
-    async def _destroy(self, sandbox: _Sandbox) -> None:
+    async def _destroy(self, sandbox: SandboxRecord) -> None:
         sandbox.state = "destroying"
         with anyio.CancelScope(shield=True):
             try:
@@ -318,7 +224,7 @@ class SandboxService:
 
     def _command(
         self,
-        sandbox: _Sandbox,
+        sandbox: SandboxRecord,
         command: str | Sequence[str],
         *,
         cwd: str | None,
@@ -333,18 +239,14 @@ class SandboxService:
         plan = resolve_exec(
             policy, ExecRequest(timeout_seconds=timeout_seconds, stdin_bytes=len(stdin_bytes))
         )
-        if not _USER_NAME.match(user):
-            raise InvalidRequest(
-                f"invalid user {user[:40]!r}: 'root', or a user of the image such as 'sandbox'"
-            )
         return CommandSpec(
-            argv=_argv(command),
+            argv=commands.argv(command),
             cwd=check_container_path(cwd) if cwd is not None else None,
-            env=_env(env or {}),
+            env=commands.environment(env or {}),
             stdin=stdin_bytes,
             timeout_seconds=plan.timeout_seconds,
             max_output_bytes=max_output_bytes or plan.max_output_bytes,
-            user=user,
+            user=commands.user_name(user),
         )
 
     async def exec(
@@ -360,7 +262,7 @@ class SandboxService:
         include_base64: bool = False,
         on_output: Callable[[OutputChunk], Awaitable[None]] | None = None,
     ) -> ExecResult:
-        with self._audited("exec", sandbox_id, command=_summary(command), user=user) as audit:
+        with self._audited("exec", sandbox_id, command=commands.summary(command), user=user) as audit:
             sandbox = self._get(sandbox_id)
             spec = self._command(
                 sandbox, command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
@@ -375,13 +277,13 @@ class SandboxService:
             stderr=outcome.stderr.decode("utf-8", errors="replace"),
             timed_out=outcome.timed_out,
             truncated=outcome.stdout_truncated or outcome.stderr_truncated,
-            oom_killed=await self._oom_struck(sandbox) if _killed(outcome) else False,
+            oom_killed=await self._oom_struck(sandbox) if commands.killed_by_sigkill(outcome) else False,
             duration_ms=outcome.duration_ms,
             stdout_base64=base64.b64encode(outcome.stdout).decode() if include_base64 else None,
             stderr_base64=base64.b64encode(outcome.stderr).decode() if include_base64 else None,
         )
 
-    async def _oom_struck(self, sandbox: _Sandbox) -> bool:
+    async def _oom_struck(self, sandbox: SandboxRecord) -> bool:
         """Whether the OOM killer struck in the sandbox since we last looked."""
         count = await self._backend.oom_kills(sandbox.sandbox_id)
         if count is None or count <= sandbox.oom_kills_seen:
@@ -390,7 +292,7 @@ class SandboxService:
         return True
 
     @contextlib.asynccontextmanager
-    async def _jail(self, sandbox: _Sandbox) -> AsyncIterator[Jail]:
+    async def _jail(self, sandbox: SandboxRecord) -> AsyncIterator[Jail]:
         """The sandbox's supervisor; if the sandbox died of OOM meanwhile, the error says so."""
         try:
             yield self._backend.jail(sandbox.sandbox_id)
@@ -416,7 +318,7 @@ class SandboxService:
         user: str = "root",
     ) -> ExecResult:
         """Start a command in the background; its output is kept (bounded) inside the sandbox."""
-        with self._audited("exec_background", sandbox_id, command=_summary(command), user=user):
+        with self._audited("exec_background", sandbox_id, command=commands.summary(command), user=user):
             return await self._start_background(sandbox_id, command, cwd, env, stdin, timeout_seconds, user)
 
     async def _start_background(
@@ -463,10 +365,10 @@ class SandboxService:
         self, sandbox_id: str, process_id: str, since: str | None = None
     ) -> ProcessOutputResult:
         sandbox = self._get(sandbox_id)
-        stdout_offset, stderr_offset = _parse_cursor(since)
+        stdout_offset, stderr_offset = commands.parse_cursor(since)
         limit = self._policies.get(sandbox.plan.policy).exec.max_output_bytes
         async with self._jail(sandbox) as jail:
-            output = await jail.read(_process_id(process_id), stdout_offset, stderr_offset, limit)
+            output = await jail.read(commands.process_id(process_id), stdout_offset, stderr_offset, limit)
         return ProcessOutputResult(
             process=_process_info(output.state),
             stdout=output.stdout.decode("utf-8", errors="replace"),
@@ -486,13 +388,13 @@ class SandboxService:
                 f"data is {len(payload)} bytes, above the maximum {limit}", rule="exec.max_stdin_bytes"
             )
         async with self._jail(sandbox) as jail:
-            written = await jail.write(_process_id(process_id), payload, close)
+            written = await jail.write(commands.process_id(process_id), payload, close)
         return StdinWritten(process_id=process_id, written=written, closed=close)
 
     async def kill_process(self, sandbox_id: str, process_id: str, signal: str | int = "TERM") -> ProcessInfo:
         sandbox = self._get(sandbox_id)
         async with self._jail(sandbox) as jail:
-            state = await jail.kill(_process_id(process_id), _signal_number(signal))
+            state = await jail.kill(commands.process_id(process_id), commands.signal_number(signal))
         return _process_info(state)
 
     async def list_processes(self, sandbox_id: str) -> ProcessList:
@@ -554,7 +456,7 @@ class SandboxService:
 
     # -- helpers -----------------------------------------------------------------
 
-    def _get(self, sandbox_id: str, *, allow_gone: bool = False) -> _Sandbox:
+    def _get(self, sandbox_id: str, *, allow_gone: bool = False) -> SandboxRecord:
         parse_sandbox_id(sandbox_id)
         sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is None or sandbox.state in ("creating", "destroying"):
@@ -562,19 +464,6 @@ class SandboxService:
         if sandbox.state == "gone" and not allow_gone:
             raise SandboxGone(f"sandbox {sandbox_id} has stopped; create a new one")
         return sandbox
-
-
-def _load_egress(data: dict[str, Any] | None) -> EgressPlan | None:
-    if data is None:
-        return None
-    return EgressPlan(
-        rules=tuple((str(cidr), tuple(ports)) for cidr, ports in data["rules"]),
-        domains=tuple(data["domains"]),
-        domain_ports=tuple(data["domain_ports"]),
-        upstream_dns=data["upstream_dns"],
-        private_dns_answers=bool(data["private_dns_answers"]),
-        subnet=data["subnet"],
-    )
 
 
 def _resolve_binds(mounts: tuple[BindMount, ...]) -> tuple[BindMount, ...]:
@@ -587,45 +476,6 @@ def _resolve_binds(mounts: tuple[BindMount, ...]) -> tuple[BindMount, ...]:
     return tuple(resolved)
 
 
-def _summary(command: str | Sequence[str]) -> str:
-    """The command as the audit log shows it: one string, at most 1,000 characters."""
-    text = command if isinstance(command, str) else " ".join(command)
-    return text[:1000]
-
-
-def _killed(outcome: CommandOutcome) -> bool:
-    """SIGKILL, directly or as a shell's 128+9: how the OOM killer's victims end."""
-    return outcome.signal == _SIGKILL or outcome.exit_code == 128 + _SIGKILL
-
-
-def _process_id(value: str) -> str:
-
-    if not _PROCESS_ID.match(value):
-        raise InvalidRequest(f"invalid process_id {value[:40]!r}: ids look like 'p1' (from exec_in_sandbox)")
-    return value
-
-
-def _parse_cursor(since: str | None) -> tuple[int, int]:
-    if not since:
-        return 0, 0
-    match = _CURSOR.match(since)
-    if match is None:
-        raise InvalidRequest(f"invalid cursor {since[:40]!r}: pass the next_cursor of a previous read")
-    return int(match.group(1)), int(match.group(2))
-
-
-def _signal_number(value: str | int) -> int:
-    if isinstance(value, int):
-        if 1 <= value <= 64:
-            return value
-    else:
-        name = value.upper().removeprefix("SIG")
-        number = getattr(signal_module.Signals, f"SIG{name}", None)
-        if number is not None and name in _SIGNALS:
-            return int(number)
-    raise InvalidRequest(f"invalid signal {str(value)[:20]!r}: use one of {', '.join(_SIGNALS)} or 1-64")
-
-
 def _process_info(state: ProcessState) -> ProcessInfo:
     return ProcessInfo(
         process_id=state.process_id,
@@ -636,34 +486,3 @@ def _process_info(state: ProcessState) -> ProcessInfo:
         timed_out=state.timed_out,
         truncated=state.stdout_truncated or state.stderr_truncated,
     )
-
-
-def _argv(command: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(command, str):
-        if not command.strip():
-            raise InvalidRequest("command is empty; give a shell command string or an argv list")
-        argv: tuple[str, ...] = ("/bin/sh", "-c", command)
-    else:
-        argv = tuple(command)
-        if not argv or not argv[0]:
-            raise InvalidRequest("command is empty; give a shell command string or a non-empty argv list")
-        if len(argv) > _MAX_ARGV:
-            raise InvalidRequest(f"command has {len(argv)} arguments; at most {_MAX_ARGV} are allowed")
-    if any("\x00" in part for part in argv):
-        raise InvalidRequest("command contains a NUL byte")
-    if sum(len(part.encode("utf-8", errors="surrogatepass")) for part in argv) > _MAX_COMMAND_BYTES:
-        raise InvalidRequest(f"command is longer than {_MAX_COMMAND_BYTES} bytes")
-    return argv
-
-
-def _env(env: Mapping[str, str]) -> dict[str, str]:
-    if len(env) > _MAX_ENV:
-        raise InvalidRequest(f"env has {len(env)} variables; at most {_MAX_ENV} are allowed")
-    for name, value in env.items():
-        if not _ENV_NAME.match(name):
-            raise InvalidRequest(
-                f"invalid environment variable name {name[:64]!r}: use letters, digits and '_'"
-            )
-        if "\x00" in value:
-            raise InvalidRequest(f"environment variable {name} contains a NUL byte")
-    return dict(env)

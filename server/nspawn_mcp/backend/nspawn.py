@@ -12,7 +12,6 @@ Steps of a create, each undone by :meth:`NspawnBackend.destroy`:
    the server-name check (:mod:`.network`), and the sandbox's resolv.conf.
 """
 
-
 from __future__ import annotations
 
 import contextlib
