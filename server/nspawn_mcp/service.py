@@ -319,38 +319,29 @@ class SandboxService:
     ) -> ExecResult:
         """Start a command in the background; its output is kept (bounded) inside the sandbox."""
         with self._audited("exec_background", sandbox_id, command=commands.summary(command), user=user):
-            return await self._start_background(sandbox_id, command, cwd, env, stdin, timeout_seconds, user)
-
-    async def _start_background(
-        self,
-        sandbox_id: str,
-        command: str | Sequence[str],
-        cwd: str | None,
-        env: Mapping[str, str] | None,
-        stdin: str | None,
-        timeout_seconds: float | None,
-        user: str,
-    ) -> ExecResult:
-        sandbox = self._get(sandbox_id)
-        policy = self._policies.get(sandbox.plan.policy)
-        spec = self._command(
-            sandbox,
-            command,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-            timeout_seconds=timeout_seconds,
-            user=user,
-            max_output_bytes=policy.exec.max_background_output_bytes,
-        )
-        async with self._jail(sandbox) as jail:
-            running = sum(1 for process in await jail.list() if process.running)
-            if running >= policy.exec.max_background_processes:
-                raise QuotaExceeded(
-                    f"{running} background processes are running in {sandbox_id}, the policy's maximum; "
-                    "kill one first (policy rule: exec.max_background_processes)"
+            sandbox = self._get(sandbox_id)
+            policy = self._policies.get(sandbox.plan.policy)
+            spec = self._command(
+                sandbox,
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=stdin,
+                timeout_seconds=timeout_seconds,
+                user=user,
+                max_output_bytes=policy.exec.max_background_output_bytes,
+            )
+            async with self._jail(sandbox) as jail:
+                running = sum(1 for process in await jail.list() if process.running)
+                if running >= policy.exec.max_background_processes:
+                    raise QuotaExceeded(
+                        f"{running} background processes are running in {sandbox_id}, the policy's maximum; "
+                        "kill one first (policy rule: exec.max_background_processes)"
+                    )
+                # no timeout unless one was asked for: background processes live with the sandbox
+                process_id = await jail.spawn(
+                    spec, spec.timeout_seconds if timeout_seconds is not None else None
                 )
-            process_id = await jail.spawn(spec, spec.timeout_seconds if timeout_seconds is not None else None)
         return ExecResult(
             exit_code=None,
             stdout="",
