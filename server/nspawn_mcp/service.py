@@ -398,18 +398,13 @@ class SandboxService:
         self, sandbox_id: str, host_source: str, sandbox_destination: str
     ) -> CopyResult:
         with self._audited("copy_to_sandbox", sandbox_id, host_path=host_source[:4096]):
-            return await self._copy_to_sandbox(sandbox_id, host_source, sandbox_destination)
-
-    async def _copy_to_sandbox(
-        self, sandbox_id: str, host_source: str, sandbox_destination: str
-    ) -> CopyResult:
-        sandbox = self._get(sandbox_id)
-        destination = check_container_path(sandbox_destination)
-        target = confine_host_path(host_source, sandbox.plan.allowed_host_roots, self._cwd)
-        limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
-        with hostfs.staging_area(self._backend.staging_dir) as area:
-            staged, stats = await anyio.to_thread.run_sync(hostfs.stage_from_host, target, area, limit)
-            await self._backend.copy_in(sandbox_id, staged, destination)
+            sandbox = self._get(sandbox_id)
+            destination = check_container_path(sandbox_destination)
+            target = confine_host_path(host_source, sandbox.plan.allowed_host_roots, self._cwd)
+            limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
+            with hostfs.staging_area(self._backend.staging_dir) as area:
+                staged, stats = await anyio.to_thread.run_sync(hostfs.stage_from_host, target, area, limit)
+                await self._backend.copy_in(sandbox_id, staged, destination)
         return CopyResult(
             direction="to_sandbox",
             source=target.path,
@@ -422,21 +417,16 @@ class SandboxService:
         self, sandbox_id: str, sandbox_source: str, host_destination: str
     ) -> CopyResult:
         with self._audited("copy_from_sandbox", sandbox_id, host_path=host_destination[:4096]):
-            return await self._copy_from_sandbox(sandbox_id, sandbox_source, host_destination)
-
-    async def _copy_from_sandbox(
-        self, sandbox_id: str, sandbox_source: str, host_destination: str
-    ) -> CopyResult:
-        sandbox = self._get(sandbox_id)
-        source = check_container_path(sandbox_source)
-        target = confine_host_path(host_destination, sandbox.plan.allowed_host_roots, self._cwd)
-        limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
-        with hostfs.staging_area(self._backend.staging_dir) as area:
-            staged = area / "file"
-            await self._backend.copy_out(sandbox_id, source, staged)
-            stats = await anyio.to_thread.run_sync(
-                hostfs.publish_from_staging, staged, target, limit, f"sandbox path {source}"
-            )
+            sandbox = self._get(sandbox_id)
+            source = check_container_path(sandbox_source)
+            target = confine_host_path(host_destination, sandbox.plan.allowed_host_roots, self._cwd)
+            limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
+            with hostfs.staging_area(self._backend.staging_dir) as area:
+                staged = area / "file"
+                await self._backend.copy_out(sandbox_id, source, staged)
+                stats = await anyio.to_thread.run_sync(
+                    hostfs.publish_from_staging, staged, target, limit, f"sandbox path {source}"
+                )
         return CopyResult(
             direction="from_sandbox",
             source=source,
