@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,9 @@ import pytest
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
+from nspawn_mcp.backend.nspawn import NspawnBackend
+from nspawn_mcp.layout import Layout
+from nspawn_mcp.runtime import find_daemons
 from tests.e2e.conftest import SERVER
 from tests.netns import outside_hosts
 
@@ -341,3 +346,54 @@ async def test_an_egress_policy_reaches_its_listed_hosts_only(
         assert "dns also.test." not in seen.read_text()
     table = await anyio.run_process(["nft", "list", "table", "inet", "nspawn_mcp"], check=False)
     assert table.returncode != 0  # the last egress sandbox took the host's rules with it
+
+
+def _server_pids() -> list[int]:
+    """``nspawn-mcp serve`` processes that are children of this test process."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == os.getpid() and b"serve" in cmdline:
+            found.append(int(status.parent.name))
+    return found
+
+
+async def _our_machines_and_images() -> tuple[set[str], set[str]]:
+    """What machined itself reports, asked directly rather than through the server under test."""
+    layout = Layout.from_env()
+    daemons = await anyio.to_thread.run_sync(find_daemons, layout)
+    backend = await NspawnBackend.connect(daemons.bus_address, layout)
+    try:
+        machines = {m.name for m in await backend.machined.list_machines() if m.name.startswith("sbx-")}
+        images = {i.name for i in await backend.machined.list_images() if i.name.startswith("sbx-")}
+    finally:
+        backend.close()
+    return machines, images
+
+
+async def test_a_server_killed_mid_create_leaves_nothing_half_made(box_lifetime: None, workdir: Path) -> None:
+    params = StdioServerParameters(command=str(SERVER), args=["serve"], cwd=str(workdir))
+    with contextlib.suppress(Exception):
+        async with Client(params) as doomed:
+            kept = (await call(doomed, "create_sandbox"))["sandbox_id"]
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(doomed.call_tool, "create_sandbox", {})
+                await anyio.sleep(0.03)  # the second create is under way
+                for pid in _server_pids():
+                    os.kill(pid, signal.SIGKILL)
+    async with Client(params) as revived:
+        listed = {s["sandbox_id"] for s in (await call(revived, "list_sandboxes"))["sandboxes"]}
+        assert kept in listed
+        machines, images = await _our_machines_and_images()
+
+        assert machines == listed  # adopted, or removed: nothing half-made runs
+        assert images == listed
+        for sandbox in listed:
+            assert (await call(revived, "exec_in_sandbox", sandbox_id=sandbox, command="echo ok"))[
+                "stdout"
+            ] == "ok\n"
+            await call(revived, "destroy_sandbox", sandbox_id=sandbox)
