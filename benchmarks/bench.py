@@ -57,7 +57,15 @@ async def bench(creates: int, execs: int, idle: int, copy_mb: int) -> dict[str, 
         (policy_dir / "bench.toml").write_text("[sandboxes]\nmax_live = 1000\n")
         params = StdioServerParameters(
             command=str(SERVER),
-            args=["serve", "--max-sandboxes", "1000", "--policy-dir", str(policy_dir)],
+            args=[
+                "serve",
+                "--max-sandboxes",
+                "1000",
+                "--max-calls-per-second",
+                "0",
+                "--policy-dir",
+                str(policy_dir),
+            ],
             cwd=workdir,
         )
         async with Client(params) as client:

@@ -32,6 +32,7 @@ from .models import (
 )
 from .policy import CreateRequest, MountRequest, PolicySet
 from .service import SandboxService
+from .throttle import Throttle
 
 __all__ = ["build_server"]
 
@@ -61,25 +62,30 @@ def _client_name(ctx: ServiceContext) -> str:
     return "unknown"
 
 
-def _agent_errors(tool: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _agent_errors(throttle: Throttle) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """Our errors become tool errors whose text the agent reads; nothing else leaks.
 
-    Also records which client is calling, for the audit log and per-client quotas.
+    Also records which client is calling (for the audit log and per-client quotas)
+    and admits the call through the per-client rate limit.
     """
 
-    @functools.wraps(tool)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        ctx = kwargs.get("ctx")
-        token = current_client.set(_client_name(ctx)) if isinstance(ctx, Context) else None
-        try:
-            return await tool(*args, **kwargs)
-        except SandboxError as exc:
-            raise ToolError(str(exc)) from None
-        finally:
-            if token is not None:
+    def decorate(tool: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(tool)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            ctx = kwargs.get("ctx")
+            client = _client_name(ctx) if isinstance(ctx, Context) else "local"
+            token = current_client.set(client)
+            try:
+                throttle.admit(client)
+                return await tool(*args, **kwargs)
+            except SandboxError as exc:
+                raise ToolError(str(exc)) from None
+            finally:
                 current_client.reset(token)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 def _service(ctx: ServiceContext) -> SandboxService:
@@ -129,9 +135,14 @@ def _policy_document(policies: PolicySet, name: str) -> PolicyDocument:
 
 
 def build_server(
-    open_service: Callable[[], AbstractAsyncContextManager[SandboxService]], policies: PolicySet
+    open_service: Callable[[], AbstractAsyncContextManager[SandboxService]],
+    policies: PolicySet,
+    throttle: Throttle | None = None,
 ) -> MCPServer[SandboxService]:
-    """The MCP server; ``policies`` are the operator's, ``open_service`` runs for the server's lifetime."""
+    """The MCP server; ``policies`` are the operator's, ``open_service`` runs for the server's lifetime.
+
+    ``throttle``: the per-client rate limit of tool calls (none by default)."""
+    agent_errors = _agent_errors(throttle or Throttle(rate=0, burst=0))
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[SandboxService]) -> AsyncIterator[SandboxService]:
@@ -143,7 +154,7 @@ def build_server(
     )
 
     @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def create_sandbox(
         ctx: ServiceContext,
         image: Annotated[str, Field(description="image to start from", max_length=32)] = "default",
@@ -178,7 +189,7 @@ def build_server(
         return await _service(ctx).create(request)
 
     @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def exec_in_sandbox(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
@@ -229,7 +240,7 @@ def build_server(
         )
 
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def read_process_output(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
@@ -242,7 +253,7 @@ def build_server(
         return await _service(ctx).read_process_output(sandbox_id, process_id, since)
 
     @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def write_process_stdin(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
@@ -254,7 +265,7 @@ def build_server(
         return await _service(ctx).write_process_stdin(sandbox_id, process_id, data, close)
 
     @mcp.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def kill_process(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
@@ -268,13 +279,13 @@ def build_server(
         return await _service(ctx).kill_process(sandbox_id, process_id, signal)
 
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def list_processes(ctx: ServiceContext, sandbox_id: SandboxId) -> ProcessList:
         """List a sandbox's background processes and their states."""
         return await _service(ctx).list_processes(sandbox_id)
 
     @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def copy_file(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
@@ -298,20 +309,20 @@ def build_server(
     @mcp.tool(
         annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False)
     )
-    @_agent_errors
+    @agent_errors
     async def destroy_sandbox(ctx: ServiceContext, sandbox_id: SandboxId) -> DestroyResult:
         """Stop a sandbox and delete everything in it."""
         await _service(ctx).destroy(sandbox_id)
         return DestroyResult(sandbox_id=sandbox_id, destroyed=True)
 
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def list_sandboxes(ctx: ServiceContext) -> SandboxList:
         """List the live sandboxes with their limits and expiry times."""
         return SandboxList(sandboxes=_service(ctx).list())
 
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
-    @_agent_errors
+    @agent_errors
     async def get_policy(
         ctx: ServiceContext,
         name: Annotated[str, Field(description="policy name", max_length=32)] = "default",

@@ -19,6 +19,7 @@ __all__ = ["main"]
 def _serve(args: argparse.Namespace) -> int:
     from .app import build_server
     from .runtime import ServerConfig, open_service
+    from .throttle import Throttle
 
     config = ServerConfig(
         layout=Layout.from_env(),
@@ -27,7 +28,8 @@ def _serve(args: argparse.Namespace) -> int:
         audit_log=Path(args.audit_log) if args.audit_log else None,
     )
     policies = config.load_policies()  # fail fast, before any client connects
-    server = build_server(lambda: open_service(config, policies), policies)
+    throttle = Throttle(rate=args.max_calls_per_second, burst=args.max_calls_per_second * 4)
+    server = build_server(lambda: open_service(config, policies), policies, throttle)
 
     if args.http:
         host, _, port = args.http.rpartition(":")
@@ -97,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy-dir", action="append", default=[], help="directory of operator policies (*.toml)"
     )
     serve.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all (default 64)")
+    serve.add_argument(
+        "--max-calls-per-second",
+        type=float,
+        default=50,
+        help="tool calls per second per client, bursts of four times that (default 50; 0: no limit)",
+    )
     serve.add_argument(
         "--audit-log",
         metavar="PATH",

@@ -208,6 +208,8 @@ async def test_background_processes_survive_disconnects_and_server_restarts(
                         second, "read_process_output", sandbox_id=sandbox, process_id=process, since=cursor
                     )
                     seen, cursor = seen + later["stdout"], later["next_cursor"]
+                    await anyio.sleep(0.05)  # poll politely: the server rate-limits each client
+
             assert seen == "tick 1\ntick 2\ntick 3\ndone\n"
             killed = await call(second, "kill_process", sandbox_id=sandbox, process_id=process, signal="KILL")
             assert killed["process_id"] == process

@@ -14,6 +14,7 @@ from nspawn_mcp.app import build_server
 from nspawn_mcp.policy import PolicySet
 from nspawn_mcp.policy.loader import shipped_policy_dir
 from nspawn_mcp.service import SandboxService
+from nspawn_mcp.throttle import Throttle
 from tests.unit.fake_backend import FakeBackend, ok
 
 pytestmark = pytest.mark.anyio
@@ -166,3 +167,18 @@ async def test_policies_are_readable_as_a_tool_and_a_resource(client: Client) ->
     assert json.loads(text)["policy"]["limits"]["default"]["memory"] == "512MiB"
     missing = await client.call_tool("get_policy", {"name": "nope"})
     assert missing.is_error
+
+
+async def test_calls_beyond_the_rate_limit_are_refused(backend: FakeBackend, tmp_path: Path) -> None:
+    @asynccontextmanager
+    async def open_service() -> AsyncIterator[SandboxService]:
+        yield SandboxService(
+            backend, PolicySet.load([shipped_policy_dir()]), state_dir=tmp_path / "state", cwd=str(tmp_path)
+        )
+
+    throttle = Throttle(rate=1, burst=3, clock=lambda: 0.0)
+    server = build_server(open_service, PolicySet.load([shipped_policy_dir()]), throttle)
+    async with Client(server) as client:
+        results = [await client.call_tool("list_sandboxes", {}) for _ in range(5)]
+    assert [r.is_error for r in results] == [False, False, False, True, True]
+    assert "too many calls" in results[-1].content[0].text  # type: ignore[union-attr]
