@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import py_compile
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -50,7 +51,11 @@ _READY_POLL = 0.002
 
 
 def install_supervisor(layout: Layout) -> None:
-    """Put the current supervisor.py where sandboxes bind it from (atomically)."""
+    """Put the current supervisor.py where sandboxes bind it from (atomically), compiled.
+
+    The bytecode saves each sandbox compiling the supervisor at start (about 7 ms);
+    an image whose python3 is not the server's minor version just compiles it.
+    """
     source = resources.files("nspawn_mcp") / "sandbox" / "supervisor.py"
     layout.lib_dir.mkdir(parents=True, exist_ok=True)
     target = layout.lib_dir / "supervisor.py"
@@ -58,6 +63,9 @@ def install_supervisor(layout: Layout) -> None:
     temporary.write_bytes(source.read_bytes())
     temporary.chmod(0o644)
     temporary.replace(target)
+    py_compile.compile(str(target), doraise=True)
+    for compiled in (layout.lib_dir / "__pycache__").glob("*.pyc"):
+        compiled.chmod(0o644)
 
 
 class NspawnBackend:
