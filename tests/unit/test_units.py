@@ -47,7 +47,10 @@ def test_nspawn_command_line() -> None:
             "--",
             "/usr/bin/python3",
             "-I",
-            "-S", '-c', "import sys; sys.path.insert(0, '/run/nspawn-mcp/lib'); import supervisor; sys.exit(supervisor.main(sys.argv))", "/run/nspawn-mcp/ctl/exec.sock",
+            "-S",
+            "-c",
+            "import sys; sys.path.insert(0, '/run/nspawn-mcp/lib'); import supervisor; sys.exit(supervisor.main(sys.argv))",
+            "/run/nspawn-mcp/ctl/exec.sock",
         ]
     )
 

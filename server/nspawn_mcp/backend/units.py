@@ -111,7 +111,8 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         "-S",
         "-c",
         # imported, not run as a script, so the bytecode compiled by the server is used
-        f"import sys; sys.path.insert(0, {CONTAINER_LIB_DIR!r}); import supervisor; sys.exit(supervisor.main(sys.argv))",
+        f"import sys; sys.path.insert(0, {CONTAINER_LIB_DIR!r}); "
+        "import supervisor; sys.exit(supervisor.main(sys.argv))",
         f"{CONTAINER_CONTROL_DIR}/{SUPERVISOR_SOCKET}",
     ]
 
