@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from . import __version__
 from .audit import current_client
 from .backend.api import OutputChunk
+from .commands import CommandRequest
 from .errors import InvalidRequest, SandboxError
 from .models import (
     CopyResult,
@@ -223,20 +224,13 @@ def build_server(
         write_process_stdin, kill_process and list_processes. Clients that send a progress token
         get the newest output lines as progress notifications while the command runs."""
         service = _service(ctx)
+        request = CommandRequest(
+            command=command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
+        )
         if background:
-            return await service.start_background(
-                sandbox_id, command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
-            )
+            return await service.start_background(sandbox_id, request)
         return await service.exec(
-            sandbox_id,
-            command,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-            timeout_seconds=timeout_seconds,
-            user=user,
-            include_base64=include_base64,
-            on_output=_progress_reporter(ctx),
+            sandbox_id, request, include_base64=include_base64, on_output=_progress_reporter(ctx)
         )
 
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 import signal as signal_module
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from .backend.api import CommandOutcome
 from .errors import InvalidRequest
 
 __all__ = [
+    "CommandRequest",
     "argv",
     "environment",
     "killed_by_sigkill",
@@ -30,6 +32,19 @@ _SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT"
 _MAX_ARGV = 4096
 _MAX_COMMAND_BYTES = 1 << 20
 _MAX_ENV = 256
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """One command as an agent asked for it; checked against the policy when it is run."""
+
+    command: str | Sequence[str]
+    """A shell string (run by /bin/sh -c) or an argv list."""
+    cwd: str | None = None
+    env: Mapping[str, str] | None = None
+    stdin: str | None = None
+    timeout_seconds: float | None = None
+    user: str = "root"
 
 
 def user_name(value: str) -> str:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import posixpath
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ from . import commands, hostfs
 from .audit import AuditLog, current_client
 from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState
 from .backend.egress import allocate_subnet
+from .commands import CommandRequest
 from .errors import NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
 from .models import (
     CopyResult,
@@ -223,50 +224,35 @@ class SandboxService:
         return [s.info() for s in self._sandboxes.values() if s.state == "running"]
 
     def _command(
-        self,
-        sandbox: SandboxRecord,
-        command: str | Sequence[str],
-        *,
-        cwd: str | None,
-        env: Mapping[str, str] | None,
-        stdin: str | None,
-        timeout_seconds: float | None,
-        user: str,
-        max_output_bytes: int | None = None,
+        self, sandbox: SandboxRecord, request: CommandRequest, max_output_bytes: int | None = None
     ) -> CommandSpec:
         policy = self._policies.get(sandbox.plan.policy)
-        stdin_bytes = (stdin or "").encode("utf-8", errors="surrogatepass")
+        stdin_bytes = (request.stdin or "").encode("utf-8", errors="surrogatepass")
         plan = resolve_exec(
-            policy, ExecRequest(timeout_seconds=timeout_seconds, stdin_bytes=len(stdin_bytes))
+            policy, ExecRequest(timeout_seconds=request.timeout_seconds, stdin_bytes=len(stdin_bytes))
         )
         return CommandSpec(
-            argv=commands.argv(command),
-            cwd=check_container_path(cwd) if cwd is not None else None,
-            env=commands.environment(env or {}),
+            argv=commands.argv(request.command),
+            cwd=check_container_path(request.cwd) if request.cwd is not None else None,
+            env=commands.environment(request.env or {}),
             stdin=stdin_bytes,
             timeout_seconds=plan.timeout_seconds,
             max_output_bytes=max_output_bytes or plan.max_output_bytes,
-            user=commands.user_name(user),
+            user=commands.user_name(request.user),
         )
 
     async def exec(
         self,
         sandbox_id: str,
-        command: str | Sequence[str],
+        request: CommandRequest,
         *,
-        cwd: str | None = None,
-        env: Mapping[str, str] | None = None,
-        stdin: str | None = None,
-        timeout_seconds: float | None = None,
-        user: str = "root",
         include_base64: bool = False,
         on_output: Callable[[OutputChunk], Awaitable[None]] | None = None,
     ) -> ExecResult:
-        with self._audited("exec", sandbox_id, command=commands.summary(command), user=user) as audit:
+        summary = commands.summary(request.command)
+        with self._audited("exec", sandbox_id, command=summary, user=request.user) as audit:
             sandbox = self._get(sandbox_id)
-            spec = self._command(
-                sandbox, command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
-            )
+            spec = self._command(sandbox, request)
             async with self._jail(sandbox) as jail:
                 outcome = await jail.run(spec, on_output)
             audit["exit_code"] = outcome.exit_code
@@ -306,31 +292,13 @@ class SandboxService:
 
     # -- background processes ------------------------------------------------------
 
-    async def start_background(
-        self,
-        sandbox_id: str,
-        command: str | Sequence[str],
-        *,
-        cwd: str | None = None,
-        env: Mapping[str, str] | None = None,
-        stdin: str | None = None,
-        timeout_seconds: float | None = None,
-        user: str = "root",
-    ) -> ExecResult:
+    async def start_background(self, sandbox_id: str, request: CommandRequest) -> ExecResult:
         """Start a command in the background; its output is kept (bounded) inside the sandbox."""
-        with self._audited("exec_background", sandbox_id, command=commands.summary(command), user=user):
+        summary = commands.summary(request.command)
+        with self._audited("exec_background", sandbox_id, command=summary, user=request.user):
             sandbox = self._get(sandbox_id)
             policy = self._policies.get(sandbox.plan.policy)
-            spec = self._command(
-                sandbox,
-                command,
-                cwd=cwd,
-                env=env,
-                stdin=stdin,
-                timeout_seconds=timeout_seconds,
-                user=user,
-                max_output_bytes=policy.exec.max_background_output_bytes,
-            )
+            spec = self._command(sandbox, request, policy.exec.max_background_output_bytes)
             async with self._jail(sandbox) as jail:
                 running = sum(1 for process in await jail.list() if process.running)
                 if running >= policy.exec.max_background_processes:
@@ -339,9 +307,9 @@ class SandboxService:
                         "kill one first (policy rule: exec.max_background_processes)"
                     )
                 # no timeout unless one was asked for: background processes live with the sandbox
-                process_id = await jail.spawn(
-                    spec, spec.timeout_seconds if timeout_seconds is not None else None
-                )
+                timeout = spec.timeout_seconds if request.timeout_seconds is not None else None
+                process_id = await jail.spawn(spec, timeout)
+
         return ExecResult(
             exit_code=None,
             stdout="",

@@ -12,6 +12,7 @@ import pytest
 
 from nspawn_mcp.audit import AuditLog, current_client
 from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
+from nspawn_mcp.commands import CommandRequest
 from nspawn_mcp.errors import (
     BackendError,
     CopyRefused,
@@ -134,8 +135,10 @@ async def test_a_cancelled_create_is_cleaned_up(service: SandboxService, backend
 
 async def test_exec_runs_shell_strings_and_argv_lists(service: SandboxService, backend: FakeBackend) -> None:
     sandbox = (await service.create(CreateRequest())).sandbox_id
-    await service.exec(sandbox, "echo hi | wc -c")
-    await service.exec(sandbox, ["python3", "-c", "print(1)"], cwd="/tmp", env={"A": "1"}, stdin="data")
+    await service.exec(sandbox, CommandRequest("echo hi | wc -c"))
+    await service.exec(
+        sandbox, CommandRequest(["python3", "-c", "print(1)"], cwd="/tmp", env={"A": "1"}, stdin="data")
+    )
     (_, shell), (_, argv) = backend.commands
     assert shell.argv == ("/bin/sh", "-c", "echo hi | wc -c")
     assert shell.cwd is None  # the user's home
@@ -149,7 +152,7 @@ async def test_exec_output_is_text_with_invalid_bytes_replaced(
     service: SandboxService, backend: FakeBackend
 ) -> None:
     backend.on_exec = lambda spec: ok(stdout=b"caf\xc3\xa9 \xff", stderr=b"oops", exit_code=3)
-    result = await service.exec((await service.create(CreateRequest())).sandbox_id, "x")
+    result = await service.exec((await service.create(CreateRequest())).sandbox_id, CommandRequest("x"))
     assert (result.exit_code, result.stdout, result.stderr) == (3, "café \ufffd", "oops")
     assert not result.truncated
 
@@ -159,7 +162,7 @@ async def test_truncation_of_either_stream_is_reported(service: SandboxService, 
         return CommandOutcome(None, 9, b"", b"x", False, True, True, 5.0)
 
     backend.on_exec = truncated
-    result = await service.exec((await service.create(CreateRequest())).sandbox_id, "x")
+    result = await service.exec((await service.create(CreateRequest())).sandbox_id, CommandRequest("x"))
     assert (result.truncated, result.timed_out, result.exit_code, result.signal) == (True, True, None, 9)
 
 
@@ -187,13 +190,13 @@ async def test_bad_exec_requests_are_refused_before_running(
     sandbox = (await service.create(CreateRequest())).sandbox_id
     command = kwargs.pop("command")
     with pytest.raises(error, match=message):
-        await service.exec(sandbox, command, **kwargs)  # type: ignore[arg-type]
+        await service.exec(sandbox, CommandRequest(command, **kwargs))  # type: ignore[arg-type]
     assert backend.commands == []
 
 
 async def test_unknown_and_malformed_ids(service: SandboxService) -> None:
     with pytest.raises(NotFound, match=r"no sandbox sbx-00000000"):
-        await service.exec("sbx-00000000", "true")
+        await service.exec("sbx-00000000", CommandRequest("true"))
     for bad in (".host", "--bind=/:/x", "sbx-0000000g", "x" * 10_000):
         with pytest.raises(InvalidRequest, match=r"ids look like"):
             await service.destroy(bad)
@@ -227,7 +230,7 @@ async def test_a_sandbox_that_dies_is_reported_then_cleaned_up(
     sandbox = (await service.create(CreateRequest())).sandbox_id
     service.machine_removed(sandbox)
     with pytest.raises(SandboxGone, match=r"has stopped"):
-        await service.exec(sandbox, "true")
+        await service.exec(sandbox, CommandRequest("true"))
     await service.reap_once()
     assert backend.destroyed == [sandbox]
 
@@ -273,15 +276,16 @@ async def test_symlinks_coming_out_of_a_sandbox_are_refused(
 
 async def test_commands_can_run_as_another_user(service: SandboxService, backend: FakeBackend) -> None:
     sandbox = (await service.create(CreateRequest())).sandbox_id
-    await service.exec(sandbox, "id", user="sandbox")
+    await service.exec(sandbox, CommandRequest("id", user="sandbox"))
     assert backend.commands[0][1].user == "sandbox"
     with pytest.raises(InvalidRequest, match=r"invalid user"):
-        await service.exec(sandbox, "id", user="--root")
+        await service.exec(sandbox, CommandRequest("id", user="--root"))
 
 
 async def test_exact_bytes_are_available_as_base64(service: SandboxService, backend: FakeBackend) -> None:
     backend.on_exec = lambda spec: ok(stdout=b"\xff\x00")
-    result = await service.exec((await service.create(CreateRequest())).sandbox_id, "x", include_base64=True)
+    sandbox = (await service.create(CreateRequest())).sandbox_id
+    result = await service.exec(sandbox, CommandRequest("x"), include_base64=True)
     assert (result.stdout, result.stdout_base64, result.stderr_base64) == ("\ufffd\x00", "/wA=", "")
 
 
@@ -289,12 +293,14 @@ async def test_an_oom_kill_is_reported(service: SandboxService, backend: FakeBac
     sandbox = (await service.create(CreateRequest(memory_mb=64))).sandbox_id
     backend.on_exec = lambda spec: CommandOutcome(None, 9, b"", b"", False, False, False, 5.0)
     backend.oom_kill_counts[sandbox] = 1
-    assert (await service.exec(sandbox, "hog")).oom_killed is True
-    assert (await service.exec(sandbox, "kill -9 $$")).oom_killed is False  # no new OOM kill since
+    assert (await service.exec(sandbox, CommandRequest("hog"))).oom_killed is True
+    assert (
+        await service.exec(sandbox, CommandRequest("kill -9 $$"))
+    ).oom_killed is False  # no new OOM kill since
     backend.sandboxes.pop(sandbox)
     backend.oom_kill_counts[sandbox] = 2
     with pytest.raises(SandboxGone, match=r"OOM-killed: it hit its memory cap of 64 MiB"):
-        await service.exec(sandbox, "hog")
+        await service.exec(sandbox, CommandRequest("hog"))
 
 
 async def test_background_processes_are_capped_and_addressed_by_id(
@@ -302,12 +308,12 @@ async def test_background_processes_are_capped_and_addressed_by_id(
 ) -> None:
     service = make_service(backend, workdir, clock, few="[exec]\nmax_background_processes = 2\n")
     sandbox = (await service.create(CreateRequest(policy="few"))).sandbox_id
-    started = await service.start_background(sandbox, "sleep 100")
+    started = await service.start_background(sandbox, CommandRequest("sleep 100"))
     assert (started.process_id, started.exit_code) == ("p1", None)
-    await service.start_background(sandbox, ["sleep", "100"], timeout_seconds=30)
+    await service.start_background(sandbox, CommandRequest(["sleep", "100"], timeout_seconds=30))
     assert [timeout for _, timeout in backend.processes.values()] == [None, 30]
     with pytest.raises(QuotaExceeded, match=r"exec.max_background_processes"):
-        await service.start_background(sandbox, "one more")
+        await service.start_background(sandbox, CommandRequest("one more"))
     first = await service.read_process_output(sandbox, "p1")
     assert (first.stdout, first.next_cursor) == ("0123456789", "10:0")
     rest = await service.read_process_output(sandbox, "p1", since=first.next_cursor)
@@ -319,7 +325,7 @@ async def test_background_processes_are_capped_and_addressed_by_id(
 
 async def test_bad_process_requests_are_refused(service: SandboxService) -> None:
     sandbox = (await service.create(CreateRequest())).sandbox_id
-    await service.start_background(sandbox, "sleep 100")
+    await service.start_background(sandbox, CommandRequest("sleep 100"))
     with pytest.raises(InvalidRequest, match=r"invalid process_id"):
         await service.read_process_output(sandbox, "1; rm -rf /")
     with pytest.raises(InvalidRequest, match=r"invalid cursor"):
@@ -347,7 +353,7 @@ async def test_every_decision_is_audited_with_client_and_rule(
         sandbox = (await service.create(CreateRequest())).sandbox_id
         with pytest.raises(PolicyRefused):
             await service.create(CreateRequest(memory_mb=1 << 20))
-        await service.exec(sandbox, ["echo", "hi"])
+        await service.exec(sandbox, CommandRequest(["echo", "hi"]))
         with pytest.raises(PolicyRefused):
             await service.copy_to_sandbox(sandbox, "/etc/shadow", "/x")
         await service.destroy(sandbox)
