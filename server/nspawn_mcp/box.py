@@ -89,7 +89,7 @@ class Box:
 
     @property
     def bus_address(self) -> str:
-        return f"unix:path=/proc/{self.pid}/root/run/dbus/system_bus_socket"
+        return f"unix:path={self.bus_socket}"
 
     @property
     def bus_socket(self) -> Path:

@@ -14,7 +14,6 @@ import secrets
 from .errors import InvalidRequest
 
 __all__ = [
-    "IMAGE_NAME",
     "SANDBOX_ID",
     "new_sandbox_id",
     "parse_sandbox_id",
@@ -24,7 +23,6 @@ __all__ = [
 ]
 
 SANDBOX_ID = re.compile(r"^sbx-[0-9a-f]{8}$")
-IMAGE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 PARENT_SLICE = "nspawnmcp.slice"
 
 

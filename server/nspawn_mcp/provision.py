@@ -185,7 +185,7 @@ async def run_setup(layout: Layout, disk_quotas: bool = False) -> int:
     from .backend.machine1 import Machined
     from .box import find_box, host_runs_systemd, stop_box
     from .naming import template_image
-    from .runtime import resolve_bus_address
+    from .runtime import find_daemons
 
     in_box = not host_runs_systemd()
     if in_box and make_pool(layout):
@@ -203,7 +203,7 @@ async def run_setup(layout: Layout, disk_quotas: bool = False) -> int:
             )
             return 1
     box_was_running = in_box and find_box(layout) is not None
-    address = await anyio.to_thread.run_sync(resolve_bus_address, layout)
+    address = (await anyio.to_thread.run_sync(find_daemons, layout)).bus_address
     box = find_box(layout) if in_box else None
     bus = await Bus.connect(address)
     try:

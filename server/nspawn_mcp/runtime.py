@@ -22,7 +22,7 @@ from .policy import PolicySet
 from .policy.loader import shipped_policy_dir
 from .service import SandboxService
 
-__all__ = ["Daemons", "ServerConfig", "find_daemons", "open_service", "resolve_bus_address"]
+__all__ = ["Daemons", "ServerConfig", "find_daemons", "open_service"]
 
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,6 @@ def find_daemons(layout: Layout) -> Daemons:
     box = start_box(layout)
     log.info("using the private systemd (pid %d)", box.pid)
     return Daemons(box.bus_address, layout.box_host_view, Path(f"/proc/{box.pid}/root/proc"))
-
-
-def resolve_bus_address(layout: Layout) -> str:
-    return find_daemons(layout).bus_address
 
 
 @asynccontextmanager

@@ -84,9 +84,6 @@ class Machined:
             operation=f"reading {prop} of machine {name}",
         )
 
-    async def terminate_machine(self, name: str) -> None:
-        await self._call("TerminateMachine", "s", name, operation=f"terminating {name}")
-
     async def list_images(self) -> list[ImageInfo]:
         (rows,) = await self._call("ListImages", "", operation="listing images")
         return [ImageInfo(name=r[0], image_type=r[1], read_only=r[2], usage_bytes=r[5]) for r in rows]
