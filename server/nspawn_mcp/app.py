@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -37,6 +39,8 @@ from .throttle import Throttle
 
 __all__ = ["build_server"]
 
+log = logging.getLogger(__name__)
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -64,7 +68,10 @@ def _client_name(ctx: ServiceContext) -> str:
 
 
 def _agent_errors(throttle: Throttle) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """Our errors become tool errors whose text the agent reads; nothing else leaks.
+    """The error boundary towards the agent: our errors become tool errors whose text it reads.
+
+    Anything else (an ``OSError`` naming host paths, a bug) is logged with a short
+    reference and the agent gets only that reference: no host detail leaks.
 
     Also records which client is calling (for the audit log and per-client quotas)
     and admits the call through the per-client rate limit.
@@ -81,6 +88,13 @@ def _agent_errors(throttle: Throttle) -> Callable[[Callable[P, Awaitable[R]]], C
                 return await tool(*args, **kwargs)
             except SandboxError as exc:
                 raise ToolError(str(exc)) from None
+            except Exception:
+                reference = secrets.token_hex(4)
+                log.exception("internal error in %s (reference %s)", tool.__name__, reference)
+                raise ToolError(
+                    f"internal error in {tool.__name__} (reference {reference}); nothing about it is "
+                    "shown here, the operator's log has the details"
+                ) from None
             finally:
                 current_client.reset(token)
 
@@ -108,6 +122,10 @@ class MountSpec(BaseModel):
     sandbox: str = Field(description="absolute path inside the sandbox, e.g. /work", max_length=4096)
     writable: bool = Field(default=False, description="read-write, if the policy allows it for that path")
 
+
+_HUGE = 1 << 53
+"""Schema bound of numeric arguments: far above any policy (which names the rule that refuses), low
+enough that no arithmetic on them overflows."""
 
 _PROGRESS_LINES = 20
 _PROGRESS_CHARS = 4000
@@ -163,13 +181,20 @@ def build_server(
             str, Field(description="operator policy that sets what is allowed", max_length=32)
         ] = "default",
         memory_mb: Annotated[
-            int | None, Field(description="memory cap in MiB (policy default if omitted)")
+            int | None, Field(description="memory cap in MiB (policy default if omitted)", ge=1, le=_HUGE)
         ] = None,
-        cpus: Annotated[float | None, Field(description="CPU cap in CPUs, e.g. 0.5")] = None,
-        max_processes: Annotated[int | None, Field(description="cap on processes and threads")] = None,
-        ttl_seconds: Annotated[int | None, Field(description="destroy automatically after this long")] = None,
+        cpus: Annotated[
+            float | None, Field(description="CPU cap in CPUs, e.g. 0.5", gt=0, le=1e9, allow_inf_nan=False)
+        ] = None,
+        max_processes: Annotated[
+            int | None, Field(description="cap on processes and threads", ge=1, le=_HUGE)
+        ] = None,
+        ttl_seconds: Annotated[
+            int | None, Field(description="destroy automatically after this long", ge=1, le=_HUGE)
+        ] = None,
         disk_mb: Annotated[
-            int | None, Field(description="disk quota in MiB, image included, if the policy sets quotas")
+            int | None,
+            Field(description="disk quota in MiB, image included, if the policy sets quotas", ge=1, le=_HUGE),
         ] = None,
         mounts: Annotated[
             list[MountSpec] | None,
@@ -206,7 +231,13 @@ def build_server(
         env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
         stdin: Annotated[str | None, Field(description="text fed to the command's standard input")] = None,
         timeout_seconds: Annotated[
-            float | None, Field(description="kill the command after this long (policy default if omitted)")
+            float | None,
+            Field(
+                description="kill the command after this long (policy default if omitted)",
+                gt=0,
+                le=1e9,
+                allow_inf_nan=False,
+            ),
         ] = None,
         user: Annotated[
             str, Field(description="'root' (uid 0 inside only) or the image's unprivileged user 'sandbox'")

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+import anyio
+
 from .errors import PolicyRefused, SandboxError
 
 __all__ = ["AuditLog", "current_client"]
@@ -55,8 +57,10 @@ class AuditLog:
             entry["rule"] = error.rule
         if isinstance(error, SandboxError):
             entry["reason"] = str(error)
+        elif isinstance(error, anyio.get_cancelled_exc_class()):
+            entry["reason"] = "cancelled"
         elif error is not None:
-            entry["reason"] = type(error).__name__
+            entry["reason"] = f"internal error ({type(error).__name__})"
         entry.update(detail or {})
         if self._file is None:
             return

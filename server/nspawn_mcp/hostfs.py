@@ -8,11 +8,13 @@ never hands machined an agent-chosen host path. Instead:
   RESOLVE_NO_MAGICLINKS)`` relative to an allowed root (no symlink or ``..`` can
   leave it), must be a regular file within the size cap, and is copied into a
   private staging directory; machined copies from there.
-- from a sandbox: machined writes into a private staging directory; what it wrote
-  must be a regular file (not a symlink, device, FIFO or directory) within the
-  size cap; it is copied to a temporary file in the destination directory (opened
-  beneath the root the same way) with setuid/setgid bits dropped, then renamed
-  into place, so no half-written file is ever visible.
+- from a sandbox: the bytes come from the sandbox's own supervisor (so only what
+  root in the sandbox may read comes out, and type and size are checked as the
+  sandbox sees them before a byte moves). They are written to an unnamed file
+  (``O_TMPFILE``) in the destination directory, opened beneath the root the same
+  way, counted against the cap as they arrive, and only a complete file is linked
+  into place (setuid/setgid bits dropped): a cancelled or killed copy leaves
+  nothing behind, not even a hidden temporary file.
 
 Functions here block; callers run them in a worker thread.
 """
@@ -36,9 +38,9 @@ from .policy.paths import HostTarget, is_protected
 
 __all__ = [
     "CopyStats",
+    "Publication",
     "check_same_beneath",
     "open_beneath",
-    "publish_from_staging",
     "resolve_bind_source",
     "stage_from_host",
     "staging_area",
@@ -170,44 +172,65 @@ def stage_from_host(target: HostTarget, area: Path, limit: int) -> tuple[Path, C
     return staged, stats
 
 
-def publish_from_staging(staged: Path, target: HostTarget, limit: int, what: str) -> CopyStats:
-    """Move what machined wrote to ``staged`` to the confined host ``target``, atomically."""
-    try:
-        info = os.lstat(staged)
-    except FileNotFoundError:
-        raise CopyRefused(f"{what} produced nothing to copy") from None
-    _require_regular(info, what, limit)
-    parent, name = os.path.split(target.relative)
-    if name in ("", ".", ".."):
-        raise CopyRefused(f"host path {target.path} names a directory; give a file name")
-    directory = HostTarget(root=target.root, relative=parent or ".")
-    source = os.open(staged, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        with open_beneath(directory, os.O_PATH | os.O_DIRECTORY) as dir_fd:
-            temporary = f".{name}.nspawn-mcp-{secrets.token_hex(4)}"
-            mode = stat.S_IMODE(info.st_mode) & 0o777 & ~0o022 | 0o600
-            out = os.open(
-                temporary,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                mode,
-                dir_fd=dir_fd,
-            )
-            try:
-                stats = _copy_fd(source, out, limit, what)
-                os.fsync(out)
-            except BaseException:
-                os.close(out)
-                os.unlink(temporary, dir_fd=dir_fd)
-                raise
-            os.close(out)
-            try:
-                os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except OSError as exc:
-                os.unlink(temporary, dir_fd=dir_fd)
+class Publication:
+    """A file being written beneath an allowed root, invisible until :meth:`publish`.
+
+    :meth:`discard` must follow, published or not: it drops what was not published.
+    """
+
+    def __init__(self, target: HostTarget, limit: int, what: str) -> None:
+        parent, name = os.path.split(target.relative)
+        if name in ("", ".", ".."):
+            raise CopyRefused(f"host path {target.path} names a directory; give a file name")
+        self._target, self._name, self._limit, self._what = target, name, limit, what
+        self._digest = hashlib.sha256()
+        self.bytes = 0
+        directory = HostTarget(root=target.root, relative=parent or ".")
+        with open_beneath(directory, os.O_PATH | os.O_DIRECTORY) as fd:
+            self._dir_fd = os.dup(fd)
+        self._temporary: str | None = None  # a named temporary, where O_TMPFILE is not supported
+        try:
+            self._fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
+                os.close(self._dir_fd)
                 raise _explain(exc, target) from None
-    finally:
-        os.close(source)
-    return stats
+            self._temporary = f".{name}.nspawn-mcp-{secrets.token_hex(4)}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._fd = os.open(self._temporary, flags, 0o600, dir_fd=self._dir_fd)
+
+    def write(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.bytes > self._limit:
+            raise CopyRefused(
+                f"{self._what} is larger than the policy's limit of {self._limit} bytes "
+                "(files.max_copy_bytes)"
+            )
+        self._digest.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def publish(self, mode: int) -> CopyStats:
+        """Put the complete file in place, atomically replacing what was there (a symlink is replaced)."""
+        os.fchmod(self._fd, mode & 0o777 & ~0o022 | 0o600)
+        os.fsync(self._fd)
+        if self._temporary is None:
+            self._temporary = f".{self._name}.nspawn-mcp-{secrets.token_hex(4)}"
+            os.link(f"/proc/self/fd/{self._fd}", self._temporary, dst_dir_fd=self._dir_fd)
+        try:
+            os.rename(self._temporary, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        except OSError as exc:
+            raise _explain(exc, self._target) from None
+        self._temporary = None
+        return CopyStats(bytes=self.bytes, sha256=self._digest.hexdigest())
+
+    def discard(self) -> None:
+        os.close(self._fd)
+        if self._temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._temporary, dir_fd=self._dir_fd)
+        os.close(self._dir_fd)
 
 
 def resolve_bind_source(target: HostTarget) -> str:

@@ -33,11 +33,12 @@ class Layout:
         return self.state_dir / "sandboxes"
 
     def sandbox_dir(self, sandbox_id: str) -> Path:
-        """Per-sandbox: ``meta.json`` and the ``ctl/`` directory bound into the sandbox."""
+        """Per-sandbox, reachable by the host's root only: ``meta.json`` and the control socket."""
         return self.sandboxes_dir / sandbox_id
 
-    def control_dir(self, sandbox_id: str) -> Path:
-        return self.sandbox_dir(sandbox_id) / "ctl"
+    def control_socket(self, sandbox_id: str) -> Path:
+        """Where the server reaches the sandbox's supervisor (which got the listening end as an fd)."""
+        return self.sandbox_dir(sandbox_id) / "exec.sock"
 
     @property
     def staging_dir(self) -> Path:

@@ -6,14 +6,15 @@ times); a sandbox running without one was half-made and is removed.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from .models import Limits, Mount, SandboxInfo
-from .policy import BindMount, EgressPlan, ResolvedLimits, SandboxPlan
+from .policy import SandboxPlan
 
 __all__ = ["MetaStore", "SandboxRecord", "State"]
 
@@ -51,6 +52,20 @@ class SandboxRecord:
         )
 
 
+class _Meta(BaseModel):
+    """What ``meta.json`` holds: written and read through the model, so no field is dropped."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    owner: str
+    plan: SandboxPlan
+    created_at: datetime
+    expires_at: datetime
+
+
+_META = TypeAdapter(_Meta)
+
+
 class MetaStore:
     """``meta.json`` per sandbox, so a restarted server can adopt what it made."""
 
@@ -60,48 +75,26 @@ class MetaStore:
     def save(self, sandbox: SandboxRecord) -> None:
         folder = self._directory / sandbox.sandbox_id
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = {
-            "owner": sandbox.owner,
-            "plan": asdict(sandbox.plan),
-            "created_at": sandbox.created_at.isoformat(),
-            "expires_at": sandbox.expires_at.isoformat(),
-        }
+        meta = _Meta(
+            owner=sandbox.owner,
+            plan=sandbox.plan,
+            created_at=sandbox.created_at,
+            expires_at=sandbox.expires_at,
+        )
         temporary = folder / "meta.json.tmp"
-        temporary.write_text(json.dumps(data))
+        temporary.write_bytes(_META.dump_json(meta))
         temporary.replace(folder / "meta.json")
 
     def load(self, sandbox_id: str) -> SandboxRecord | None:
         try:
-            data = json.loads((self._directory / sandbox_id / "meta.json").read_text())
-            plan = data["plan"]
-            return SandboxRecord(
-                sandbox_id=sandbox_id,
-                plan=SandboxPlan(
-                    policy=plan["policy"],
-                    image=plan["image"],
-                    limits=ResolvedLimits(**plan["limits"]),
-                    network=plan["network"],
-                    allowed_host_roots=tuple(plan["allowed_host_roots"]),
-                    mounts=tuple(BindMount(**mount) for mount in plan.get("mounts", ())),
-                    egress=_load_egress(plan.get("egress")),
-                ),
-                created_at=datetime.fromisoformat(data["created_at"]),
-                expires_at=datetime.fromisoformat(data["expires_at"]),
-                state="running",
-                owner=str(data.get("owner", "local")),
-            )
-        except (OSError, ValueError, KeyError, TypeError):
+            meta = _META.validate_json((self._directory / sandbox_id / "meta.json").read_bytes())
+        except (OSError, ValidationError):
             return None
-
-
-def _load_egress(data: dict[str, Any] | None) -> EgressPlan | None:
-    if data is None:
-        return None
-    return EgressPlan(
-        rules=tuple((str(cidr), tuple(ports)) for cidr, ports in data["rules"]),
-        domains=tuple(data["domains"]),
-        domain_ports=tuple(data["domain_ports"]),
-        upstream_dns=data["upstream_dns"],
-        private_dns_answers=bool(data["private_dns_answers"]),
-        subnet=data["subnet"],
-    )
+        return SandboxRecord(
+            sandbox_id=sandbox_id,
+            plan=meta.plan,
+            created_at=meta.created_at,
+            expires_at=meta.expires_at,
+            state="running",
+            owner=meta.owner,
+        )

@@ -93,7 +93,7 @@ class SandboxService:
         extra: dict[str, object] = {}
         try:
             yield extra
-        except Exception as exc:
+        except BaseException as exc:  # cancellations are decisions too
             self._audit.record(action, sandbox_id=sandbox_id, error=exc, detail=detail | extra)
             raise
         identity = extra.pop("sandbox_id", sandbox_id)
@@ -384,17 +384,25 @@ class SandboxService:
     async def copy_from_sandbox(
         self, sandbox_id: str, sandbox_source: str, host_destination: str
     ) -> CopyResult:
+        """Through the sandbox's supervisor: what root inside may read, checked and capped as it comes."""
         with self._audited("copy_from_sandbox", sandbox_id, host_path=host_destination[:4096]):
             sandbox = self._get(sandbox_id)
             source = check_container_path(sandbox_source)
             target = confine_host_path(host_destination, sandbox.plan.allowed_host_roots, self._cwd)
             limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
-            with hostfs.staging_area(self._backend.staging_dir) as area:
-                staged = area / "file"
-                await self._backend.copy_out(sandbox_id, source, staged)
-                stats = await anyio.to_thread.run_sync(
-                    hostfs.publish_from_staging, staged, target, limit, f"sandbox path {source}"
-                )
+            what = f"sandbox path {source}"
+            publication = await anyio.to_thread.run_sync(hostfs.Publication, target, limit, what)
+            try:
+
+                async def sink(data: bytes) -> None:
+                    await anyio.to_thread.run_sync(publication.write, data)
+
+                async with self._jail(sandbox) as jail:
+                    done = await jail.read_file(source, limit, sink)
+                stats = await anyio.to_thread.run_sync(publication.publish, done.mode)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(publication.discard)
         return CopyResult(
             direction="from_sandbox",
             source=source,

@@ -17,7 +17,7 @@ import pytest
 from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
 from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.box import find_box
-from nspawn_mcp.errors import BackendError, CopyRefused, NotFound
+from nspawn_mcp.errors import BackendError, CopyRefused
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import new_sandbox_id, service_unit, slice_unit
 from nspawn_mcp.policy import BindMount, Policy
@@ -198,7 +198,7 @@ async def test_the_host_network_is_shared_only_under_a_policy_that_says_so(
     assert outcome.stdout == b"ok\n"
 
 
-async def test_copies_round_trip_through_machined(
+async def test_copies_round_trip_through_machined_and_the_supervisor(
     backend: NspawnBackend, make_sandbox: Factory, layout: Layout
 ) -> None:
     sandbox = await make_sandbox()
@@ -208,12 +208,15 @@ async def test_copies_round_trip_through_machined(
         await backend.copy_in(sandbox, staged, "/root/payload")
         inside = await run(backend, sandbox, "stat -c %u:%s /root/payload; od -An -c /root/payload")
         assert inside.stdout.startswith(b"0:9\n")
-        back = layout.staging_dir / f"test-{sandbox}-back"
-        await backend.copy_out(sandbox, "/root/payload", back)
-        assert back.read_bytes() == b"payload\x00\xff"
-        back.unlink()
-        with pytest.raises(NotFound):
-            await backend.copy_out(sandbox, "/root/missing", back)
+        received = bytearray()
+
+        async def sink(data: bytes) -> None:
+            received.extend(data)
+
+        done = await backend.jail(sandbox).read_file("/root/payload", 1 << 20, sink)
+        assert (bytes(received), done.size) == (b"payload\x00\xff", 9)
+        with pytest.raises(CopyRefused, match="does not exist"):
+            await backend.jail(sandbox).read_file("/root/missing", 1 << 20, sink)
     finally:
         staged.unlink()
 

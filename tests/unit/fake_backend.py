@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 
-from nspawn_mcp.backend.api import CommandOutcome, CommandSpec, OutputChunk, ProcessOutput, ProcessState
-from nspawn_mcp.errors import NotFound, SandboxGone
+from nspawn_mcp.backend.api import (
+    CommandOutcome,
+    CommandSpec,
+    FileRead,
+    OutputChunk,
+    ProcessOutput,
+    ProcessState,
+)
+from nspawn_mcp.errors import CopyRefused, NotFound, SandboxGone
 from nspawn_mcp.policy import SandboxPlan
 
 
@@ -77,15 +83,6 @@ class FakeBackend:
     async def copy_in(self, sandbox_id: str, host_source: Path, container_destination: str) -> None:
         self.files[(sandbox_id, container_destination)] = host_source.read_bytes()
 
-    async def copy_out(self, sandbox_id: str, container_source: str, host_destination: Path) -> None:
-        data = self.files.get((sandbox_id, container_source))
-        if data is None:
-            raise NotFound("copying out of the sandbox: no such file or directory")
-        if data.startswith(b"symlink:"):
-            os.symlink(data.removeprefix(b"symlink:").decode(), host_destination)
-        else:
-            host_destination.write_bytes(data)
-
 
 @dataclass
 class FakeJail:
@@ -137,3 +134,19 @@ class FakeJail:
     async def list(self) -> list[ProcessState]:
         self._check()
         return [self._state(process_id) for process_id in self.backend.processes]
+
+    async def read_file(
+        self, path: str, max_bytes: int, sink: Callable[[bytes], Awaitable[None]]
+    ) -> FileRead:
+        """As the supervisor does: symlinks and missing files refused, the cap checked before sending."""
+        self._check()
+        data = self.backend.files.get((self.sandbox_id, path))
+        if data is None:
+            raise CopyRefused(f"{path} does not exist in the sandbox")
+        if data.startswith(b"symlink:"):
+            raise CopyRefused(f"{path} is a symbolic link")
+        if len(data) > max_bytes:
+            raise CopyRefused(f"{path} has {len(data)} bytes, more than {max_bytes}")
+        for start in range(0, len(data), 4096):
+            await sink(data[start : start + 4096])
+        return FileRead(size=len(data), mode=0o644)

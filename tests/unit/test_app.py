@@ -182,3 +182,33 @@ async def test_calls_beyond_the_rate_limit_are_refused(backend: FakeBackend, tmp
         results = [await client.call_tool("list_sandboxes", {}) for _ in range(5)]
     assert [r.is_error for r in results] == [False, False, False, True, True]
     assert "too many calls" in results[-1].content[0].text  # type: ignore[union-attr]
+
+
+async def test_an_unexpected_error_reaches_the_agent_as_a_reference_only(
+    client: Client, backend: FakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox = (await client.call_tool("create_sandbox", {})).structured_content["sandbox_id"]
+
+    def broken(spec: object) -> object:
+        raise PermissionError(13, "Permission denied", "/var/lib/nspawn-mcp/secret/host-path")
+
+    backend.on_exec = broken  # type: ignore[assignment]
+    result = await client.call_tool("exec_in_sandbox", {"sandbox_id": sandbox, "command": "true"})
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert result.is_error
+    assert "internal error in exec_in_sandbox (reference " in text
+    for detail in ("/var/lib", "Permission", "Traceback"):
+        assert detail not in text
+    reference = text.split("reference ")[1].split(")")[0]
+    assert any(reference in record.getMessage() and record.exc_info for record in caplog.records)
+    # the control: the server keeps serving, and our own errors still say what was wrong
+    destroyed = await client.call_tool("destroy_sandbox", {"sandbox_id": sandbox})
+    assert not destroyed.is_error
+
+
+async def test_absurd_numbers_are_refused_with_a_message(client: Client) -> None:
+    result = await client.call_tool("create_sandbox", {"memory_mb": 10**400})
+    assert result.is_error
+    assert "memory_mb" in result.content[0].text  # type: ignore[union-attr]
+    result = await client.call_tool("create_sandbox", {"memory_mb": 1 << 40})
+    assert "limits.max.memory" in result.content[0].text  # type: ignore[union-attr]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nspawn_mcp.errors import CopyRefused, NotFound, PolicyRefused
-from nspawn_mcp.hostfs import publish_from_staging, stage_from_host, staging_area
+from nspawn_mcp.hostfs import Publication, stage_from_host, staging_area
 from nspawn_mcp.policy import HostTarget
 
 
@@ -81,44 +81,49 @@ def test_files_over_the_size_cap_are_refused(root: Path, area: Path) -> None:
     assert list(area.iterdir()) == []
 
 
-def test_published_files_replace_atomically_and_lose_setuid(root: Path, area: Path) -> None:
-    staged = area / "out"
-    staged.write_bytes(b"new")
-    staged.chmod(0o4755)
+def publish(root: Path, relative: str, data: bytes, *, mode: int = 0o644, limit: int = 1 << 20) -> None:
+    publication = Publication(target(root, relative), limit, "sandbox path /x")
+    try:
+        publication.write(data)
+        publication.publish(mode)
+    finally:
+        publication.discard()
+
+
+def test_published_files_replace_atomically_and_lose_setuid(root: Path) -> None:
     (root / "dest").write_bytes(b"old")
-    stats = publish_from_staging(staged, target(root, "dest"), 1 << 20, "sandbox path /x")
+    publication = Publication(target(root, "dest"), 1 << 20, "sandbox path /x")
+    try:
+        publication.write(b"new")
+        assert (root / "dest").read_bytes() == b"old"  # nothing is visible before it is complete
+        assert [p.name for p in root.iterdir()] == ["dest"]
+        stats = publication.publish(0o4755)
+    finally:
+        publication.discard()
     assert (root / "dest").read_bytes() == b"new"
     assert stats.bytes == 3
     assert stat.S_IMODE((root / "dest").stat().st_mode) == 0o755
     assert [p.name for p in root.iterdir()] == ["dest"]
 
 
-def test_publishing_over_a_symlink_replaces_the_link_not_its_target(
-    root: Path, area: Path, tmp_path: Path
-) -> None:
+def test_publishing_over_a_symlink_replaces_the_link_not_its_target(root: Path, tmp_path: Path) -> None:
     (root / "dest").symlink_to(tmp_path / "secret")
-    staged = area / "out"
-    staged.write_bytes(b"new")
-    publish_from_staging(staged, target(root, "dest"), 1 << 20, "sandbox path /x")
+    publish(root, "dest", b"new")
     assert (tmp_path / "secret").read_text() == "host secret"
     assert not (root / "dest").is_symlink()
 
 
-def test_publishing_through_an_escaping_directory_is_refused(root: Path, area: Path, tmp_path: Path) -> None:
+def test_publishing_through_an_escaping_directory_is_refused(root: Path, tmp_path: Path) -> None:
     (root / "out").symlink_to(tmp_path)
-    staged = area / "out"
-    staged.write_bytes(b"new")
     with pytest.raises(PolicyRefused, match=r"leads outside"):
-        publish_from_staging(staged, target(root, "out/secret"), 1 << 20, "sandbox path /x")
+        publish(root, "out/secret", b"new")
     assert (tmp_path / "secret").read_text() == "host secret"
 
 
-def test_oversized_or_special_output_leaves_no_partial_file(root: Path, area: Path) -> None:
-    staged = area / "out"
-    staged.write_bytes(b"x" * 4096)
+def test_oversized_or_abandoned_output_leaves_nothing_behind(root: Path) -> None:
     with pytest.raises(CopyRefused, match=r"limit"):
-        publish_from_staging(staged, target(root, "dest"), 1024, "sandbox path /x")
-    os.mkfifo(area / "fifo")
-    with pytest.raises(CopyRefused, match=r"not a regular file"):
-        publish_from_staging(area / "fifo", target(root, "dest"), 1024, "sandbox path /x")
+        publish(root, "dest", b"x" * 4096, limit=1024)
+    abandoned = Publication(target(root, "dest"), 1 << 20, "sandbox path /x")
+    abandoned.write(b"half a file")
+    abandoned.discard()  # a cancelled copy
     assert list(root.iterdir()) == []

@@ -17,18 +17,19 @@ import pytest
 
 from nspawn_mcp.backend.api import CommandSpec, OutputChunk, ProcessOutput
 from nspawn_mcp.backend.jail import JailClient
+from nspawn_mcp.backend.units import supervisor_command
 from nspawn_mcp.errors import ExecFailed, InvalidRequest, NotFound, SandboxGone
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
-SUPERVISOR = Path(__file__).parents[2] / "server/nspawn_mcp/sandbox/supervisor.py"
+SUPERVISOR_DIR = Path(__file__).parents[2] / "server/nspawn_mcp/sandbox"
 
 
 @pytest.fixture
 def socket_path(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "exec.sock"
-    process = subprocess.Popen([sys.executable, "-I", "-S", str(SUPERVISOR), str(path)])
+    process = subprocess.Popen(supervisor_command(str(SUPERVISOR_DIR), str(path), python=sys.executable))
     try:
         yield path
     finally:

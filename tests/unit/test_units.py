@@ -16,7 +16,6 @@ PLAN = resolve_create(
 )
 PATHS = SandboxPaths(
     root="/var/lib/machines/sbx-0123abcd",
-    control_dir="/var/lib/nspawn-mcp/sandboxes/sbx-0123abcd/ctl",
     lib_dir="/var/lib/nspawn-mcp/lib",
 )
 UNITS = build_units("sbx-0123abcd", PLAN, PATHS)
@@ -43,14 +42,13 @@ def test_nspawn_command_line() -> None:
             "--system-call-filter=~io_uring_setup io_uring_enter io_uring_register",
             "--setenv=MALLOC_ARENA_MAX=1",
             "--bind-ro=/var/lib/nspawn-mcp/lib:/run/nspawn-mcp/lib",
-            "--bind=/var/lib/nspawn-mcp/sandboxes/sbx-0123abcd/ctl:/run/nspawn-mcp/ctl",
             "--",
             "/usr/bin/python3",
             "-I",
             "-S",
             "-c",
             "import sys; sys.path.insert(0, '/run/nspawn-mcp/lib'); import supervisor; sys.exit(supervisor.main(sys.argv))",
-            "/run/nspawn-mcp/ctl/exec.sock",
+            "fd:0",
         ]
     )
 
@@ -71,9 +69,10 @@ def test_service_properties() -> None:
             "TimeoutStartUSec": 30000000,
             "TimeoutStopUSec": 5000000,
             "RuntimeMaxUSec": 600000000,
-            "StandardInput": "null",
             "StandardOutput": "journal",
             "StandardError": "journal",
+            "NoNewPrivileges": True,
+            "RestrictAddressFamilies": (True, ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]),
         }
     )
 

@@ -12,8 +12,18 @@ from pathlib import Path
 from typing import Protocol
 
 from ..policy import SandboxPlan
+from ..sandbox.protocol import CommandOutcome, FileRead, OutputChunk, ProcessOutput, ProcessState
 
-__all__ = ["Backend", "CommandOutcome", "CommandSpec", "Jail", "OutputChunk", "ProcessOutput", "ProcessState"]
+__all__ = [
+    "Backend",
+    "CommandOutcome",
+    "CommandSpec",
+    "FileRead",
+    "Jail",
+    "OutputChunk",
+    "ProcessOutput",
+    "ProcessState",
+]
 
 
 @dataclass(frozen=True)
@@ -26,48 +36,6 @@ class CommandSpec:
     timeout_seconds: float
     max_output_bytes: int
     user: str = "root"
-
-
-@dataclass(frozen=True)
-class CommandOutcome:
-    exit_code: int | None
-    """None when the command was killed by a signal."""
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    stdout_truncated: bool
-    stderr_truncated: bool
-    timed_out: bool
-    duration_ms: float
-
-
-@dataclass(frozen=True)
-class OutputChunk:
-    """Output a running command produced since the previous chunk."""
-
-    stdout: bytes
-    stderr: bytes
-
-
-@dataclass(frozen=True)
-class ProcessState:
-    process_id: str
-    argv: tuple[str, ...]
-    running: bool
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool
-    stdout_truncated: bool
-    stderr_truncated: bool
-
-
-@dataclass(frozen=True)
-class ProcessOutput:
-    state: ProcessState
-    stdout: bytes
-    stderr: bytes
-    next_stdout_offset: int
-    next_stderr_offset: int
 
 
 class Jail(Protocol):
@@ -88,6 +56,12 @@ class Jail(Protocol):
     async def kill(self, process_id: str, signal: int) -> ProcessState: ...
 
     async def list(self) -> list[ProcessState]: ...
+
+    async def read_file(
+        self, path: str, max_bytes: int, sink: Callable[[bytes], Awaitable[None]]
+    ) -> FileRead:
+        """Stream a regular file to ``sink`` as root in the sandbox may read it (not beyond ``max_bytes``)."""
+        ...
 
 
 class Backend(Protocol):
@@ -129,5 +103,3 @@ class Backend(Protocol):
         ...
 
     async def copy_in(self, sandbox_id: str, host_source: Path, container_destination: str) -> None: ...
-
-    async def copy_out(self, sandbox_id: str, container_source: str, host_destination: Path) -> None: ...

@@ -1,83 +1,128 @@
 """Client of the exec supervisor that runs inside each sandbox.
 
-Talks the JSON-lines protocol described in ``nspawn_mcp/sandbox/supervisor.py``
-over the Unix socket the supervisor creates in the sandbox's control directory.
+Speaks :mod:`nspawn_mcp.sandbox.protocol` over the sandbox's control socket. The
+socket is the server's own: it lives in a directory only the host's root can
+reach, and the supervisor got the listening end as a file descriptor, so no
+path the sandbox can write is ever followed.
+
+Everything read here may come from root in the sandbox posing as the supervisor.
+Each line is bounded before it is parsed (by what the request asked for), every
+message is decoded by the protocol module, and streamed output is counted
+against the caps the server asked for. A broken or oversized reply is an error
+of that request only; the connection is dropped and nothing else waits on it.
 Closing the connection of a running ``exec`` (for example when the MCP request is
 cancelled) makes the supervisor kill the command and everything it started.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
+import anyio.to_thread
 
-from ..errors import ExecFailed, InvalidRequest, NotFound, SandboxGone
+from ..errors import CopyRefused, ExecFailed, InvalidRequest, NotFound, SandboxGone
+from ..sandbox import protocol
 from .api import CommandOutcome, CommandSpec, OutputChunk, ProcessOutput, ProcessState
 
 __all__ = ["JailClient"]
 
+log = logging.getLogger(__name__)
+
 _GRACE_SECONDS = 10.0
 _CONTROL_TIMEOUT = 30.0
-_LINE_LIMIT = 256 << 20
+_CONTROL_LINE_LIMIT = protocol.line_limit(0) + protocol.MAX_PROCESSES * 20_000
+"""Control replies carry no output: a list of processes (each argv cut to its bound) at most."""
+_PARSE_IN_THREAD = 1 << 20
+_COPY_TIMEOUT = 3600.0
 
+T = TypeVar("T")
 OutputHandler = Callable[[OutputChunk], Awaitable[None]]
+EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def _command(spec: CommandSpec, timeout: float | None) -> dict[str, Any]:
+    return protocol.Command(
+        argv=spec.argv,
+        cwd=spec.cwd,
+        env=dict(spec.env),
+        user=spec.user,
+        stdin=spec.stdin,
+        timeout=timeout,
+        max_output=spec.max_output_bytes,
+    ).to_wire()
 
 
-def _command_request(op: str, spec: CommandSpec, *, timeout: float | None) -> dict[str, Any]:
-    return {
-        "op": op,
-        "argv": list(spec.argv),
-        "cwd": spec.cwd,
-        "env": dict(spec.env),
-        "user": spec.user,
-        "stdin_b64": _b64(spec.stdin),
-        "timeout": timeout,
-        "max_output": spec.max_output_bytes,
-    }
+def _raise_for(failure: protocol.Failure) -> None:
+    if failure.kind == "no_such_process":
+        raise NotFound(f"{failure.message}; list_processes shows this sandbox's background processes")
+    if failure.kind == "bad_user":
+        raise InvalidRequest(failure.message)
+    if failure.kind in ("no_such_file", "permission_denied", "not_regular", "too_large"):
+        raise CopyRefused(failure.message)
+    raise ExecFailed(failure.message)
 
 
-def _state(reply: dict[str, Any]) -> ProcessState:
-    return ProcessState(
-        process_id=str(reply["process_id"]),
-        argv=tuple(reply["argv"]),
-        running=bool(reply["running"]),
-        exit_code=reply["exit_code"],
-        signal=reply["signal"],
-        timed_out=bool(reply["timed_out"]),
-        stdout_truncated=bool(reply["stdout_truncated"]),
-        stderr_truncated=bool(reply["stderr_truncated"]),
-    )
+class _Lines:
+    """JSON lines from one connection, each at most ``limit`` bytes."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._buffer = bytearray()
+
+    async def next(self) -> dict[str, Any]:
+        while (end := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > self._limit:
+                raise protocol.ProtocolError(f"a line longer than {self._limit} bytes")
+            try:
+                self._buffer += await self._stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                raise SandboxGone("the sandbox stopped while the request was running") from None
+        if end > self._limit:
+            raise protocol.ProtocolError(f"a line longer than {self._limit} bytes")
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        if len(line) > _PARSE_IN_THREAD:  # keep the event loop free for every other sandbox
+            return await anyio.to_thread.run_sync(protocol.decode_line, line)
+        return protocol.decode_line(line)
 
 
-def _raise_for(reply: dict[str, Any]) -> None:
-    if "error" not in reply:
-        return
-    message = str(reply.get("message") or reply["error"])
-    if reply["error"] == "no_such_process":
-        raise NotFound(f"{message}; list_processes shows this sandbox's background processes")
-    if reply["error"] == "bad_user":
-        raise InvalidRequest(message)
-    raise ExecFailed(message)
+async def _exchange(
+    stream: anyio.abc.ByteStream, request: dict[str, Any], limit: int, on_event: EventHandler | None
+) -> dict[str, Any]:
+    """Send ``request``; pass events to ``on_event``; return the reply, or raise the failure it reports."""
+    await stream.send(protocol.encode(request))
+    lines = _Lines(stream, limit)
+    while "event" in (message := await lines.next()):
+        if on_event is None:
+            raise protocol.ProtocolError("an event where none was asked for")
+        await on_event(message)
+    if "error" in message:
+        _raise_for(protocol.Failure.from_wire(message))
+    return message
 
 
 class JailClient:
     """The requests one sandbox's supervisor answers."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, sandbox_id: str = "sandbox") -> None:
         self._socket_path = socket_path
+        self._sandbox_id = sandbox_id
 
     async def _request(
-        self, request: dict[str, Any], *, timeout: float, on_event: OutputHandler | None = None
+        self,
+        request: dict[str, Any],
+        *,
+        timeout: float,
+        limit: int,
+        on_event: EventHandler | None = None,
     ) -> dict[str, Any]:
+        """Send ``request``; pass events to ``on_event``; return the reply (a failure raises)."""
         try:
             stream = await anyio.connect_unix(str(self._socket_path))
         except OSError:
@@ -86,56 +131,61 @@ class JailClient:
             # The supervisor enforces a command's own timeout; this bound only
             # guards against a supervisor that stopped answering.
             with anyio.move_on_after(timeout) as scope:
-                await stream.send(json.dumps(request).encode() + b"\n")
-                buffer = bytearray()
-                while True:
-                    while b"\n" not in buffer:
-                        try:
-                            chunk = await stream.receive()
-                        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                            raise SandboxGone("the sandbox stopped while the request was running") from None
-                        buffer += chunk
-                        if len(buffer) > _LINE_LIMIT:
-                            raise ExecFailed("the sandbox sent an oversized reply")
-                    line, _, rest = bytes(buffer).partition(b"\n")
-                    buffer = bytearray(rest)
-                    message: dict[str, Any] = json.loads(line)
-                    if message.get("event") != "output":
-                        break
-                    if on_event is not None:
-                        await on_event(
-                            OutputChunk(
-                                stdout=base64.b64decode(message["stdout_b64"]),
-                                stderr=base64.b64decode(message["stderr_b64"]),
-                            )
-                        )
-            if scope.cancelled_caught:
-                raise SandboxGone("the sandbox stopped answering (supervisor unresponsive)")
-        _raise_for(message)
-        return message
+                try:
+                    return await _exchange(stream, request, limit, on_event)
+                except protocol.ProtocolError as exc:
+                    raise self._invalid(exc) from None
+                except (anyio.BrokenResourceError, OSError):
+                    raise SandboxGone("the sandbox stopped while the request was running") from None
+        assert scope.cancelled_caught
+        raise SandboxGone("the sandbox stopped answering (supervisor unresponsive)")
+
+    def _invalid(self, error: protocol.ProtocolError) -> ExecFailed:
+        log.warning("sandbox %s: invalid reply from its supervisor: %s", self._sandbox_id, error)
+        return ExecFailed(
+            f"the sandbox's supervisor sent an invalid reply ({error}); the sandbox may be broken "
+            "or compromised: destroy it"
+        )
+
+    def _decoded(self, decode: Callable[..., T], reply: dict[str, Any], *bounds: int) -> T:
+        """``decode(reply, *bounds)``; a reply that breaks the protocol is this request's error."""
+        try:
+            return decode(reply, *bounds)
+        except protocol.ProtocolError as exc:
+            raise self._invalid(exc) from None
+
+    async def ping(self, timeout: float) -> None:
+        """Return once the supervisor answers."""
+        await self._request({"op": "ping"}, timeout=timeout, limit=_CONTROL_LINE_LIMIT)
 
     async def run(self, spec: CommandSpec, on_output: OutputHandler | None = None) -> CommandOutcome:
-        request = _command_request("exec", spec, timeout=spec.timeout_seconds)
-        request["stream"] = on_output is not None
+        cap = spec.max_output_bytes
+        streamed = [0, 0]
+
+        async def event(message: dict[str, Any]) -> None:
+            if message.get("event") != "output" or on_output is None:
+                raise protocol.ProtocolError("an unexpected event")
+            chunk = OutputChunk.from_wire(message, cap)
+            streamed[0] += len(chunk.stdout)
+            streamed[1] += len(chunk.stderr)
+            if max(streamed) > cap:
+                raise protocol.ProtocolError(f"more streamed output than the cap of {cap} bytes")
+            await on_output(chunk)
+
+        request = {"op": "exec", "stream": on_output is not None, **_command(spec, spec.timeout_seconds)}
         reply = await self._request(
-            request, timeout=spec.timeout_seconds + _GRACE_SECONDS, on_event=on_output
+            request,
+            timeout=spec.timeout_seconds + _GRACE_SECONDS,
+            limit=protocol.line_limit(cap),
+            on_event=event,
         )
-        return CommandOutcome(
-            exit_code=reply["exit_code"],
-            signal=reply["signal"],
-            stdout=base64.b64decode(reply["stdout_b64"]),
-            stderr=base64.b64decode(reply["stderr_b64"]),
-            stdout_truncated=bool(reply["stdout_truncated"]),
-            stderr_truncated=bool(reply["stderr_truncated"]),
-            timed_out=bool(reply["timed_out"]),
-            duration_ms=float(reply["duration_ms"]),
-        )
+        return self._decoded(CommandOutcome.from_wire, reply, cap)
 
     async def spawn(self, spec: CommandSpec, timeout: float | None) -> str:
         reply = await self._request(
-            _command_request("spawn", spec, timeout=timeout), timeout=_CONTROL_TIMEOUT
+            {"op": "spawn", **_command(spec, timeout)}, timeout=_CONTROL_TIMEOUT, limit=_CONTROL_LINE_LIMIT
         )
-        return str(reply["process_id"])
+        return self._decoded(protocol.spawned_from_wire, reply)
 
     async def read(
         self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int
@@ -149,28 +199,60 @@ class JailClient:
                 "max_bytes": max_bytes,
             },
             timeout=_CONTROL_TIMEOUT,
+            limit=protocol.line_limit(max_bytes),
         )
-        return ProcessOutput(
-            state=_state(reply),
-            stdout=base64.b64decode(reply["stdout_b64"]),
-            stderr=base64.b64decode(reply["stderr_b64"]),
-            next_stdout_offset=int(reply["next_stdout_offset"]),
-            next_stderr_offset=int(reply["next_stderr_offset"]),
-        )
+        return self._decoded(ProcessOutput.from_wire, reply, max_bytes, stdout_offset, stderr_offset)
 
     async def write(self, process_id: str, data: bytes, close: bool) -> int:
         reply = await self._request(
-            {"op": "write", "process_id": process_id, "data_b64": _b64(data), "close": close},
+            {
+                "op": "write",
+                "process_id": process_id,
+                "data_b64": protocol.data_to_wire(data),
+                "close": close,
+            },
             timeout=_CONTROL_TIMEOUT,
+            limit=_CONTROL_LINE_LIMIT,
         )
-        return int(reply["written"])
+        return self._decoded(protocol.written_from_wire, reply, len(data))
 
     async def kill(self, process_id: str, signal: int) -> ProcessState:
         reply = await self._request(
-            {"op": "kill", "process_id": process_id, "signal": signal}, timeout=_CONTROL_TIMEOUT
+            {"op": "kill", "process_id": process_id, "signal": signal},
+            timeout=_CONTROL_TIMEOUT,
+            limit=_CONTROL_LINE_LIMIT,
         )
-        return _state(reply)
+        return self._decoded(ProcessState.from_wire, reply)
 
     async def list(self) -> list[ProcessState]:
-        reply = await self._request({"op": "list"}, timeout=_CONTROL_TIMEOUT)
-        return [_state(item) for item in reply["processes"]]
+        reply = await self._request({"op": "list"}, timeout=_CONTROL_TIMEOUT, limit=_CONTROL_LINE_LIMIT)
+        return self._decoded(ProcessState.list_from_wire, reply)
+
+    async def read_file(
+        self, path: str, max_bytes: int, sink: Callable[[bytes], Awaitable[None]]
+    ) -> protocol.FileRead:
+        """Stream a regular file of the sandbox to ``sink``, as root in the sandbox may read it."""
+        received = [0]
+
+        async def event(message: dict[str, Any]) -> None:
+            if message.get("event") != "data":
+                raise protocol.ProtocolError("an unexpected event")
+            chunk = protocol.FileChunk.from_wire(message)
+            received[0] += len(chunk.data)
+            if received[0] > max_bytes:
+                raise CopyRefused(
+                    f"sandbox path {path} is larger than the policy's limit of {max_bytes} bytes "
+                    "(files.max_copy_bytes)"
+                )
+            await sink(chunk.data)
+
+        reply = await self._request(
+            {"op": "read_file", "path": path, "max_bytes": max_bytes},
+            timeout=_COPY_TIMEOUT,
+            limit=protocol.line_limit(protocol.FILE_CHUNK),
+            on_event=event,
+        )
+        done = self._decoded(protocol.FileRead.from_wire, reply, max_bytes)
+        if done.size != received[0]:
+            raise self._invalid(protocol.ProtocolError("the size does not match the data sent"))
+        return done

@@ -114,14 +114,3 @@ class Machined:
             _COPY_REPLACE,
             operation="copying into the sandbox",
         )
-
-    async def copy_from_machine(self, name: str, container_source: str, host_destination: str) -> None:
-        await self._call(
-            "CopyFromMachineWithFlags",
-            "ssst",
-            name,
-            container_source,
-            host_destination,
-            _COPY_REPLACE,
-            operation="copying out of the sandbox",
-        )

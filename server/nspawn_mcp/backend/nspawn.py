@@ -6,8 +6,10 @@ Steps of a create, each undone by :meth:`NspawnBackend.destroy`:
    ``SetImageLimit`` where the policy caps disk use.
 2. systemd ``StartTransientUnit`` of the nspawn service, with the sandbox's slice
    (which carries MemoryMax / TasksMax / CPUQuota) as an auxiliary unit. The
-   service is Type=notify, so the job completes once the container runs; then the
-   exec supervisor's socket appearing means it accepts commands.
+   service is Type=notify, so the job completes once the container runs. The
+   supervisor's listening socket is made here, in a directory only the host's root
+   can reach, and passed to the service as its standard input; a ``ping`` answered
+   means the sandbox accepts commands.
 3. For egress policies: the veth's addresses, the nftables rules, the resolver and
    the server-name check (:mod:`.network`), and the sandbox's resolv.conf.
 """
@@ -19,6 +21,7 @@ import logging
 import os
 import py_compile
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 from importlib import resources
@@ -28,7 +31,7 @@ import anyio
 import anyio.to_thread
 
 from .. import hostfs
-from ..errors import BackendError, NotFound
+from ..errors import BackendError, NotFound, SandboxGone
 from ..layout import Layout
 from ..naming import SANDBOX_ID, service_unit, slice_unit, template_image
 from ..policy import BindMount, EgressPlan, SandboxPlan
@@ -39,7 +42,7 @@ from .jail import JailClient
 from .machine1 import Machined
 from .network import EgressNetwork
 from .systemd1 import Systemd
-from .units import SUPERVISOR_SOCKET, SandboxPaths, build_units
+from .units import SandboxPaths, build_units
 
 __all__ = ["NspawnBackend", "install_supervisor"]
 
@@ -47,25 +50,39 @@ log = logging.getLogger(__name__)
 
 _IMAGE_PREFIX = "nspawn-mcp-"
 _READY_TIMEOUT = 15.0
-_READY_POLL = 0.002
+_SUPERVISOR_FILES = ("supervisor.py", "protocol.py")
 
 
 def install_supervisor(layout: Layout) -> None:
-    """Put the current supervisor.py where sandboxes bind it from (atomically), compiled.
+    """Put the current supervisor and its protocol where sandboxes bind them from (atomically), compiled.
 
-    The bytecode saves each sandbox compiling the supervisor at start (about 7 ms);
-    an image whose python3 is not the server's minor version just compiles it.
+    The bytecode saves each sandbox compiling them at start (about 7 ms); an image
+    whose python3 is not the server's minor version just compiles them.
     """
-    source = resources.files("nspawn_mcp") / "sandbox" / "supervisor.py"
+    package = resources.files("nspawn_mcp") / "sandbox"
     layout.lib_dir.mkdir(parents=True, exist_ok=True)
-    target = layout.lib_dir / "supervisor.py"
-    temporary = layout.lib_dir / ".supervisor.py.tmp"
-    temporary.write_bytes(source.read_bytes())
-    temporary.chmod(0o644)
-    temporary.replace(target)
-    py_compile.compile(str(target), doraise=True)
+    for name in _SUPERVISOR_FILES:
+        target = layout.lib_dir / name
+        temporary = layout.lib_dir / f".{name}.tmp"
+        temporary.write_bytes((package / name).read_bytes())
+        temporary.chmod(0o644)
+        temporary.replace(target)
+        py_compile.compile(str(target), doraise=True)
     for compiled in (layout.lib_dir / "__pycache__").glob("*.pyc"):
         compiled.chmod(0o644)
+
+
+def _listening_socket(path: Path) -> socket.socket:
+    """The supervisor's socket, made by the server where only the host's root can reach it."""
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(str(path))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 class NspawnBackend:
@@ -109,6 +126,9 @@ class NspawnBackend:
         machined = await Machined.attach(bus, on_machine_removed)
         for directory in (layout.sandboxes_dir, layout.staging_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # what a killed server was copying in is of no use to anyone now
+        for leftover in layout.staging_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
         install_supervisor(layout)
         return cls(bus, systemd, machined, layout, host_view, network, daemons_root)
 
@@ -135,18 +155,11 @@ class NspawnBackend:
         }
 
     def _paths(self, sandbox_id: str) -> SandboxPaths:
-        return SandboxPaths(
-            root=str(self._layout.machines_dir / sandbox_id),
-            control_dir=str(self._layout.control_dir(sandbox_id)),
-            lib_dir=str(self._layout.lib_dir),
-        )
+        root = self._layout.machines_dir / sandbox_id
+        return SandboxPaths(root=str(root), lib_dir=str(self._layout.lib_dir))
 
     async def create(self, sandbox_id: str, plan: SandboxPlan) -> None:
-        control = self._layout.control_dir(sandbox_id)
-        control.mkdir(parents=True, exist_ok=False)
-        # The sandbox's root (an unprivileged uid on the host) creates its socket
-        # here; the 0700 parent keeps other host users out.
-        control.chmod(0o1777)
+        self._layout.sandbox_dir(sandbox_id).mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             await self._machined.clone_image(template_image(plan.image), sandbox_id)
         except NotFound:
@@ -164,10 +177,17 @@ class NspawnBackend:
 
         mounts = tuple([await anyio.to_thread.run_sync(self._recheck, mount) for mount in plan.mounts])
         units = build_units(sandbox_id, replace(plan, mounts=mounts), self._paths(sandbox_id))
-        await self._systemd.start_transient_unit(
-            units.service_name, units.service_properties, aux={units.slice_name: units.slice_properties}
-        )
-        await self._wait_until_ready(sandbox_id)
+        with _listening_socket(self._layout.control_socket(sandbox_id)) as listener:
+            await self._systemd.start_transient_unit(
+                units.service_name,
+                {**units.service_properties, "StandardInputFileDescriptor": 0},
+                aux={units.slice_name: units.slice_properties},
+                fds=[listener.fileno()],
+            )
+        try:
+            await self.jail(sandbox_id).ping(_READY_TIMEOUT)
+        except SandboxGone:
+            raise BackendError(f"sandbox {sandbox_id} did not become ready") from None
 
         if plan.egress is not None:
             await self._attach_network(sandbox_id, plan.egress)
@@ -202,19 +222,6 @@ class NspawnBackend:
         if self._host_view is None:
             return mount
         return replace(mount, source=str(self._host_view) + mount.source)
-
-    async def _wait_until_ready(self, sandbox_id: str) -> None:
-        """The container is up once its unit started; the supervisor needs a moment more.
-
-        nspawn takes READY=1 only from the container's PID 1 (its stub init under
-        ``--as-pid2``), so readiness is the supervisor's socket appearing.
-        """
-        socket_path = self._layout.control_dir(sandbox_id) / SUPERVISOR_SOCKET
-        with anyio.move_on_after(_READY_TIMEOUT):
-            while not socket_path.exists():  # noqa: ASYNC110 - a file appearing sets no event
-                await anyio.sleep(_READY_POLL)
-            return
-        raise BackendError(f"sandbox {sandbox_id} did not become ready in {_READY_TIMEOUT:g} s")
 
     async def destroy(self, sandbox_id: str) -> None:
         if self._network is not None:
@@ -257,10 +264,7 @@ class NspawnBackend:
         return await anyio.to_thread.run_sync(oom_kill_count, sandbox_id)
 
     def jail(self, sandbox_id: str) -> JailClient:
-        return JailClient(self._layout.control_dir(sandbox_id) / SUPERVISOR_SOCKET)
+        return JailClient(self._layout.control_socket(sandbox_id), sandbox_id)
 
     async def copy_in(self, sandbox_id: str, host_source: Path, container_destination: str) -> None:
         await self._machined.copy_to_machine(sandbox_id, str(host_source), container_destination)
-
-    async def copy_out(self, sandbox_id: str, container_source: str, host_destination: Path) -> None:
-        await self._machined.copy_from_machine(sandbox_id, container_source, str(host_destination))

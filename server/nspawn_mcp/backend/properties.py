@@ -8,6 +8,7 @@ anything reaches systemd, so a typo is an error here rather than a confusing
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 __all__ = ["SIGNATURES", "ExecCommand", "encode"]
 
@@ -33,7 +34,7 @@ SIGNATURES: Mapping[str, str] = {
     "Restart": "s",
     "Environment": "as",
     "WorkingDirectory": "s",
-    "StandardInput": "s",
+    "StandardInputFileDescriptor": "h",
     "StandardOutput": "s",
     "StandardError": "s",
     # cgroup
@@ -48,6 +49,9 @@ SIGNATURES: Mapping[str, str] = {
     "CPUQuotaPerSecUSec": "t",
     "DevicePolicy": "s",
     "DeviceAllow": "a(ss)",
+    # sandboxing of the service, inherited by everything in the container
+    "NoNewPrivileges": "b",
+    "RestrictAddressFamilies": "(bas)",
 }
 
 
@@ -56,13 +60,22 @@ def _conforms(value: object, signature: str) -> bool:
         return isinstance(value, str)
     if signature == "b":
         return isinstance(value, bool)
-    if signature in ("t", "i"):
+    if signature in ("t", "i", "h"):
+        # "h": the index of a descriptor passed along with the call
         return isinstance(value, int) and not isinstance(value, bool) and (signature == "i" or value >= 0)
     if signature == "as":
         return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
     if signature == "a(ss)":
         return isinstance(value, list | tuple) and all(
             isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value
+        )
+    if signature == "(bas)":
+        return (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and isinstance(value[0], bool)
+            and isinstance(value[1], list | tuple)
+            and all(isinstance(v, str) for v in value[1])
         )
     if signature == "a(sasb)":
         return isinstance(value, list | tuple) and all(
@@ -83,6 +96,9 @@ def _normalise(value: object, signature: str) -> object:
         return [list(pair) for pair in value]  # type: ignore[attr-defined]
     if signature == "as":
         return list(value)  # type: ignore[call-overload]
+    if signature == "(bas)":
+        allow, names = cast(tuple[bool, Sequence[str]], value)
+        return [allow, list(names)]
     return value
 
 

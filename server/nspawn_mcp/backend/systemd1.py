@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,12 @@ class Systemd:
             waiter.set()
 
     async def _manager(
-        self, member: str, signature: str = "", *body: Any, operation: str | None = None
+        self,
+        member: str,
+        signature: str = "",
+        *body: Any,
+        operation: str | None = None,
+        unix_fds: Sequence[int] = (),
     ) -> Any:
         reply = await self._bus.call(
             destination=_DEST,
@@ -76,6 +81,7 @@ class Systemd:
             signature=signature,
             body=body,
             operation=operation,
+            unix_fds=unix_fds,
         )
         return reply[0] if reply else None
 
@@ -99,9 +105,13 @@ class Systemd:
         properties: Mapping[str, object],
         *,
         aux: Mapping[str, Mapping[str, object]] | None = None,
+        fds: Sequence[int] = (),
         timeout: float = 60.0,
     ) -> None:
-        """Start ``name`` (and the ``aux`` units it needs); wait for the job; raise if it failed."""
+        """Start ``name`` (and the ``aux`` units it needs); wait for the job; raise if it failed.
+
+        ``fds`` travel with the call; a property of type ``h`` names one by its index.
+        """
         what = f"starting {name}"
         job = await self._manager(
             "StartTransientUnit",
@@ -111,6 +121,7 @@ class Systemd:
             _variants(properties),
             [[aux_name, _variants(aux_properties)] for aux_name, aux_properties in (aux or {}).items()],
             operation=what,
+            unix_fds=fds,
         )
         result = await self._wait_job(job, timeout, what)
         if result != "done":

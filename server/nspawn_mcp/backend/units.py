@@ -12,10 +12,21 @@ disposable sandbox needs:
   unprivileged uid outside, while files in the snapshot keep their real owners;
 - ``--private-network``: loopback only (policies may choose the host's network instead);
 
-- ``--as-pid2`` with the exec supervisor as payload. (``--notify-ready=yes`` cannot
-  be used for the supervisor's readiness: nspawn accepts READY=1 only from the
-  container's PID 1, which is nspawn's stub init here. The backend waits for the
-  supervisor's socket instead.)
+- ``--as-pid2`` with the exec supervisor as payload. Its listening socket is the
+  server's, passed as the service's standard input (``--console=pipe`` hands
+  nspawn's stdin to the payload): nothing of the control path is a file the
+  sandbox can write. (``--notify-ready=yes`` cannot be used for the supervisor's
+  readiness: nspawn accepts READY=1 only from the container's PID 1, nspawn's stub
+  init here. The backend asks the supervisor for a ``ping`` instead.)
+
+What the service carries is inherited by nspawn and so by every process of the
+sandbox: ``NoNewPrivileges`` (unless the policy lets setuid programs work inside)
+and ``RestrictAddressFamilies``, an allow list of the socket families a sandbox
+has a use for. Everything else is refused: ``AF_VSOCK`` above all (network
+namespaces do not confine it; on a VM host it reaches the hypervisor), and
+``AF_PACKET``, ``AF_ALG``, ``AF_KEY``, Bluetooth, CAN, TIPC, RDS, XDP and the
+rest, which no agent workload needs and which carry most of the kernel's socket
+CVEs.
 """
 
 from __future__ import annotations
@@ -28,18 +39,20 @@ from ..policy import BindMount, SandboxPlan
 from .properties import ExecCommand
 
 __all__ = [
-    "CONTAINER_CONTROL_DIR",
+    "ADDRESS_FAMILIES",
     "CONTAINER_LIB_DIR",
-    "SUPERVISOR_SOCKET",
+    "SUPERVISOR_LISTEN_FD",
     "SandboxPaths",
     "SandboxUnits",
     "build_units",
+    "supervisor_command",
 ]
 
 NSPAWN = "/usr/bin/systemd-nspawn"
 CONTAINER_LIB_DIR = "/run/nspawn-mcp/lib"
-CONTAINER_CONTROL_DIR = "/run/nspawn-mcp/ctl"
-SUPERVISOR_SOCKET = "exec.sock"
+SUPERVISOR_LISTEN_FD = 0
+"""The supervisor's listening socket: the service's standard input."""
+ADDRESS_FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK")
 _USEC = 1_000_000
 
 
@@ -49,8 +62,6 @@ class SandboxPaths:
 
     root: str
     """The snapshot machined cloned, e.g. ``/var/lib/machines/sbx-1a2b3c4d``."""
-    control_dir: str
-    """Host directory bound at ``CONTAINER_CONTROL_DIR``; the supervisor's socket appears here."""
     lib_dir: str
     """Host directory holding ``supervisor.py``, bound read-only at ``CONTAINER_LIB_DIR``."""
 
@@ -81,6 +92,20 @@ def _network(plan: SandboxPlan) -> list[str]:
     return []
 
 
+def supervisor_command(lib_dir: str, listen: str, python: str = "/usr/bin/python3") -> list[str]:
+    """The supervisor as a process: imported from ``lib_dir`` (so the bytecode the server compiled is
+    used), listening on ``listen`` (``fd:N``, or a socket path where tests run it on the host)."""
+    return [
+        python,
+        "-I",
+        "-S",
+        "-c",
+        f"import sys; sys.path.insert(0, {lib_dir!r}); "
+        "import supervisor; sys.exit(supervisor.main(sys.argv))",
+        listen,
+    ]
+
+
 def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list[str]:
 
     return [
@@ -103,17 +128,9 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         "--system-call-filter=~io_uring_setup io_uring_enter io_uring_register",
         "--setenv=MALLOC_ARENA_MAX=1",
         f"--bind-ro={paths.lib_dir}:{CONTAINER_LIB_DIR}",
-        f"--bind={paths.control_dir}:{CONTAINER_CONTROL_DIR}",
         *(_bind(mount) for mount in plan.mounts),
         "--",
-        "/usr/bin/python3",
-        "-I",
-        "-S",
-        "-c",
-        # imported, not run as a script, so the bytecode compiled by the server is used
-        f"import sys; sys.path.insert(0, {CONTAINER_LIB_DIR!r}); "
-        "import supervisor; sys.exit(supervisor.main(sys.argv))",
-        f"{CONTAINER_CONTROL_DIR}/{SUPERVISOR_SOCKET}",
+        *supervisor_command(CONTAINER_LIB_DIR, f"fd:{SUPERVISOR_LISTEN_FD}"),
     ]
 
 
@@ -149,8 +166,9 @@ def build_units(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> Sand
             "TimeoutStartUSec": 30 * _USEC,
             "TimeoutStopUSec": 5 * _USEC,
             "RuntimeMaxUSec": limits.ttl_seconds * _USEC,
-            "StandardInput": "null",
             "StandardOutput": "journal",
             "StandardError": "journal",
+            "NoNewPrivileges": plan.no_new_privileges,
+            "RestrictAddressFamilies": (True, list(ADDRESS_FAMILIES)),
         },
     )

@@ -76,6 +76,11 @@ class ExecPolicy(_Frozen):
     max_background_output_bytes: ByteCount = Field(
         default=16 * _MiB, ge=1024, le=1024 * _MiB, description="per stream, kept on disk in the sandbox"
     )
+    no_new_privileges: bool = Field(
+        default=True,
+        description="no process of the sandbox can gain privileges through setuid or file capabilities "
+        "(NoNewPrivileges=); turn off only for images whose programs need setuid inside (sudo, ping)",
+    )
 
     @model_validator(mode="after")
     def _default_within_max(self) -> ExecPolicy:

@@ -93,6 +93,7 @@ class SandboxPlan:
     allowed_host_roots: tuple[str, ...]
     mounts: tuple[BindMount, ...] = ()
     egress: EgressPlan | None = None
+    no_new_privileges: bool = True
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ def resolve_create(policy_name: str, policy: Policy, request: CreateRequest, *, 
         allowed_host_roots=resolve_allowed_roots(policy.files.allowed_host_dirs, cwd),
         mounts=_resolve_mounts(policy, request.mounts, cwd),
         egress=_egress_plan(policy) if policy.network.mode == "egress" else None,
+        no_new_privileges=policy.exec.no_new_privileges,
     )
 
 

@@ -14,43 +14,29 @@ which nspawn delegates to the container), so "kill the command" means every
 process it started, including ones that called ``setsid`` or double-forked. Where
 no writable cgroup v2 exists, the command's process group is used instead.
 
-Protocol, over a Unix stream socket in a directory the host binds in: one
-connection per request. The client sends one JSON object on one line and reads
-JSON lines back; the last line is the reply, earlier ones (only for ``exec`` with
-``"stream": true``) are ``{"event": "output", "stdout_b64": ..., "stderr_b64": ...}``.
+The protocol (requests, replies, their bounds) is defined in ``protocol.py``,
+which lives next to this file and which the server imports too. The listening
+socket is the server's: it is created in a directory only the host's root can
+reach and handed to nspawn as the service's standard input, which
+``--console=pipe`` passes on to this payload as fd 0. No path the sandbox can
+write ever leads the server anywhere.
 
-``{"op": "exec", "argv": [...], "cwd": "/", "env": {}, "user": "root",
-"stdin_b64": "", "timeout": 60.0, "max_output": 1048576, "stream": false}``
-    Run to completion. Reply: ``exit_code``, ``signal``, ``stdout_b64``,
-    ``stderr_b64``, ``stdout_truncated``, ``stderr_truncated``, ``timed_out``,
-    ``duration_ms``. Hanging up kills the command.
-
-``{"op": "spawn", ... same fields ..., "timeout": null}``
-    Start in the background; output goes to files (bounded by ``max_output``) so
-    it outlives any client. Reply: ``{"process_id": "p1"}``.
-
-``{"op": "read", "process_id": "p1", "stdout_offset": 0, "stderr_offset": 0, "max_bytes": N}``
-    New output since the offsets, the next offsets, and the process's state.
-
-``{"op": "write", "process_id": "p1", "data_b64": "...", "close": false}``
-    Feed stdin (what fits without blocking); ``close`` closes it afterwards.
-
-``{"op": "kill", "process_id": "p1", "signal": 15}`` and ``{"op": "list"}``.
-
-Errors: ``{"error": "not_found" | "not_executable" | "bad_cwd" | "bad_user" |
-"no_such_process" | "bad_request", "message": "..."}``.
+Commands are the processes the OOM killer should choose: each raises its own
+``oom_score_adj`` before it runs, so a full ``/dev/shm`` or a memory hog kills
+commands, not the supervisor.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import json
+import errno
 import os
 import pwd
 import selectors
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -60,8 +46,14 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import subprocess
 
+    from . import protocol
+else:
+    try:  # imported from the package (tests, type checking)
+        from . import protocol
+    except ImportError:  # inside a sandbox: protocol.py lies next to this file
+        import protocol
 
-MAX_REQUEST_BYTES = 128 << 20
+
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -70,6 +62,7 @@ BASE_ENV = {
 PROCESS_DIR = "/var/tmp/.nspawn-mcp/processes"
 STREAM_INTERVAL = 0.25
 _CHUNK = 65536
+COMMAND_OOM_SCORE_ADJ = b"1000"
 
 
 class RequestError(Exception):
@@ -162,28 +155,30 @@ class Cgroup:
 # -- starting commands -----------------------------------------------------------
 
 
-def _start(request: dict[str, Any], cgroup: Cgroup) -> subprocess.Popen[bytes]:
+def _start(command: protocol.Command, cgroup: Cgroup) -> subprocess.Popen[bytes]:
     import subprocess
 
-    argv = request.get("argv")
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise RequestError("bad_request", "argv must be a non-empty list of strings")
-    cwd = request.get("cwd") or None
     env = dict(BASE_ENV)
-    user = request.get("user") or "root"
     try:
-        account = pwd.getpwnam(user)
+        account = pwd.getpwnam(command.user)
     except KeyError:
-        raise RequestError("bad_user", f"no user {user!r} in this sandbox's image") from None
+        raise RequestError("bad_user", f"no user {command.user!r} in this sandbox's image") from None
     env["HOME"] = account.pw_dir
     env["USER"] = env["LOGNAME"] = account.pw_name
-    env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+    env.update(command.env)
+    cwd = command.cwd
     if cwd is None:
         cwd = account.pw_dir if os.path.isdir(account.pw_dir) else "/"
     as_other = account.pw_uid != os.getuid()
+
+    def child_setup() -> None:
+        cgroup.join()
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "wb") as adjust:
+            adjust.write(COMMAND_OOM_SCORE_ADJ)
+
     try:
         return subprocess.Popen(
-            argv,
+            list(command.argv),
             cwd=cwd,
             env=env,
             stdin=subprocess.PIPE,
@@ -191,14 +186,14 @@ def _start(request: dict[str, Any], cgroup: Cgroup) -> subprocess.Popen[bytes]:
             stderr=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=cgroup.join,
+            preexec_fn=child_setup,
             user=account.pw_uid if as_other else None,
             group=account.pw_gid if as_other else None,
             extra_groups=[] if as_other else None,
         )
     except OSError as exc:
         cgroup.remove()
-        raise _spawn_error(exc, argv[0], cwd) from None
+        raise _spawn_error(exc, command.argv[0], cwd) from None
 
 
 def _spawn_error(exc: OSError, argv0: str, cwd: str) -> RequestError:
@@ -213,14 +208,6 @@ def _spawn_error(exc: OSError, argv0: str, cwd: str) -> RequestError:
     if isinstance(exc, NotADirectoryError):
         return RequestError("bad_cwd", f"working directory {cwd} is not a directory")
     return RequestError("not_executable", f"cannot run {argv0}: {os.strerror(exc.errno or 0)}")
-
-
-def _status(returncode: int | None) -> dict[str, int | None]:
-    if returncode is None:
-        return {"exit_code": None, "signal": None}
-    if returncode < 0:
-        return {"exit_code": None, "signal": -returncode}
-    return {"exit_code": returncode, "signal": None}
 
 
 class _Pump:
@@ -336,16 +323,12 @@ class _Capture:
         return new
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def op_exec(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
-    limit = int(request.get("max_output") or (1 << 20))
-    out, err = _Capture(limit), _Capture(limit)
+    command = protocol.Command.from_wire(request)
+    out, err = _Capture(command.max_output), _Capture(command.max_output)
     cgroup = Cgroup()
     started = time.monotonic()
-    proc = _start(request, cgroup)
+    proc = _start(command, cgroup)
     tick = None
     if request.get("stream"):
         last = [started]
@@ -354,35 +337,75 @@ def op_exec(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
             now = time.monotonic()
             if now - last[0] >= STREAM_INTERVAL and (out.unsent or err.unsent):
                 last[0] = now
-                event = {
-                    "event": "output",
-                    "stdout_b64": _b64(out.take_unsent()),
-                    "stderr_b64": _b64(err.take_unsent()),
-                }
-                _send(conn, event)
+                _send(conn, protocol.OutputChunk(out.take_unsent(), err.take_unsent()).to_wire())
 
     pump = _Pump(
         proc,
         cgroup,
         {"stdout": out.add, "stderr": err.add},
-        base64.b64decode(request.get("stdin_b64") or ""),
-        started + float(request.get("timeout") or 60.0),
+        command.stdin,
+        started + (command.timeout or 60.0),
         hangup=conn,
         tick=tick,
     )
     pump.run()
     if pump.hung_up:
         raise ConnectionAbortedError
-    reply: dict[str, Any] = {
-        "stdout_b64": _b64(bytes(out.data)),
-        "stderr_b64": _b64(bytes(err.data)),
-        "stdout_truncated": out.truncated,
-        "stderr_truncated": err.truncated,
-        "timed_out": pump.timed_out,
-        "duration_ms": round((time.monotonic() - started) * 1000, 3),
-    }
-    reply.update(_status(proc.returncode))
-    return reply
+    status = protocol.CommandOutcome.status(proc.returncode)
+    return protocol.CommandOutcome(
+        exit_code=status["exit_code"],
+        signal=status["signal"],
+        stdout=bytes(out.data),
+        stderr=bytes(err.data),
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+        timed_out=pump.timed_out,
+        duration_ms=round((time.monotonic() - started) * 1000, 3),
+    ).to_wire()
+
+
+def op_read_file(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+    """Send a regular file as root here may read it, in chunks, up to ``max_bytes``.
+
+    The last component must not be a symlink; type and size are checked before a
+    byte is sent, and the cap again while reading (a file may grow).
+    """
+    path, limit = request.get("path"), request.get("max_bytes")
+    if not isinstance(path, str) or not path.startswith("/") or not isinstance(limit, int):
+        raise RequestError("bad_request", "read_file needs an absolute path and max_bytes")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RequestError("no_such_file", f"{path} does not exist in the sandbox") from None
+    except PermissionError:
+        raise RequestError("permission_denied", f"permission denied on {path} in the sandbox") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RequestError("not_regular", f"{path} is a symbolic link") from None
+        reason = os.strerror(exc.errno or 0)
+        raise RequestError("permission_denied", f"cannot open {path}: {reason}") from None
+    with os.fdopen(fd, "rb", buffering=0) as source:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise RequestError("not_regular", f"{path} is {kind}")
+        if info.st_size > limit:
+            raise RequestError("too_large", f"{path} has {info.st_size} bytes, more than {limit}")
+        os.set_blocking(fd, True)
+        sent = 0
+        while True:
+            try:
+                chunk = source.read(protocol.FILE_CHUNK)
+            except OSError as exc:
+                reason = os.strerror(exc.errno or 0)
+                raise RequestError("permission_denied", f"cannot read {path}: {reason}") from None
+            if not chunk:
+                break
+            sent += len(chunk)
+            if sent > limit:
+                raise RequestError("too_large", f"{path} grew past {limit} bytes while it was read")
+            _send(conn, protocol.FileChunk(chunk).to_wire())
+    return protocol.FileRead(size=sent, mode=stat.S_IMODE(info.st_mode)).to_wire()
 
 
 # -- background processes -----------------------------------------------------------
@@ -409,31 +432,27 @@ class _FileSink:
 
 
 class Background:
-    def __init__(self, process_id: str, request: dict[str, Any]) -> None:
+    def __init__(self, process_id: str, command: protocol.Command) -> None:
         self.process_id = process_id
-        self.argv: list[str] = list(request["argv"])
+        self.argv = command.argv
         self.directory = PROCESS_DIR + "/" + process_id
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        limit = int(request.get("max_output") or (16 << 20))
-        self.out = _FileSink(self.directory + "/stdout", limit)
-        self.err = _FileSink(self.directory + "/stderr", limit)
+        self.out = _FileSink(self.directory + "/stdout", command.max_output)
+        self.err = _FileSink(self.directory + "/stderr", command.max_output)
         self.cgroup = Cgroup()
-        self.started_at = time.time()
-        timeout = request.get("timeout")
         started = time.monotonic()
-        self.proc = _start(request, self.cgroup)
+        self.proc = _start(command, self.cgroup)
         assert self.proc.stdin is not None
         self.stdin = self.proc.stdin
         os.set_blocking(self.stdin.fileno(), False)
-        stdin_data = base64.b64decode(request.get("stdin_b64") or "")
-        if stdin_data:
-            self.write(stdin_data, close=False)
+        if command.stdin:
+            self.write(command.stdin, close=False)
         self.pump = _Pump(
             self.proc,
             self.cgroup,
             {"stdout": self.out.add, "stderr": self.err.add},
             b"",
-            started + float(timeout) if timeout else None,
+            started + command.timeout if command.timeout else None,
         )
         self.finished = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
@@ -463,19 +482,20 @@ class Background:
             self.stdin.close()
         return written
 
-    def state(self) -> dict[str, Any]:
-        running = not self.finished.is_set()
-        info: dict[str, Any] = {
-            "process_id": self.process_id,
-            "argv": self.argv,
-            "running": running,
-            "started_at": self.started_at,
-            "timed_out": self.pump.timed_out,
-            "stdout_truncated": self.out.truncated,
-            "stderr_truncated": self.err.truncated,
-        }
-        info.update(_status(None if running else self.proc.returncode))
-        return info
+    def state(self, finished: bool | None = None) -> protocol.ProcessState:
+        """The process's state; ``finished`` as observed by the caller, if it looked first."""
+        running = not (self.finished.is_set() if finished is None else finished)
+        status = protocol.CommandOutcome.status(None if running else self.proc.returncode)
+        return protocol.ProcessState(
+            process_id=self.process_id,
+            argv=self.argv,
+            running=running,
+            exit_code=status["exit_code"],
+            signal=status["signal"],
+            timed_out=self.pump.timed_out,
+            stdout_truncated=self.out.truncated,
+            stderr_truncated=self.err.truncated,
+        )
 
 
 class Registry:
@@ -485,34 +505,39 @@ class Registry:
         self.counter = 0
 
     def spawn(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = protocol.Command.from_wire(request)
         with self.lock:
             self.counter += 1
             process_id = f"p{self.counter}"
-        self.processes[process_id] = Background(process_id, request)
+        self.processes[process_id] = Background(process_id, command)
         return {"process_id": process_id}
 
     def get(self, request: dict[str, Any]) -> Background:
         process = self.processes.get(str(request.get("process_id")))
         if process is None:
-            raise RequestError("no_such_process", f"no background process {request.get('process_id')!r}")
+            shown = str(request.get("process_id"))[:16]
+            raise RequestError("no_such_process", f"no background process {shown!r}")
         return process
 
     def read(self, request: dict[str, Any]) -> dict[str, Any]:
         process = self.get(request)
         finished = process.finished.is_set()  # read the state first: no output is missed after "finished"
-        reply = process.state()
-        reply["running"] = not finished
-        if not finished:
-            reply.update(_status(None))
         limit = int(request.get("max_bytes") or (1 << 20))
+        data: dict[str, bytes] = {}
+        offsets: dict[str, int] = {}
         for stream in ("stdout", "stderr"):
             offset = max(0, int(request.get(stream + "_offset") or 0))
             with open(process.directory + "/" + stream, "rb") as source:
                 source.seek(offset)
-                data = source.read(limit)
-            reply[stream + "_b64"] = _b64(data)
-            reply["next_" + stream + "_offset"] = offset + len(data)
-        return reply
+                data[stream] = source.read(limit)
+            offsets[stream] = offset + len(data[stream])
+        return protocol.ProcessOutput(
+            state=process.state(finished),
+            stdout=data["stdout"],
+            stderr=data["stderr"],
+            next_stdout_offset=offsets["stdout"],
+            next_stderr_offset=offsets["stderr"],
+        ).to_wire()
 
     def write(self, request: dict[str, Any]) -> dict[str, Any]:
         process = self.get(request)
@@ -524,10 +549,10 @@ class Registry:
         signum = int(request.get("signal") or signal.SIGTERM)
         if not process.finished.is_set():
             process.cgroup.signal(process.proc.pid, signum)
-        return process.state()
+        return process.state().to_wire()
 
     def list(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"processes": [p.state() for p in self.processes.values()]}
+        return {"processes": [p.state().to_wire() for p in self.processes.values()]}
 
 
 REGISTRY = Registry()
@@ -537,7 +562,7 @@ REGISTRY = Registry()
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
-    conn.sendall(json.dumps(message).encode() + b"\n")
+    conn.sendall(protocol.encode(message))
 
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:
@@ -547,65 +572,83 @@ def _read_request(conn: socket.socket) -> dict[str, Any]:
         if not chunk:
             raise RequestError("bad_request", "connection closed before a complete request")
         buffer += chunk
-        if len(buffer) > MAX_REQUEST_BYTES:
+        if len(buffer) > protocol.MAX_REQUEST_BYTES:
             raise RequestError("bad_request", "request too large")
     try:
-        request = json.loads(bytes(buffer[: buffer.index(b"\n")]))
-    except ValueError:
-        raise RequestError("bad_request", "request is not JSON") from None
-    if not isinstance(request, dict):
-        raise RequestError("bad_request", "request must be a JSON object")
-    return request
+        return protocol.decode_line(bytes(buffer[: buffer.index(b"\n")]))
+    except protocol.ProtocolError as exc:
+        raise RequestError("bad_request", str(exc)) from None
 
 
 OPERATIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "ping": lambda request: {"ok": True},
     "spawn": REGISTRY.spawn,
     "read": REGISTRY.read,
     "write": REGISTRY.write,
     "kill": REGISTRY.kill,
     "list": REGISTRY.list,
 }
+STREAMING: dict[str, Callable[[socket.socket, dict[str, Any]], dict[str, Any]]] = {
+    "exec": op_exec,
+    "read_file": op_read_file,
+}
 
 
-def _operation(op: object) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    if not isinstance(op, str) or op not in OPERATIONS:
-        raise RequestError("bad_request", f"unknown op {op!r}")
-    return OPERATIONS[op]
+def _handle(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+    op = request.get("op", "exec")
+    if isinstance(op, str) and op in STREAMING:
+        return STREAMING[op](conn, request)
+    if isinstance(op, str) and op in OPERATIONS:
+        return OPERATIONS[op](request)
+    raise RequestError("bad_request", f"unknown op {str(op)[:32]!r}")
 
 
 def _serve_connection(conn: socket.socket) -> None:
     with conn:
         try:
             request = _read_request(conn)
-            op = request.get("op", "exec")
-            reply = op_exec(conn, request) if op == "exec" else _operation(op)(request)
-        except ConnectionAbortedError:
+            reply = _handle(conn, request)
+        except (ConnectionAbortedError, BrokenPipeError, ConnectionResetError):
             return
         except RequestError as exc:
-            reply = {"error": exc.kind, "message": str(exc)}
+            reply = protocol.Failure(exc.kind, str(exc)).to_wire()
+        except protocol.ProtocolError as exc:
+            reply = protocol.Failure("bad_request", str(exc)).to_wire()
         except (ValueError, TypeError, KeyError, OSError) as exc:
-            reply = {"error": "bad_request", "message": f"{type(exc).__name__}: {exc}"}
+            reply = protocol.Failure("bad_request", f"{type(exc).__name__}: {exc}").to_wire()
         with contextlib.suppress(OSError):
             _send(conn, reply)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: supervisor.py SOCKET_PATH", file=sys.stderr)
-        return 2
-    path = argv[1]
-    os.environ.pop("NOTIFY_SOCKET", None)  # not for the commands we run
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+def _listen(where: str) -> socket.socket:
+    """The listening socket: ``fd:N`` is one the host made and passed in; else a path to bind."""
+    if where.startswith("fd:"):
+        fd = int(where[3:])
+        server = socket.socket(fileno=os.dup(fd))
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, fd)  # fd 0 is standard input again, for whatever reads it
+        os.close(null)
+        return server
     # Bind under a temporary name and rename once listening: the socket's
-    # appearance at ``path`` is the host's signal that commands are accepted.
-    temporary = path + ".tmp"
+    # appearance at ``where`` tells the test that started us that we accept.
+    temporary = where + ".tmp"
     if os.path.exists(temporary):
         os.unlink(temporary)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(temporary)
     os.chmod(temporary, 0o600)
     server.listen(128)
-    os.rename(temporary, path)
+    os.rename(temporary, where)
+    return server
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: supervisor.py fd:N | SOCKET_PATH", file=sys.stderr)
+        return 2
+    os.environ.pop("NOTIFY_SOCKET", None)  # not for the commands we run
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    server = _listen(argv[1])
     while True:
         conn, _ = server.accept()
         threading.Thread(target=_serve_connection, args=(conn,), daemon=True).start()
