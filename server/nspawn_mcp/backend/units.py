@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..naming import service_unit, slice_unit
-from ..policy import BindMount, SandboxPlan
+from ..policy import SandboxPlan
 from .properties import ExecCommand
 
 __all__ = [
@@ -68,11 +68,6 @@ class SandboxUnits:
         return list(exec_start[0][1])
 
 
-def _bind(mount: BindMount) -> str:
-    # idmap: files show their real owners inside, as in the snapshot itself.
-    return f"--bind{'' if mount.writable else '-ro'}={mount.source}:{mount.target}:idmap"
-
-
 def _network(plan: SandboxPlan) -> list[str]:
     if plan.network == "none":
         return ["--private-network"]
@@ -104,7 +99,6 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         "--setenv=MALLOC_ARENA_MAX=1",
         f"--bind-ro={paths.lib_dir}:{CONTAINER_LIB_DIR}",
         f"--bind={paths.control_dir}:{CONTAINER_CONTROL_DIR}",
-        *(_bind(mount) for mount in plan.mounts),
         "--",
         "/usr/bin/python3",
         "-I",
