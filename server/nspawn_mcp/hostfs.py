@@ -22,7 +22,6 @@ Functions here block; callers run them in a worker thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -33,30 +32,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import kernel
+from .backend.attach import writable_root_refusal
 from .errors import CopyRefused, NotFound, PolicyRefused
 from .policy.paths import HostTarget, is_protected
 
 __all__ = [
+    "BindSource",
     "CopyStats",
     "Publication",
-    "check_same_beneath",
     "open_beneath",
     "resolve_bind_source",
     "stage_from_host",
     "staging_area",
 ]
 
-_SYS_OPENAT2 = 437  # the same number on every architecture (new-style syscall table)
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_BENEATH = 0x08
+_BENEATH = kernel.RESOLVE_BENEATH | kernel.RESOLVE_NO_MAGICLINKS
 _CHUNK = 1 << 20
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -66,12 +58,7 @@ class CopyStats:
 
 
 def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
-    how = _OpenHow(flags=flags | os.O_CLOEXEC, mode=mode, resolve=_RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
-    fd = int(_libc.syscall(_SYS_OPENAT2, dir_fd, path.encode(), ctypes.byref(how), ctypes.sizeof(how)))
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
-    return fd
+    return kernel.openat2(dir_fd, path, flags, _BENEATH, mode)
 
 
 def _open_root(root: str) -> int:
@@ -103,11 +90,11 @@ def open_beneath(target: HostTarget, flags: int, mode: int = 0) -> Iterator[int]
         os.close(fd)
 
 
-def _explain(exc: OSError, target: HostTarget) -> Exception:
+def _explain(exc: OSError, target: HostTarget, rule: str = "files.allowed_host_dirs") -> Exception:
     if exc.errno == errno.EXDEV or exc.errno == errno.ELOOP:
         return PolicyRefused(
             f"host path {target.path} leads outside the allowed directory {target.root} (symlink or '..')",
-            rule="files.allowed_host_dirs",
+            rule=rule,
         )
     if exc.errno == errno.ENOENT:
         return NotFound(f"host path {target.path} does not exist")
@@ -233,40 +220,56 @@ class Publication:
         os.close(self._dir_fd)
 
 
-def resolve_bind_source(target: HostTarget) -> str:
-    """The real path of a bind's source, found beneath its allowed root; refused if it escapes.
+@dataclass(frozen=True)
+class BindSource:
+    """A bind's source as found on the host: its allowed root's and its own real path, and its identity."""
 
-    nspawn takes a path, so the path is resolved once here (symlinks followed only
-    while they stay beneath the root) and that resolved path is what nspawn binds.
+    root: str
+    path: str
+    device: int
+    inode: int
+
+
+def resolve_bind_source(target: HostTarget, *, writable: bool) -> BindSource:
+    """Find a bind's source beneath its allowed root; refuse it if it escapes or may not be bound.
+
+    Symlinks are followed only while they stay beneath the root. Only directories
+    and regular files can be bound. A writable bind's root must pass
+    :func:`~nspawn_mcp.backend.attach.writable_root_refusal` (root inside writes as
+    its owner). The identity (st_dev, st_ino) is what the bind helper checks again
+    when it mounts the source, so a path swapped meanwhile is refused.
     """
-    with open_beneath(target, os.O_PATH) as fd:
+    try:
+        root_fd = _open_root(target.root)
+    except FileNotFoundError:
+        raise NotFound(f"allowed host directory {target.root} does not exist") from None
+    try:
+        real_root = os.readlink(f"/proc/self/fd/{root_fd}")
+        if writable:
+            root = os.fstat(root_fd)
+            refusal = writable_root_refusal(root.st_uid, root.st_gid, root.st_mode)
+            if refusal is not None:
+                raise PolicyRefused(
+                    f"{target.root} cannot be bound writable: {refusal}", rule="mounts.allowed"
+                )
+        try:
+            fd = kernel.openat2(root_fd, target.relative, os.O_PATH, _BENEATH)
+        except OSError as exc:
+            raise _explain(exc, target, rule="mounts.allowed") from None
+    finally:
+        os.close(root_fd)
+    try:
+        info = os.fstat(fd)
         real = os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
     if is_protected(real):
         raise PolicyRefused(
             f"host path {target.path} resolves into a protected location", rule="mounts.allowed"
         )
-    if ":" in real or "," in real:
-        raise CopyRefused(
-            f"host path {target.path} resolves to a path with ':' or ','; nspawn cannot bind it"
+    if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+        raise PolicyRefused(
+            f"host path {target.path} is not a directory or a regular file (socket, device or FIFO)",
+            rule="mounts.allowed",
         )
-    return real
-
-
-def check_same_beneath(root: str, relative: str, expected: os.stat_result) -> None:
-    """Refuse unless ``relative``, resolved beneath ``root``, is still the object ``expected``.
-
-    ``root`` may be the host tree as another mount namespace sees it (the private
-    systemd's view): a source swapped for a symlink, or for another object, since
-    it was checked is refused (HOSTILE-TESTS B11, up to the moment nspawn binds it).
-    """
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fd = _openat2(root_fd, relative, os.O_PATH)
-    except OSError:
-        raise CopyRefused("a mount's host path changed while the sandbox was being created") from None
-    finally:
-        os.close(root_fd)
-    found = os.fstat(fd)
-    os.close(fd)
-    if (found.st_dev, found.st_ino) != (expected.st_dev, expected.st_ino):
-        raise CopyRefused("a mount's host path changed while the sandbox was being created")
+    return BindSource(root=real_root, path=real, device=info.st_dev, inode=info.st_ino)

@@ -42,18 +42,11 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class Daemons:
-    """Where systemd and machined are: their bus, and how they see the host's files."""
+    """Where systemd and machined are: their bus, and their /proc."""
 
     bus_address: str
-    host_view: Path | None = None
-    """Set when they run in the private systemd's mount namespace."""
     proc_root: Path = Path("/proc")
     """Where the PIDs they report (such as a machine's leader) are found."""
-
-    @property
-    def root(self) -> Path:
-        """Their root directory, reachable from here."""
-        return self.proc_root.parent
 
 
 def find_daemons(layout: Layout) -> Daemons:
@@ -65,7 +58,7 @@ def find_daemons(layout: Layout) -> Daemons:
         return Daemons(system_bus_address())
     box = start_box(layout)
     log.info("using the private systemd (pid %d)", box.pid)
-    return Daemons(box.bus_address, layout.box_host_view, Path(f"/proc/{box.pid}/root/proc"))
+    return Daemons(box.bus_address, Path(f"/proc/{box.pid}/root/proc"))
 
 
 @asynccontextmanager
@@ -85,9 +78,8 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
             daemons.bus_address,
             config.layout,
             on_machine_removed=machine_removed,
-            host_view=daemons.host_view,
             network=network,
-            daemons_root=daemons.root,
+            proc_root=daemons.proc_root,
         )
 
         try:

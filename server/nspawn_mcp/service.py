@@ -428,8 +428,12 @@ def _resolve_binds(mounts: tuple[BindMount, ...]) -> tuple[BindMount, ...]:
     resolved = []
     for mount in mounts:
         relative = posixpath.relpath(mount.source, mount.root)
-        source = hostfs.resolve_bind_source(HostTarget(root=mount.root, relative=relative))
-        resolved.append(replace(mount, source=source))
+        source = hostfs.resolve_bind_source(
+            HostTarget(root=mount.root, relative=relative), writable=mount.writable
+        )
+        resolved.append(
+            replace(mount, root=source.root, source=source.path, device=source.device, inode=source.inode)
+        )
     return tuple(resolved)
 
 

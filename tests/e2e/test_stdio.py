@@ -247,8 +247,20 @@ async def test_cancelling_a_call_kills_its_command(client: Client) -> None:
 async def test_the_dev_policy_binds_the_project_read_only_and_scratch_read_write(
     client: Client, workdir: Path
 ) -> None:
-    (workdir / "scratch").mkdir()
+    # a writable root must belong to an unprivileged user alone: root inside writes as its owner
+    scratch = workdir / "scratch"
     (workdir / "main.py").write_text("print('from the host')\n")
+    scratch.mkdir(mode=0o777)
+    refused = await error_text(
+        client,
+        "create_sandbox",
+        policy="dev",
+        mounts=[{"host": "scratch", "sandbox": "/s", "writable": True}],
+    )
+    assert "root inside would write as host root" in refused
+    assert "mounts.allowed" in refused
+    os.chown(scratch, 4242, 4242)
+    scratch.chmod(0o700)
     created = await call(
         client,
         "create_sandbox",
@@ -271,7 +283,8 @@ async def test_the_dev_policy_binds_the_project_read_only_and_scratch_read_write
             command="python3 /work/main.py > /scratch/out.txt; touch /work/x",
         )
         assert "Read-only file system" in ran["stderr"]
-        assert (workdir / "scratch" / "out.txt").read_text() == "from the host\n"
+        assert (scratch / "out.txt").read_text() == "from the host\n"
+        assert (scratch / "out.txt").stat().st_uid == 4242
         assert not (workdir / "x").exists()
     finally:
         await call(client, "destroy_sandbox", sandbox_id=sandbox)

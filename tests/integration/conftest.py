@@ -74,9 +74,7 @@ def host(daemons: Daemons, layout: Layout) -> HostView:
 
 @pytest.fixture
 async def backend(daemons: Daemons, layout: Layout) -> AsyncIterator[NspawnBackend]:
-    connected = await NspawnBackend.connect(
-        daemons.bus_address, layout, host_view=daemons.host_view, daemons_root=daemons.root
-    )
+    connected = await NspawnBackend.connect(daemons.bus_address, layout, proc_root=daemons.proc_root)
     try:
         if "default" not in await connected.available_images():
             pytest.fail("the 'default' image is not installed: run `make setup`")

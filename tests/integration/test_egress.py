@@ -36,9 +36,8 @@ async def egress_backend(daemons: Daemons, layout: Layout) -> AsyncIterator[Nspa
         backend = await NspawnBackend.connect(
             daemons.bus_address,
             layout,
-            host_view=daemons.host_view,
             network=EgressNetwork(tasks, daemons.proc_root, layout.state_dir),
-            daemons_root=daemons.root,
+            proc_root=daemons.proc_root,
         )
         yield backend
         backend.close()

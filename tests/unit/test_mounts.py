@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
 
+from nspawn_mcp.backend.attach import writable_root_refusal
 from nspawn_mcp.errors import InvalidRequest, PolicyRefused
 from nspawn_mcp.hostfs import resolve_bind_source
 from nspawn_mcp.policy import CreateRequest, HostTarget, MountRequest, resolve_create
@@ -17,6 +20,7 @@ POLICY = load_policy_text(
     allowed = [
         { host = ".", writable = false },
         { host = "./scratch", writable = true },
+        { host = "./downloads", noexec = true },
         { host = "/etc", writable = true },
     ]
     max_mounts = 2
@@ -25,16 +29,26 @@ POLICY = load_policy_text(
 )
 
 
-def mounts(*requests: MountRequest, cwd: str = "/srv/project") -> list[tuple[str, str, str, bool]]:
+def mounts(*requests: MountRequest, cwd: str = "/srv/project") -> list[tuple[str, str, str, bool, bool]]:
     plan = resolve_create("dev", POLICY, CreateRequest(mounts=requests), cwd=cwd)
-    return [(m.root, m.source, m.target, m.writable) for m in plan.mounts]
+    return [(m.root, m.source, m.target, m.writable, m.noexec) for m in plan.mounts]
 
 
 def test_allowed_paths_are_bound_read_only_or_writable_as_their_root_allows() -> None:
     assert mounts(MountRequest("src", "/work"), MountRequest("scratch/tmp", "/scratch", writable=True)) == [
-        ("/srv/project", "/srv/project/src", "/work", False),
-        ("/srv/project/scratch", "/srv/project/scratch/tmp", "/scratch", True),
+        ("/srv/project", "/srv/project/src", "/work", False, False),
+        ("/srv/project/scratch", "/srv/project/scratch/tmp", "/scratch", True, False),
     ]
+
+
+def test_a_root_marked_noexec_gives_noexec_binds() -> None:
+    assert mounts(MountRequest("downloads/x", "/dl")) == [
+        ("/srv/project/downloads", "/srv/project/downloads/x", "/dl", False, True)
+    ]
+
+
+def test_host_paths_may_contain_colons_and_commas_now_that_nspawn_does_not_parse_them() -> None:
+    assert mounts(MountRequest("a:b,c", "/work"))[0][1] == "/srv/project/a:b,c"
 
 
 @pytest.mark.parametrize(
@@ -96,6 +110,59 @@ def test_bind_sources_are_resolved_beneath_their_root(tmp_path: Path) -> None:
     (root / "src").mkdir(parents=True)
     (root / "inside").symlink_to("src")
     (root / "outside").symlink_to(tmp_path)
-    assert resolve_bind_source(HostTarget(str(root), "inside")) == str(root / "src")
+    found = resolve_bind_source(HostTarget(str(root), "inside"), writable=False)
+    assert (found.root, found.path) == (str(root), str(root / "src"))
+    assert (found.device, found.inode) == (os.stat(root / "src").st_dev, os.stat(root / "src").st_ino)
     with pytest.raises(PolicyRefused, match=r"leads outside"):
-        resolve_bind_source(HostTarget(str(root), "outside"))
+        resolve_bind_source(HostTarget(str(root), "outside"), writable=False)
+
+
+def test_only_directories_and_regular_files_can_be_bound(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    assert resolve_bind_source(HostTarget(str(tmp_path), "file"), writable=False).path == str(
+        tmp_path / "file"
+    )
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / "docker.sock"))
+        with pytest.raises(PolicyRefused, match=r"not a directory or a regular file"):
+            resolve_bind_source(HostTarget(str(tmp_path), "docker.sock"), writable=False)
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid", "mode", "refused"),
+    [
+        (1000, 1000, 0o700, None),
+        (1000, 1000, 0o40700, None),
+        (0, 1000, 0o700, "host root"),
+        (1000, 0, 0o700, "host root"),
+        (0, 0, 0o755, "host root"),
+        (1000, 1000, 0o750, "other host users can reach it"),
+        (1000, 1000, 0o701, "other host users can reach it"),
+        (1000, 1000, 0o1777, "other host users can reach it"),
+    ],
+)
+def test_a_writable_root_must_belong_to_an_unprivileged_owner_alone(
+    uid: int, gid: int, mode: int, refused: str | None
+) -> None:
+    refusal = writable_root_refusal(uid, gid, mode)
+    assert refusal is None if refused is None else refused in (refusal or "")
+
+
+def test_writable_binds_of_a_root_owned_or_shared_directory_are_refused_naming_the_rule(
+    tmp_path: Path,
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(scratch, 0, 0)
+        with pytest.raises(PolicyRefused, match=r"root inside would write as host root") as caught:
+            resolve_bind_source(HostTarget(str(scratch), "."), writable=True)
+        assert caught.value.rule == "mounts.allowed"
+        os.chown(scratch, 4242, 4242)
+    assert resolve_bind_source(HostTarget(str(scratch), "."), writable=True).path == str(scratch)
+    assert resolve_bind_source(HostTarget(str(scratch), "."), writable=False).path == str(scratch)
+    scratch.chmod(0o750)
+    with pytest.raises(PolicyRefused, match=r"other host users can reach it") as caught:
+        resolve_bind_source(HostTarget(str(scratch), "."), writable=True)
+    assert caught.value.rule == "mounts.allowed"
+    assert resolve_bind_source(HostTarget(str(scratch), "."), writable=False).path == str(scratch)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 from inline_snapshot import snapshot
 
 from nspawn_mcp.backend.properties import encode
 from nspawn_mcp.backend.units import SandboxPaths, build_units
-from nspawn_mcp.policy import CreateRequest, Policy, resolve_create
+from nspawn_mcp.policy import BindMount, CreateRequest, Policy, resolve_create
 
 PLAN = resolve_create(
     "default", Policy(), CreateRequest(memory_mb=256, cpus=0.5, max_processes=64, ttl_seconds=600), cwd="/srv"
@@ -51,6 +52,13 @@ def test_nspawn_command_line() -> None:
             "fd:0",
         ]
     )
+
+
+def test_host_binds_never_reach_nspawn() -> None:
+    """nspawn binds paths; the backend attaches binds itself, from checked descriptors."""
+    bind = BindMount(root="/srv", source="/srv/src", target="/work", writable=True, device=1, inode=2)
+    with_binds = build_units("sbx-0123abcd", replace(PLAN, mounts=(bind,)), PATHS)
+    assert with_binds.argv == UNITS.argv
 
 
 def test_service_properties() -> None:

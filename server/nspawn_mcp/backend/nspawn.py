@@ -10,7 +10,8 @@ Steps of a create, each undone by :meth:`NspawnBackend.destroy`:
    supervisor's listening socket is made here, in a directory only the host's root
    can reach, and passed to the service as its standard input; a ``ping`` answered
    means the sandbox accepts commands.
-3. For egress policies: the veth's addresses, the nftables rules, the resolver and
+3. The plan's host binds, attached to the running sandbox by a helper (:mod:`.binds`).
+4. For egress policies: the veth's addresses, the nftables rules, the resolver and
    the server-name check (:mod:`.network`), and the sandbox's resolv.conf.
 """
 
@@ -18,23 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import py_compile
 import shutil
 import socket
 from collections.abc import Callable
-from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 
-from .. import hostfs
 from ..errors import BackendError, NotFound, SandboxGone
 from ..layout import Layout
 from ..naming import SANDBOX_ID, service_unit, slice_unit, template_image
-from ..policy import BindMount, EgressPlan, SandboxPlan
+from ..policy import EgressPlan, SandboxPlan
+from .binds import attach_binds
 from .bus import Bus
 from .cgroups import oom_kill_count
 from .egress import endpoints
@@ -92,18 +91,15 @@ class NspawnBackend:
         systemd: Systemd,
         machined: Machined,
         layout: Layout,
-        host_view: Path | None = None,
         network: EgressNetwork | None = None,
-        daemons_root: Path = Path("/"),
+        proc_root: Path = Path("/proc"),
     ) -> None:
         self._bus = bus
         self._systemd = systemd
         self._machined = machined
         self._layout = layout
-        self._host_view = host_view
-        # the host's tree as the daemons' mount namespace has it, reachable from here
-        self._daemons_view = daemons_root / str(host_view).lstrip("/") if host_view else Path("/")
         self._network = network
+        self._proc_root = proc_root
 
     @classmethod
     async def connect(
@@ -112,14 +108,12 @@ class NspawnBackend:
         layout: Layout,
         *,
         on_machine_removed: Callable[[str], None] | None = None,
-        host_view: Path | None = None,
         network: EgressNetwork | None = None,
-        daemons_root: Path = Path("/"),
+        proc_root: Path = Path("/proc"),
     ) -> NspawnBackend:
         """Connect to the bus at ``address``; ``on_machine_removed`` hears of every machine that goes.
 
-        ``host_view``: where the daemons see the host's tree, when they run in the
-        private systemd's mount namespace (whose /tmp is not the host's).
+        ``proc_root``: where the PIDs the daemons report (a machine's leader) are found.
         """
         bus = await Bus.connect(address)
         systemd = await Systemd.attach(bus)
@@ -130,7 +124,7 @@ class NspawnBackend:
         for leftover in layout.staging_dir.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
         install_supervisor(layout)
-        return cls(bus, systemd, machined, layout, host_view, network, daemons_root)
+        return cls(bus, systemd, machined, layout, network, proc_root)
 
     def close(self) -> None:
         self._bus.disconnect()
@@ -175,8 +169,7 @@ class NspawnBackend:
                     "`nspawn-mcp setup --disk-quotas`, or you can pick a policy without limits.*.disk"
                 ) from None
 
-        mounts = tuple([await anyio.to_thread.run_sync(self._recheck, mount) for mount in plan.mounts])
-        units = build_units(sandbox_id, replace(plan, mounts=mounts), self._paths(sandbox_id))
+        units = build_units(sandbox_id, plan, self._paths(sandbox_id))
         with _listening_socket(self._layout.control_socket(sandbox_id)) as listener:
             await self._systemd.start_transient_unit(
                 units.service_name,
@@ -188,6 +181,9 @@ class NspawnBackend:
             await self.jail(sandbox_id).ping(_READY_TIMEOUT)
         except SandboxGone:
             raise BackendError(f"sandbox {sandbox_id} did not become ready") from None
+        if plan.mounts:
+            leader = await self._machined.machine_leader(sandbox_id)
+            await attach_binds(self._proc_root / str(leader), plan.mounts)
 
         if plan.egress is not None:
             await self._attach_network(sandbox_id, plan.egress)
@@ -206,22 +202,6 @@ class NspawnBackend:
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
         if plan.egress is not None and self._network is not None:
             await self._network.serve(sandbox_id, plan.egress)
-
-    def _recheck(self, mount: BindMount) -> BindMount:
-        """Check the bind's source once more, as the daemons see it, just before nspawn binds it.
-
-        It must still lead, beneath its allowed root, to the very object the policy
-        checked. nspawn takes a path (a descriptor of another mount namespace cannot
-        be bound there), so a swap after this check and before the bind is not caught.
-        """
-        hostfs.check_same_beneath(
-            str(self._daemons_view / mount.root.lstrip("/")),
-            os.path.relpath(mount.source, mount.root),
-            os.stat(mount.source),
-        )
-        if self._host_view is None:
-            return mount
-        return replace(mount, source=str(self._host_view) + mount.source)
 
     async def destroy(self, sandbox_id: str) -> None:
         if self._network is not None:

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..naming import service_unit, slice_unit
-from ..policy import BindMount, SandboxPlan
+from ..policy import SandboxPlan
 from .properties import ExecCommand
 
 __all__ = [
@@ -77,11 +77,6 @@ class SandboxUnits:
     def argv(self) -> list[str]:
         exec_start: list[ExecCommand] = self.service_properties["ExecStart"]  # type: ignore[assignment]
         return list(exec_start[0][1])
-
-
-def _bind(mount: BindMount) -> str:
-    # idmap: files show their real owners inside, as in the snapshot itself.
-    return f"--bind{'' if mount.writable else '-ro'}={mount.source}:{mount.target}:idmap"
 
 
 def _network(plan: SandboxPlan) -> list[str]:
@@ -128,7 +123,6 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         "--system-call-filter=~io_uring_setup io_uring_enter io_uring_register",
         "--setenv=MALLOC_ARENA_MAX=1",
         f"--bind-ro={paths.lib_dir}:{CONTAINER_LIB_DIR}",
-        *(_bind(mount) for mount in plan.mounts),
         "--",
         *supervisor_command(CONTAINER_LIB_DIR, f"fd:{SUPERVISOR_LISTEN_FD}"),
     ]

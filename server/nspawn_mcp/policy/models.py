@@ -100,7 +100,12 @@ class FilesPolicy(_Frozen):
 
 class MountRoot(_Frozen):
     host: str = Field(description="a host directory agents may bind (it, or anything below it)")
-    writable: bool = Field(default=False, description="whether binds under it may be read-write")
+    writable: bool = Field(
+        default=False,
+        description="whether binds under it may be read-write; then root inside writes as the directory's "
+        "owner, which must not be root, and only its owner may have access to it (chmod 700)",
+    )
+    noexec: bool = Field(default=False, description="whether binds under it are mounted noexec")
 
 
 class MountsPolicy(_Frozen):

@@ -53,12 +53,20 @@ class CreateRequest:
 
 @dataclass(frozen=True)
 class BindMount:
-    """A bind the policy allowed. ``source`` is checked again, beneath ``root``, when it is opened."""
+    """A bind the policy allowed. ``source`` is checked again, beneath ``root``, when it is opened.
+
+    Binds are always ``nosuid,nodev``; ``noexec`` when the allowed root says so.
+    ``device`` and ``inode`` identify the source as the service found it on the host
+    (0 until then): the very object mounted later must be that one.
+    """
 
     root: str
     source: str
     target: str
     writable: bool
+    noexec: bool = False
+    device: int = 0
+    inode: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,12 +226,11 @@ def _resolve_mounts(policy: Policy, requests: tuple[MountRequest, ...], cwd: str
             rule="mounts.max_mounts",
         )
     pairs = [
-        (root, spec.writable)
-        for spec in policy.mounts.allowed
-        for root in resolve_allowed_roots([spec.host], cwd)
+        (root, spec) for spec in policy.mounts.allowed for root in resolve_allowed_roots([spec.host], cwd)
     ]
     roots = tuple(root for root, _ in pairs)
-    writable_roots = {root for root, writable in pairs if writable}
+    writable_roots = {root for root, spec in pairs if spec.writable}
+    noexec_roots = {root for root, spec in pairs if spec.noexec}
     if not roots:
         raise PolicyRefused("this policy allows no host mounts", rule="mounts.allowed")
 
@@ -241,11 +248,17 @@ def _resolve_mounts(policy: Policy, requests: tuple[MountRequest, ...], cwd: str
                 f"host path {request.host!r} may not be mounted; allowed: {', '.join(roots)}",
                 rule="mounts.allowed",
             ) from refusal
-        if ":" in host.path or "," in host.path:
-            raise InvalidRequest(f"host path {request.host!r} must not contain ':' or ','")
         if request.writable and host.root not in writable_roots:
             raise PolicyRefused(f"{host.root} may only be mounted read-only", rule="mounts.allowed.writable")
-        mounts.append(BindMount(root=host.root, source=host.path, target=target, writable=request.writable))
+        mounts.append(
+            BindMount(
+                root=host.root,
+                source=host.path,
+                target=target,
+                writable=request.writable,
+                noexec=host.root in noexec_roots,
+            )
+        )
     return tuple(mounts)
 
 
