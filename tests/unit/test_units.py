@@ -42,6 +42,7 @@ def test_nspawn_command_line() -> None:
             "--as-pid2",
             "--system-call-filter=~io_uring_setup io_uring_enter io_uring_register",
             "--setenv=MALLOC_ARENA_MAX=1",
+            "--tmpfs=/dev/shm:mode=1777,size=67108864",
             "--bind-ro=/var/lib/nspawn-mcp/lib:/run/nspawn-mcp/lib",
             "--",
             "/usr/bin/python3",

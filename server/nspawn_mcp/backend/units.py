@@ -122,6 +122,9 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         # on top of nspawn's own filter: io_uring bypasses seccomp for the operations it queues
         "--system-call-filter=~io_uring_setup io_uring_enter io_uring_register",
         "--setenv=MALLOC_ARENA_MAX=1",
+        # nspawn's own /dev/shm may grow to a tenth of the host's memory, far past the sandbox's
+        # cap: memory no process owns, which the OOM killer cannot take back
+        f"--tmpfs=/dev/shm:mode=1777,size={plan.limits.memory_bytes // 4}",
         f"--bind-ro={paths.lib_dir}:{CONTAINER_LIB_DIR}",
         "--",
         *supervisor_command(CONTAINER_LIB_DIR, f"fd:{SUPERVISOR_LISTEN_FD}"),

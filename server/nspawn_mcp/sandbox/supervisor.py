@@ -384,13 +384,15 @@ def op_read_file(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]
             raise RequestError("not_regular", f"{path} is a symbolic link") from None
         reason = os.strerror(exc.errno or 0)
         raise RequestError("permission_denied", f"cannot open {path}: {reason}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise RequestError("not_regular", f"{path} is {kind}")
+    if info.st_size > limit:
+        os.close(fd)
+        raise RequestError("too_large", f"{path} has {info.st_size} bytes, more than {limit}")
     with os.fdopen(fd, "rb", buffering=0) as source:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-            raise RequestError("not_regular", f"{path} is {kind}")
-        if info.st_size > limit:
-            raise RequestError("too_large", f"{path} has {info.st_size} bytes, more than {limit}")
         os.set_blocking(fd, True)
         sent = 0
         while True:
