@@ -239,6 +239,12 @@ def install_template(rootfs: Path, image_name: str, machines_dir: Path, enter_pi
     os.sync()
 
 
+def sparse_bytes(path: Path) -> int:
+    """How much of a file's size has no disk blocks yet."""
+    stats = path.stat()
+    return max(stats.st_size - stats.st_blocks * 512, 0)
+
+
 class QuotaMode(enum.Enum):
     """btrfs quota accounting, which machined's ``SetImageLimit`` (a qgroup limit) needs.
 
@@ -341,6 +347,12 @@ async def run_setup(layout: Layout, disk_quotas: QuotaMode | None = QuotaMode.SI
             return 1
         if chosen is not None:
             print(f"created the image pool {layout.pool_image}: {chosen}")
+        elif (unallocated := sparse_bytes(layout.pool_image)) > _GiB:
+            print(
+                f"the image pool {layout.pool_image} is sparse (made by an older set-up): it can still take "
+                f"{_gib(unallocated)} more of the host filesystem; `fallocate -l "
+                f"{layout.pool_image.stat().st_size} {layout.pool_image}` preallocates it"
+            )
     if not in_box:
         mountinfo = await anyio.Path("/proc/self/mountinfo").read_text()
         fs_type = filesystem_type(str(layout.machines_dir), mountinfo)

@@ -158,8 +158,8 @@ class NspawnBackend:
                 await self._machined.set_image_limit(sandbox_id, plan.limits.disk_bytes)
             except BackendError:
                 raise BackendError(
-                    "this policy caps disk use, but this host has no disk quotas: the operator can run "
-                    "`nspawn-mcp setup --disk-quotas`, or you can pick a policy without limits.*.disk"
+                    "this policy caps disk use, but disk quotas are off on this host's image pool: "
+                    "the operator can run `nspawn-mcp setup`, which enables them"
                 ) from None
 
         mounts = tuple([await anyio.to_thread.run_sync(self._recheck, mount) for mount in plan.mounts])
