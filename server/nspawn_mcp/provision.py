@@ -301,9 +301,20 @@ def disable_quotas(machines_view: Path) -> None:
     _btrfs_ioctl(machines_view, _BTRFS_IOC_QUOTA_CTL, struct.pack("=QQ", _QUOTA_CTL_DISABLE, 0))
 
 
-def choose_quotas(machines_view: Path, wanted: QuotaMode | None) -> str:
-    """Put the pool in the wanted quota mode, or leave one it has; say what holds."""
+def choose_quotas(machines_view: Path, wanted: QuotaMode | None, own_filesystem: bool = True) -> str:
+    """Put the pool in the wanted quota mode, or leave one it has; say what holds.
+
+    ``own_filesystem``: the pool is a filesystem of its own. Otherwise (``/var/lib/machines``
+    on a host's larger btrfs) quotas are left to the operator: simple quotas set an
+    incompatible feature flag, and classic ones slow the whole filesystem.
+    """
     current = quota_mode(machines_view)
+    if wanted is not None and current is None and not own_filesystem:
+        return (
+            f"{machines_view} is not a filesystem of its own, so set-up does not enable quotas on it; "
+            "policies with limits.*.disk are refused until you do (`btrfs quota enable --simple PATH` "
+            "with btrfs-progs 6.7+, or `btrfs quota enable PATH`)"
+        )
     if wanted is None:
         if current is None:
             return "disk quotas are off (--disk-quotas=off): policies with limits.*.disk are refused"
@@ -312,7 +323,7 @@ def choose_quotas(machines_view: Path, wanted: QuotaMode | None) -> str:
         if current != wanted:
             return (
                 f"disk quotas are on ({current.value}), as found; left so (switching modes drops every "
-                f"limit set: `btrfs quota disable {machines_view}` first to change)"
+                "limit set: disable quotas on the pool first to change)"
             )
         return f"disk quotas are on ({current.value}): policies' limits.*.disk hold"
     try:
@@ -396,7 +407,8 @@ async def run_setup(layout: Layout, disk_quotas: QuotaMode | None = QuotaMode.SI
             )
             await machined.mark_image_read_only(image)
             print(f"image {template.name!r} is installed ({image})")
-        print(await anyio.to_thread.run_sync(choose_quotas, machines_view, disk_quotas))
+        own_filesystem = in_box or await anyio.Path(layout.machines_dir).is_mount()
+        print(await anyio.to_thread.run_sync(choose_quotas, machines_view, disk_quotas, own_filesystem))
     finally:
         bus.disconnect()
         if in_box and not box_was_running:

@@ -20,7 +20,7 @@ from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import new_sandbox_id, service_unit, slice_unit
 from nspawn_mcp.policy import BindMount, Policy, PolicySet
 from nspawn_mcp.policy.loader import shipped_policy_dir
-from nspawn_mcp.provision import QuotaMode, disable_quotas, enable_quotas, quota_mode
+from nspawn_mcp.provision import QuotaMode, choose_quotas, disable_quotas, enable_quotas, quota_mode
 from nspawn_mcp.runtime import Daemons
 from tests.integration.conftest import Factory, HostView, plan
 
@@ -352,7 +352,8 @@ def no_disk_quotas(host: HostView, disk_quotas: None) -> Iterator[None]:
     assert found is not None
     disable_quotas(host.machines_dir)
     yield
-    enable_quotas(host.machines_dir, found)
+    if quota_mode(host.machines_dir) is None:
+        enable_quotas(host.machines_dir, found)
 
 
 def pool_used(host: HostView) -> int:
@@ -409,6 +410,19 @@ async def test_without_host_quotas_a_disk_cap_is_refused_clearly(
 ) -> None:
     with pytest.raises(BackendError, match=r"disk quotas are off .* run `nspawn-mcp setup`"):
         await make_sandbox(disk_mb=512)
+
+
+async def test_setup_enables_simple_quotas_only_on_a_pool_of_its_own(
+    host: HostView, no_disk_quotas: None
+) -> None:
+    assert "does not enable quotas" in choose_quotas(
+        host.machines_dir, QuotaMode.SIMPLE, own_filesystem=False
+    )
+    assert quota_mode(host.machines_dir) is None
+    assert "enabled disk quotas (simple)" in choose_quotas(host.machines_dir, QuotaMode.SIMPLE)
+    assert quota_mode(host.machines_dir) is QuotaMode.SIMPLE
+    assert "as found" in choose_quotas(host.machines_dir, QuotaMode.CLASSIC)
+    assert quota_mode(host.machines_dir) is QuotaMode.SIMPLE
 
 
 POSTURE_PROBE = (Path(__file__).parent / "probes" / "posture.py").read_bytes()
