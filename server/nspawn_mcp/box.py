@@ -71,7 +71,7 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
 mkdir -p /run/systemd/system "$2"
 for unit in $3; do ln -s /dev/null "/run/systemd/system/$unit"; done
-if [ -f "$1" ]; then mount -o loop "$1" "$2"; fi
+if [ -f "$1" ]; then mount -o loop,nodiscard "$1" "$2"; fi
 exec /lib/systemd/systemd --system --unit=basic.target
 """
 

@@ -40,9 +40,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _setup(args: argparse.Namespace) -> int:
-    from .provision import run_setup
+    from .provision import QuotaMode, run_setup
 
-    return anyio.run(run_setup, Layout.from_env(), args.disk_quotas)
+    quotas = None if args.disk_quotas == "off" else QuotaMode(args.disk_quotas)
+    return anyio.run(run_setup, Layout.from_env(), quotas)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -116,8 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("setup", help="create the image pool and the default template")
     setup.add_argument(
         "--disk-quotas",
-        action="store_true",
-        help="enable btrfs quotas on the pool, for policies with limits.*.disk (makes create/destroy slower)",
+        choices=["simple", "classic", "off"],
+        nargs="?",
+        const="simple",
+        default="simple",
+        help="btrfs quotas on the pool, which limits.*.disk needs: simple (default; Linux 6.7+, "
+        "falls back to classic), classic (qgroups: slower create and destroy) or off (policies "
+        "that cap disk are refused); quotas already on are left as they are",
     )
     setup.set_defaults(func=_setup)
 

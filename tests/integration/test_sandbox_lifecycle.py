@@ -6,7 +6,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +14,12 @@ import pytest
 
 from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
 from nspawn_mcp.backend.nspawn import NspawnBackend
-from nspawn_mcp.box import find_box
 from nspawn_mcp.errors import BackendError, CopyRefused
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import new_sandbox_id, service_unit, slice_unit
-from nspawn_mcp.policy import Policy
+from nspawn_mcp.policy import Policy, PolicySet
+from nspawn_mcp.policy.loader import shipped_policy_dir
+from nspawn_mcp.provision import QuotaMode, choose_quotas, disable_quotas, enable_quotas, quota_mode
 from nspawn_mcp.runtime import Daemons
 from tests.integration.conftest import Factory, HostView, plan
 
@@ -302,33 +302,95 @@ async def test_background_processes_outlive_their_request(
     assert survivors.stdout == b""
 
 
-@pytest.fixture
-def disk_quotas(host: HostView, layout: Layout) -> Iterator[None]:
-    """btrfs quotas on the pool for one test (set-up enables them only with --disk-quotas)."""
-    box = find_box(layout)
-    enter = ["nsenter", "-t", str(box.pid), "-m", "--"] if box else []
-    subprocess.run([*enter, "btrfs", "quota", "enable", str(layout.machines_dir)], check=True)
+@pytest.fixture(scope="session")
+def disk_quotas(host: HostView) -> Iterator[None]:
+    """Simple quotas on the pool, as `nspawn-mcp setup` leaves it (a pool found without is left so after)."""
+    found = quota_mode(host.machines_dir)
+    if found is None:
+        enable_quotas(host.machines_dir, QuotaMode.SIMPLE)
     yield
-    subprocess.run([*enter, "btrfs", "quota", "disable", str(layout.machines_dir)], check=True)
+    if found is None:
+        disable_quotas(host.machines_dir)
+
+
+@pytest.fixture
+def no_disk_quotas(host: HostView, disk_quotas: None) -> Iterator[None]:
+    """The pool without quotas for one test; its mode is restored afterwards."""
+    found = quota_mode(host.machines_dir)
+    assert found is not None
+    disable_quotas(host.machines_dir)
+    yield
+    if quota_mode(host.machines_dir) is None:
+        enable_quotas(host.machines_dir, found)
+
+
+def pool_used(host: HostView) -> int:
+    os.sync()
+    stats = os.statvfs(host.machines_dir)
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
 
 
 async def test_writing_past_the_disk_quota_fails_inside_only(
     backend: NspawnBackend, make_sandbox: Factory, disk_quotas: None, host: HostView
 ) -> None:
     sandbox = await make_sandbox(disk_mb=512)
-    free_before = os.statvfs(host.machines_dir).f_bavail
+    before = pool_used(host)
     outcome = await run(backend, sandbox, "dd if=/dev/urandom of=/root/fill bs=1M count=600 2>&1; sync", 60)
     assert b"Disk quota exceeded" in outcome.stdout
     assert (await run(backend, sandbox, "echo alive")).stdout == b"alive\n"
-    used = (free_before - os.statvfs(host.machines_dir).f_bavail) * os.statvfs(host.machines_dir).f_frsize
-    assert used < 600 << 20
+    assert pool_used(host) - before < 600 << 20
+
+
+async def test_the_default_policy_caps_disk_and_a_full_sandbox_starves_no_other(
+    backend: NspawnBackend, make_sandbox: Factory, disk_quotas: None, host: HostView
+) -> None:
+    default = PolicySet.load([shipped_policy_dir()]).get("default")
+    cap = default.limits.default.disk
+    assert cap is not None
+    hog = await make_sandbox(policy=default)
+    bystander = await make_sandbox(policy=default)
+    before = pool_used(host)
+
+    grab = await run(backend, hog, f"fallocate -l {2 * cap} /root/grab 2>&1; echo $?")
+    assert grab.stdout.splitlines() == [b"fallocate: fallocate failed: Disk quota exceeded", b"1"]
+    cap_mib = cap >> 20
+    fill = await run(
+        backend, hog, f"dd if=/dev/zero of=/root/fill bs=1M count={cap_mib + 64} 2>&1; sync", 120
+    )
+    assert b"Disk quota exceeded" in fill.stdout
+    assert pool_used(host) - before < cap + (64 << 20)
+
+    # The control: another sandbox still writes, and a background process's output is kept.
+    jail = backend.jail(bystander)
+    process = await jail.spawn(
+        command("/bin/sh", "-c", "dd if=/dev/zero of=/root/data bs=1M count=64 2>/dev/null && echo written"),
+        None,
+    )
+    with anyio.fail_after(30):
+        while (output := await jail.read(process, 0, 0, 1 << 20)).state.running:
+            await anyio.sleep(0.01)
+    assert output.stdout == b"written\n"
+    assert (await run(backend, bystander, "stat -c %s /root/data")).stdout == b"67108864\n"
 
 
 async def test_without_host_quotas_a_disk_cap_is_refused_clearly(
-    backend: NspawnBackend, make_sandbox: Factory
+    backend: NspawnBackend, make_sandbox: Factory, no_disk_quotas: None
 ) -> None:
-    with pytest.raises(BackendError, match=r"setup --disk-quotas"):
+    with pytest.raises(BackendError, match=r"disk quotas are off .* run `nspawn-mcp setup`"):
         await make_sandbox(disk_mb=512)
+
+
+async def test_setup_enables_simple_quotas_only_on_a_pool_of_its_own(
+    host: HostView, no_disk_quotas: None
+) -> None:
+    assert "does not enable quotas" in choose_quotas(
+        host.machines_dir, QuotaMode.SIMPLE, own_filesystem=False
+    )
+    assert quota_mode(host.machines_dir) is None
+    assert "enabled disk quotas (simple)" in choose_quotas(host.machines_dir, QuotaMode.SIMPLE)
+    assert quota_mode(host.machines_dir) is QuotaMode.SIMPLE
+    assert "as found" in choose_quotas(host.machines_dir, QuotaMode.CLASSIC)
+    assert quota_mode(host.machines_dir) is QuotaMode.SIMPLE
 
 
 POSTURE_PROBE = (Path(__file__).parent / "probes" / "posture.py").read_bytes()

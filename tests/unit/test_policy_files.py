@@ -72,3 +72,12 @@ def test_example_policies_are_valid() -> None:
     examples = Path(__file__).parents[2] / "examples" / "policies"
     for path in sorted(examples.glob("*.toml")):
         load_policy_file(path)
+
+
+def test_every_shipped_preset_caps_disk_by_default() -> None:
+    policies = PolicySet.load([shipped_policy_dir()])
+    for name in policies.names:
+        limits = policies.get(name).limits
+        assert limits.default.disk is not None, name
+        assert limits.max.disk is not None, name
+        assert limits.default.disk <= limits.max.disk, name

@@ -165,8 +165,8 @@ class NspawnBackend:
                 await self._machined.set_image_limit(sandbox_id, plan.limits.disk_bytes)
             except BackendError:
                 raise BackendError(
-                    "this policy caps disk use, but this host has no disk quotas: the operator can run "
-                    "`nspawn-mcp setup --disk-quotas`, or you can pick a policy without limits.*.disk"
+                    "this policy caps disk use, but disk quotas are off on this host's image pool: "
+                    "the operator can run `nspawn-mcp setup`, which enables them"
                 ) from None
 
         units = build_units(sandbox_id, plan, self._paths(sandbox_id))

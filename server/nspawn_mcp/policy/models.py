@@ -45,8 +45,9 @@ class LimitSet(_Frozen):
     ttl_seconds: int = Field(default=3600, ge=10, le=7 * 86400, description="lifetime before reaping")
     disk: ByteCount | None = Field(
         default=None,
-        description="quota on the sandbox's whole filesystem, image included (btrfs qgroup); "
-        "needs `nspawn-mcp setup --disk-quotas`; none by default",
+        description="cap on what the sandbox writes to its filesystem (a btrfs quota; with simple "
+        "quotas, set-up's default, the image it starts from does not count; with classic qgroups "
+        "it does); needs quotas on the pool, which `nspawn-mcp setup` enables; none unless set",
     )
 
 
