@@ -357,6 +357,11 @@ async def test_every_decision_is_audited_with_client_and_rule(
         with pytest.raises(PolicyRefused):
             await service.copy_to_sandbox(sandbox, "/etc/shadow", "/x")
         await service.destroy(sandbox)
+        backend.create_gate = anyio.Event()
+        async with anyio.create_task_group() as tasks:  # a create cancelled half-way is a decision too
+            tasks.start_soon(service.create, CreateRequest())
+            await anyio.wait_all_tasks_blocked()
+            tasks.cancel_scope.cancel()
     finally:
         current_client.reset(token)
         audit.close()
@@ -367,7 +372,9 @@ async def test_every_decision_is_audited_with_client_and_rule(
         ("exec", True, None),
         ("copy_to_sandbox", False, "files.allowed_host_dirs"),
         ("destroy_sandbox", True, None),
+        ("create_sandbox", False, None),
     ]
+    assert entries[-1]["reason"] == "cancelled"
     assert {e["client"] for e in entries} == {"claude-code"}
     assert entries[0]["sandbox_id"] == sandbox
     assert entries[2]["command"] == "echo hi"
