@@ -85,8 +85,6 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 _SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 _IP_FORWARD = anyio.Path("/proc/sys/net/ipv4/ip_forward")
 
-_MAX_DNS_MESSAGE = 4096
-
 
 def _host_resolver() -> str:
     try:
