@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import resource
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -351,6 +352,14 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def established_at(address: str, port: int) -> int:
+    """Established connections whose local end is ``address:port``, as the host's kernel
+    lists them: the relay's open ones plus any still waiting in its accept queue."""
+    local = f"{socket.inet_aton(address)[::-1].hex().upper()}:{port:04X}"
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[1] == local and row[3] == "01")
+
+
 async def test_a_flooding_sandbox_cannot_take_the_network_services_down(
     egress_backend: NspawnBackend,
     make_egress_sandbox: Factory,
@@ -391,6 +400,11 @@ async def test_a_flooding_sandbox_cannot_take_the_network_services_down(
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     await wait_for_output(egress_backend, flooder, flood, "opened 1500")
+    gateway = await gateway_of(egress_backend, flooder)
+    await wait_until(
+        lambda: established_at(gateway, SNI_PROXY_PORT) <= MAX_RELAYED_CONNECTIONS,
+        what="the relay to close the connections beyond its cap",
+    )
 
     # While the 1,500 are held: the server holds at most the cap of them, and both
     # sandboxes' services answer (the flooder's relay is full, by design: it hurt itself).

@@ -24,8 +24,9 @@ print(f"opened {len(held)}", flush=True)
 sys.stdin.read()
 closed = 0
 for connection in held:
+    connection.setblocking(False)  # with a timeout set, recv would first wait for data
     try:
-        closed += connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        closed += connection.recv(1, socket.MSG_PEEK) == b""
     except BlockingIOError:
         pass  # open, and quiet
     except OSError:
