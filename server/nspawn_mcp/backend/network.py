@@ -82,6 +82,10 @@ _CONNECT_TIMEOUT = 10.0
 _MAX_HELLO = 64 << 10
 _ACCEPT_BACKOFF = 0.1  # after EMFILE and the like: give other connections time to close
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2): errors of the one connection being accepted, not of the listener
+_CONNECTION_ERRORS = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH}
+)
 _SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 _IP_FORWARD = anyio.Path("/proc/sys/net/ipv4/ip_forward")
 
@@ -295,9 +299,11 @@ class _SandboxServices:
             try:
                 client = await listener.accept()
             except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
+                if exc.errno in _CONNECTION_ERRORS:
                     log.info("sandbox %s: accept failed: %s", self.sandbox_id, exc)
                     continue
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise  # the listener itself is broken: ends this sandbox's services (see run)
                 if not out_of_resources:
                     log.warning("sandbox %s: its relay cannot accept: %s", self.sandbox_id, exc)
                 out_of_resources = True
