@@ -2,66 +2,92 @@
 
 Set-up code may use command-line tools; this module drives the kernel with ``ip``
 and ``nft`` (no D-Bus service configures veths or nftables) and answers DNS itself.
-The rules are pure functions in :mod:`.egress`.
+The rules, the DNS messages and the TLS record check are pure functions in
+:mod:`.egress`; this module only does the I/O.
 
 The resolver listens on each egress sandbox's host end, port 53. It answers only
-names the policy lists: for those it asks the upstream resolver, keeps only the A
-records the policy lets the sandbox reach, adds them to the sandbox's nftables set
-(for as long as their TTL, at least a minute) and only then replies. Any other
-name gets REFUSED without a query leaving the host, so DNS cannot carry data out.
+names the policy lists: for those it asks the upstream resolver a query of its
+own, keeps only the A records the policy lets the sandbox reach, adds them to the
+sandbox's nftables set (for as long as their TTL, at least a minute) and only then
+replies with an answer it builds itself. Any other name gets REFUSED without a
+query leaving the host, so DNS cannot carry data out.
 
 Next to it, on port ``SNI_PROXY_PORT``, connections to those addresses arrive
 (redirected by nftables). Each is relayed to where it was going only if it opens
 with a TLS ClientHello whose server name is listed and resolved, for this sandbox,
 to that address: a listed name cannot be used to reach other sites that share
 its address (a CDN), and plain-text connections to domain addresses are refused.
+After the hello, the sandbox's side must stay a stream of TLS records.
+
+Both services answer only their own sandbox's address (nftables already drops the
+rest; they check again). Each sandbox's services run behind their own error
+boundary with caps on in-flight queries and open connections: a sandbox that
+floods or breaks its services ends at most its own, never the server.
 
 """
 
 from __future__ import annotations
 
-import functools
+import errno
 import logging
+import secrets
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import anyio.abc
-import dns.exception
-import dns.message
 import dns.rcode
-import dns.rdatatype
-import dns.rrset
 from anyio.abc import TaskGroup
 
 from ..errors import BackendError
 from ..policy import EgressPlan
 from .egress import (
     SNI_PROXY_PORT,
+    DnsQuestion,
+    NotTls,
+    TlsFraming,
+    UpstreamReply,
     base_ruleset,
+    dns_action,
     domain_allowed,
     egress_interfaces_in,
     endpoints,
+    frame_tls,
     host_interface,
     parse_sni,
     reachable_answer,
+    read_question,
+    read_upstream_reply,
     resolved_addresses,
+    sandbox_reply,
     sandbox_rules,
     sandbox_rules_removal,
+    upstream_query,
 )
 
-__all__ = ["EgressNetwork"]
+__all__ = ["MAX_DNS_QUERIES", "MAX_RELAYED_CONNECTIONS", "EgressNetwork"]
 
 log = logging.getLogger(__name__)
+
+MAX_RELAYED_CONNECTIONS = 64
+"""Connections one sandbox may have open at its relay (waiting for a hello or relayed);
+more are closed as soon as they are accepted."""
+MAX_DNS_QUERIES = 32
+"""DNS queries of one sandbox being answered at once; more are dropped unanswered."""
 
 _UPSTREAM_TIMEOUT = 3.0
 _HELLO_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 10.0
 _MAX_HELLO = 64 << 10
+_ACCEPT_BACKOFF = 0.1  # after EMFILE and the like: give other connections time to close
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2): errors of the one connection being accepted, not of the listener
+_CONNECTION_ERRORS = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH}
+)
 _SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 _IP_FORWARD = anyio.Path("/proc/sys/net/ipv4/ip_forward")
-
-_MAX_DNS_MESSAGE = 4096
 
 
 def _host_resolver() -> str:
@@ -91,6 +117,35 @@ async def _pipe(source: anyio.abc.SocketStream, destination: anyio.abc.SocketStr
         pass
 
 
+async def _pipe_tls(
+    source: anyio.abc.SocketStream, destination: anyio.abc.SocketStream, framing: TlsFraming
+) -> None:
+    """Like :func:`_pipe`, but each chunk goes on only if it continues the TLS records;
+    raises :class:`NotTls` (before sending it) when it does not."""
+    try:
+        async for chunk in source:
+            framing = frame_tls(framing, chunk)
+            await destination.send(chunk)
+        await destination.send_eof()
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass
+
+
+async def _tcp_listener(host: str, port: int) -> anyio.abc.SocketListener:
+    """One listening socket (anyio's ``create_tcp_listener`` hides it in a MultiListener,
+    whose ``serve`` ends on the first accept error, EMFILE included)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return await anyio.abc.SocketListener.from_socket(sock)
+
+
 async def _run(argv: list[str], stdin: str | None = None, *, check: bool = True) -> bool:
     result = await anyio.run_process(argv, input=stdin.encode() if stdin else None, check=False)
     if result.returncode != 0 and check:
@@ -105,14 +160,19 @@ class EgressNetwork:
     def __init__(self, tasks: TaskGroup, proc_root: Path, state_dir: Path) -> None:
         self._tasks = tasks
         self._proc_root = proc_root
-        self._resolvers: dict[str, anyio.CancelScope] = {}
-        # per sandbox: address -> the listed names that resolved to it
-        self._answers: dict[str, dict[str, set[str]]] = {}
+        self._services: dict[str, anyio.CancelScope] = {}
+        self._base_lock = anyio.Lock()  # the shared table is made and removed by one task at a time
         self._saved_forwarding = anyio.Path(state_dir / "ip_forward.saved")
 
     async def _ensure_base(self) -> None:
-        """The shared table, and IPv4 forwarding (its previous value is kept to restore)."""
-        if not await _run(["nft", "list", "table", "inet", "nspawn_mcp"], check=False):
+        """The shared table, and IPv4 forwarding (its previous value is kept to restore).
+
+        A table left by an older server without per-sandbox input chains is replaced:
+        its input rules let any sandbox reach every sandbox's services. The sandboxes it
+        served lose their rules and so all their traffic (fail closed)."""
+        if not await _run(["nft", "list", "map", "inet", "nspawn_mcp", "sandbox_input"], check=False):
+            if await _run(["nft", "delete", "table", "inet", "nspawn_mcp"], check=False):
+                log.warning("replaced an egress table of an older layout; its sandboxes lost their network")
             await _run(["nft", "-f", "-"], base_ruleset())
         if not await self._saved_forwarding.exists():
             await self._saved_forwarding.write_text(await _IP_FORWARD.read_text())
@@ -137,17 +197,17 @@ class EgressNetwork:
         )
         if listing.returncode != 0:
             return
-        for sandbox_id in egress_interfaces_in(listing.stdout.decode()) - keep:
-            log.info("removing the egress rules of vanished sandbox %s", sandbox_id)
-            for script in sandbox_rules_removal(sandbox_id):
-                await _run(["nft", "-f", "-"], script, check=False)
-        await self._remove_base_if_unused()
+        async with self._base_lock:
+            for sandbox_id in egress_interfaces_in(listing.stdout.decode()) - keep:
+                log.info("removing the egress rules of vanished sandbox %s", sandbox_id)
+                for script in sandbox_rules_removal(sandbox_id):
+                    await _run(["nft", "-f", "-"], script, check=False)
+            await self._remove_base_if_unused()
 
     async def attach(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
         """Address both ends of the sandbox's veth, route, apply its rules, start its resolver."""
         assert plan.subnet is not None
-        self._resolvers[sandbox_id] = anyio.CancelScope()  # from here on, detach has work to do
-        await self._ensure_base()
+        self._services[sandbox_id] = anyio.CancelScope()  # from here on, detach has work to do
         host_end, sandbox_end = endpoints(plan.subnet)
 
         interface = host_interface(sandbox_id)
@@ -157,144 +217,222 @@ class EgressNetwork:
         await _run([*inside, "ip", "addr", "add", f"{sandbox_end}/30", "dev", "host0"])
         await _run([*inside, "ip", "link", "set", "host0", "up"])
         await _run([*inside, "ip", "route", "add", "default", "via", host_end])
-        await _run(["nft", "-f", "-"], sandbox_rules(sandbox_id, plan))
+        async with self._base_lock:
+            await self._ensure_base()
+            await _run(["nft", "-f", "-"], sandbox_rules(sandbox_id, plan))
         await self.serve(sandbox_id, plan)
 
     async def serve(self, sandbox_id: str, plan: EgressPlan) -> None:
         """Start the sandbox's filtering resolver and server-name check (also after a restart)."""
         assert plan.subnet is not None
-        host_end, _ = endpoints(plan.subnet)
+        host_end, sandbox_end = endpoints(plan.subnet)
         udp = await anyio.create_udp_socket(local_host=host_end, local_port=53)
-        listener = await anyio.create_tcp_listener(local_host=host_end, local_port=SNI_PROXY_PORT)
+        try:
+            listener = await _tcp_listener(host_end, SNI_PROXY_PORT)
+        except BaseException:
+            await udp.aclose()
+            raise
         scope = anyio.CancelScope()
-        self._resolvers[sandbox_id] = scope
-        self._answers.setdefault(sandbox_id, {})
-        self._tasks.start_soon(self._serve_forever, scope, udp, listener, sandbox_id, plan)
+        self._services[sandbox_id] = scope
+        service = _SandboxServices(sandbox_id, plan, sandbox_end)
+        self._tasks.start_soon(service.run, scope, udp, listener)
 
     async def detach(self, sandbox_id: str) -> None:
         """Undo :meth:`attach` (or :meth:`serve`); nothing to do for sandboxes without egress."""
-        scope = self._resolvers.pop(sandbox_id, None)
+        scope = self._services.pop(sandbox_id, None)
         if scope is None:
             return
         scope.cancel()
-        self._answers.pop(sandbox_id, None)
-        for script in sandbox_rules_removal(sandbox_id):
-            await _run(["nft", "-f", "-"], script, check=False)
-        await self._remove_base_if_unused()
+        async with self._base_lock:
+            for script in sandbox_rules_removal(sandbox_id):
+                await _run(["nft", "-f", "-"], script, check=False)
+            await self._remove_base_if_unused()
 
-    async def _serve_forever(
+
+@dataclass
+class _SandboxServices:
+    """One egress sandbox's resolver and relay: answers only ``sandbox_end``, bounded, and
+    behind an error boundary of their own (:meth:`run`)."""
+
+    sandbox_id: str
+    plan: EgressPlan
+    sandbox_end: str
+    answers: dict[str, set[str]] = field(default_factory=dict)
+    """address -> the listed names that resolved to it, for this sandbox"""
+    queries: int = 0
+    relays: int = 0
+    send_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    """anyio refuses concurrent sends on one UDP socket (BusyResourceError)."""
+
+    async def run(
         self,
         scope: anyio.CancelScope,
         udp: anyio.abc.UDPSocket,
-        listener: anyio.abc.Listener[anyio.abc.SocketStream],
-        sandbox_id: str,
-        plan: EgressPlan,
+        listener: anyio.abc.SocketListener,
     ) -> None:
+        """Serve until cancelled. Threat: an error here used to end the server's root task
+        group, so one sandbox could stop every sandbox's services and the server itself.
+        Now it is logged and ends this sandbox's services only (its traffic then fails
+        closed: nftables still redirects it, and nothing answers)."""
         with scope:
-            async with udp, listener, anyio.create_task_group() as tasks:
-                tasks.start_soon(listener.serve, functools.partial(self._check_and_relay, sandbox_id, plan))
-                async for packet, client in udp:
-                    tasks.start_soon(self._answer, udp, packet, client, sandbox_id, plan)
-
-    async def _check_and_relay(
-        self, sandbox_id: str, plan: EgressPlan, client: anyio.abc.SocketStream
-    ) -> None:
-        """A connection redirected here must carry a TLS ClientHello naming a listed domain that
-        resolved, for this sandbox, to the address it was sent to; then it is relayed there."""
-        async with client:
-            address, port = _original_destination(client)
-            hello = b""
-            complete, name = False, None
-            with anyio.move_on_after(_HELLO_TIMEOUT):
-                while not complete and len(hello) <= _MAX_HELLO:
-                    try:
-                        hello += await client.receive()
-                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                        return
-                    complete, name = parse_sni(hello)
-            known = self._answers.get(sandbox_id, {}).get(address, set())
-            if name is None or not domain_allowed(name, plan.domains) or name not in known:
-                log.info(
-                    "sandbox %s: refused a connection to %s:%d (server name %r)",
-                    sandbox_id,
-                    address,
-                    port,
-                    name,
-                )
-                return
             try:
-                with anyio.fail_after(_CONNECT_TIMEOUT):
-                    upstream = await anyio.connect_tcp(address, port)
-            except (OSError, TimeoutError):
-                return
-            async with upstream:
-                await upstream.send(hello)
-                async with anyio.create_task_group() as pipes:
-                    pipes.start_soon(_pipe, client, upstream)
-                    pipes.start_soon(_pipe, upstream, client)
+                async with udp, listener, anyio.create_task_group() as tasks:
+                    tasks.start_soon(self._accept_forever, listener, tasks)
+                    await self._receive_forever(udp, tasks)
+            except Exception:
+                log.exception("sandbox %s: its resolver and relay failed and stopped", self.sandbox_id)
 
-    async def _answer(
-        self,
-        udp: anyio.abc.UDPSocket,
-        packet: bytes,
-        client: tuple[str, int],
-        sandbox_id: str,
-        plan: EgressPlan,
-    ) -> None:
-        try:
-            query = dns.message.from_wire(packet)
-        except dns.exception.DNSException:
-            return
-        try:
-            reply = await self._decide(query, sandbox_id, plan)
-        except BackendError:
-            reply = dns.message.make_response(query)
-            reply.set_rcode(dns.rcode.SERVFAIL)
-        try:
-            await udp.sendto(reply.to_wire(max_size=_MAX_DNS_MESSAGE), *client)
-        except (OSError, dns.exception.DNSException) as exc:
-            log.info("cannot answer a DNS query of %s: %s", sandbox_id, exc)
+    async def _receive_forever(self, udp: anyio.abc.UDPSocket, tasks: TaskGroup) -> None:
+        async for packet, (address, port) in udp:
+            if address != self.sandbox_end:
+                log.info("sandbox %s: ignored a DNS query from %s", self.sandbox_id, address)
+                continue
+            if self.queries >= MAX_DNS_QUERIES:
+                log.debug("sandbox %s: dropped a DNS query, %d in flight", self.sandbox_id, self.queries)
+                continue
+            self.queries += 1
+            tasks.start_soon(self._answer, udp, packet, (address, port))
 
-    async def _decide(
-        self, query: dns.message.Message, sandbox_id: str, plan: EgressPlan
-    ) -> dns.message.Message:
-        reply = dns.message.make_response(query)
-        if len(query.question) != 1 or not domain_allowed(query.question[0].name.to_text(), plan.domains):
-            reply.set_rcode(dns.rcode.REFUSED)
-            return reply
-        if query.question[0].rdtype != dns.rdatatype.A:
-            return reply  # no IPv6 or other records: an empty answer
-        try:
-            upstream = await self._ask_upstream(query, plan.upstream_dns or _host_resolver())
-        except (OSError, TimeoutError, dns.exception.DNSException):
-            reply.set_rcode(dns.rcode.SERVFAIL)
-            return reply
-        allowed: dict[str, int] = {}
-        kept = []
-        for rrset in upstream.answer:
-            if rrset.rdtype == dns.rdatatype.A:
-                reachable = [
-                    r for r in rrset if reachable_answer(r.address, private_allowed=plan.private_dns_answers)
-                ]
-                if not reachable:
+    async def _accept_forever(self, listener: anyio.abc.SocketListener, tasks: TaskGroup) -> None:
+        out_of_resources = False
+        while True:
+            try:
+                client = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _CONNECTION_ERRORS:
+                    log.info("sandbox %s: accept failed: %s", self.sandbox_id, exc)
                     continue
-                for record in reachable:
-                    allowed[record.address] = rrset.ttl
-                rrset = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, reachable)
-            kept.append(rrset)
-        if allowed:
-            script = resolved_addresses(sandbox_id, allowed, max(allowed.values()))
-            await _run(["nft", "-f", "-"], script)
-            name = query.question[0].name.to_text().rstrip(".").lower()
-            answers = self._answers.setdefault(sandbox_id, {})
-            for address in allowed:
-                answers.setdefault(address, set()).add(name)
-        reply.set_rcode(upstream.rcode())
-        reply.answer = kept
-        return reply
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise  # the listener itself is broken: ends this sandbox's services (see run)
+                if not out_of_resources:
+                    log.warning("sandbox %s: its relay cannot accept: %s", self.sandbox_id, exc)
+                out_of_resources = True
+                await anyio.sleep(_ACCEPT_BACKOFF)
+                continue
+            out_of_resources = False
+            if self.relays >= MAX_RELAYED_CONNECTIONS:
+                log.debug("sandbox %s: closed a connection, %d open", self.sandbox_id, self.relays)
+                await client.aclose()
+                continue
+            self.relays += 1
+            tasks.start_soon(self._relay, client)
 
-    async def _ask_upstream(self, query: dns.message.Message, server: str) -> dns.message.Message:
+    async def _answer(self, udp: anyio.abc.UDPSocket, packet: bytes, client: tuple[str, int]) -> None:
+        """One query, behind its own error boundary: a failure drops its answer only."""
+        try:
+            question = read_question(packet)
+            if question is None:
+                return
+            reply = await self._decide(question)
+            async with self.send_lock:
+                await udp.sendto(reply, *client)
+        except (OSError, anyio.BrokenResourceError) as exc:
+            log.info("sandbox %s: cannot answer a DNS query: %s", self.sandbox_id, exc)
+        except Exception:
+            log.exception("sandbox %s: a DNS query failed", self.sandbox_id)
+        finally:
+            self.queries -= 1
+
+    async def _decide(self, question: DnsQuestion) -> bytes:
+        action = dns_action(question, self.plan.domains)
+        if action == "refuse":
+            return sandbox_reply(question, dns.rcode.REFUSED, {})
+        if action == "empty":
+            return sandbox_reply(question, dns.rcode.NOERROR, {})
+        try:
+            upstream = await self._ask_upstream(question.name)
+        except (OSError, TimeoutError):
+            return sandbox_reply(question, dns.rcode.SERVFAIL, {})
+        allowed = {
+            address: ttl
+            for address, ttl in upstream.addresses
+            if reachable_answer(address, private_allowed=self.plan.private_dns_answers)
+        }
+        if allowed:
+            script = resolved_addresses(self.sandbox_id, allowed, max(allowed.values()))
+            try:
+                await _run(["nft", "-f", "-"], script)
+            except (BackendError, OSError):
+                return sandbox_reply(question, dns.rcode.SERVFAIL, {})
+            for address in allowed:
+                self.answers.setdefault(address, set()).add(question.name)
+        return sandbox_reply(question, upstream.rcode, allowed)
+
+    async def _ask_upstream(self, name: str) -> UpstreamReply:
+        """A fresh query of the server's own (random ID and source port); replies that do
+        not match it are ignored until one does or the time is up."""
+        query_id = secrets.randbelow(1 << 16)
+        server = self.plan.upstream_dns or _host_resolver()
         with anyio.fail_after(_UPSTREAM_TIMEOUT):
             async with await anyio.create_connected_udp_socket(server, 53) as upstream:
-                await upstream.send(query.to_wire())
-                return dns.message.from_wire(await upstream.receive())
+                await upstream.send(upstream_query(name, query_id))
+                while True:
+                    reply = read_upstream_reply(await upstream.receive(), query_id, name)
+                    if reply is not None:
+                        return reply
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        """One connection, behind its own error boundary."""
+        try:
+            async with client:
+                await self._check_and_relay(client)
+        except Exception:
+            log.exception("sandbox %s: a relayed connection failed", self.sandbox_id)
+        finally:
+            self.relays -= 1
+
+    async def _check_and_relay(self, client: anyio.abc.SocketStream) -> None:
+        """A connection redirected here must come from the sandbox, carry a TLS ClientHello
+        naming a listed domain that resolved, for this sandbox, to the address it was sent
+        to, and continue as TLS records; then it is relayed there."""
+        source = client.extra(anyio.abc.SocketAttribute.remote_address)  # noqa: S610 - not Django
+        if not isinstance(source, tuple) or source[0] != self.sandbox_end:
+            log.info("sandbox %s: refused a relay connection from %s", self.sandbox_id, source)
+            return
+        try:
+            address, port = _original_destination(client)
+        except OSError:
+            return  # not redirected by nftables: nowhere to relay to
+        hello = b""
+        complete, name = False, None
+        with anyio.move_on_after(_HELLO_TIMEOUT):
+            while not complete and len(hello) <= _MAX_HELLO:
+                try:
+                    hello += await client.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    return
+                complete, name = parse_sni(hello)
+        known = self.answers.get(address, set())
+        if name is None or not domain_allowed(name, self.plan.domains) or name not in known:
+            log.info(
+                "sandbox %s: refused a connection to %s:%d (server name %r)",
+                self.sandbox_id,
+                address,
+                port,
+                name,
+            )
+            return
+        try:
+            framing = frame_tls(TlsFraming(), hello)
+        except NotTls as exc:
+            log.info("sandbox %s: cut a connection to %s:%d: %s", self.sandbox_id, address, port, exc)
+            return
+        try:
+            with anyio.fail_after(_CONNECT_TIMEOUT):
+                upstream = await anyio.connect_tcp(address, port)
+        except (OSError, TimeoutError):
+            return
+        async with upstream:
+            await upstream.send(hello)
+            try:
+                async with anyio.create_task_group() as pipes:
+                    pipes.start_soon(_pipe_tls, client, upstream, framing)
+                    pipes.start_soon(_pipe, upstream, client)
+            except* NotTls as group:
+                log.info(
+                    "sandbox %s: cut a connection to %s:%d: %s",
+                    self.sandbox_id,
+                    address,
+                    port,
+                    group.exceptions[0],
+                )
