@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,14 @@ from . import __version__
 from .layout import Layout
 
 __all__ = ["main"]
+
+
+def _raise_open_file_limit() -> None:
+    """Every egress sandbox may hold up to 64 relayed connections (two descriptors each): the
+    soft limit of 1024 would run out long before the hard one, which is ours to take."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         audit_log=Path(args.audit_log) if args.audit_log else None,
     )
     policies = config.load_policies()  # fail fast, before any client connects
+    _raise_open_file_limit()
     throttle = Throttle(rate=args.max_calls_per_second, burst=args.max_calls_per_second * 4)
     server = build_server(lambda: open_service(config, policies), policies, throttle)
 
