@@ -107,20 +107,40 @@ def _explain(exc: OSError, target: HostTarget, rule: str = "files.allowed_host_d
     return CopyRefused(f"cannot open host path {target.path}: {os.strerror(exc.errno or 0)}")
 
 
-def _copy_fd(source: int, destination: int, limit: int, what: str) -> CopyStats:
-    digest = hashlib.sha256()
-    total = 0
-    while chunk := os.read(source, _CHUNK):
-        total += len(chunk)
-        if total > limit:
+class _CappedWriter:
+    """Writes to ``fd``, counting bytes against the policy's cap and hashing them."""
+
+    def __init__(self, fd: int, limit: int, what: str) -> None:
+        self._fd, self._limit, self._what = fd, limit, what
+        self._digest = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.bytes > self._limit:
             raise CopyRefused(
-                f"{what} is larger than the policy's limit of {limit} bytes (files.max_copy_bytes)"
+                f"{self._what} is larger than the policy's limit of {self._limit} bytes "
+                "(files.max_copy_bytes)"
             )
-        digest.update(chunk)
-        view = memoryview(chunk)
+        self._digest.update(data)
+        view = memoryview(data)
         while view:
-            view = view[os.write(destination, view) :]
-    return CopyStats(bytes=total, sha256=digest.hexdigest())
+            view = view[os.write(self._fd, view) :]
+
+    def stats(self) -> CopyStats:
+        return CopyStats(bytes=self.bytes, sha256=self._digest.hexdigest())
+
+
+def _copy_fd(source: int, destination: int, limit: int, what: str) -> CopyStats:
+    writer = _CappedWriter(destination, limit, what)
+    while chunk := os.read(source, _CHUNK):
+        writer.write(chunk)
+    return writer.stats()
+
+
+def _temporary_name(name: str) -> str:
+    """A hidden name next to ``name`` for a file not yet complete."""
+    return f".{name}.nspawn-mcp-{secrets.token_hex(4)}"
 
 
 def _require_regular(info: os.stat_result, what: str, limit: int) -> None:
@@ -169,9 +189,7 @@ class Publication:
         parent, name = os.path.split(target.relative)
         if name in ("", ".", ".."):
             raise CopyRefused(f"host path {target.path} names a directory; give a file name")
-        self._target, self._name, self._limit, self._what = target, name, limit, what
-        self._digest = hashlib.sha256()
-        self.bytes = 0
+        self._target, self._name = target, name
         directory = HostTarget(root=target.root, relative=parent or ".")
         with open_beneath(directory, os.O_PATH | os.O_DIRECTORY) as fd:
             self._dir_fd = os.dup(fd)
@@ -182,35 +200,27 @@ class Publication:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
                 os.close(self._dir_fd)
                 raise _explain(exc, target) from None
-            self._temporary = f".{name}.nspawn-mcp-{secrets.token_hex(4)}"
+            self._temporary = _temporary_name(name)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             self._fd = os.open(self._temporary, flags, 0o600, dir_fd=self._dir_fd)
+        self._writer = _CappedWriter(self._fd, limit, what)
 
     def write(self, data: bytes) -> None:
-        self.bytes += len(data)
-        if self.bytes > self._limit:
-            raise CopyRefused(
-                f"{self._what} is larger than the policy's limit of {self._limit} bytes "
-                "(files.max_copy_bytes)"
-            )
-        self._digest.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        self._writer.write(data)
 
     def publish(self, mode: int) -> CopyStats:
         """Put the complete file in place, atomically replacing what was there (a symlink is replaced)."""
         os.fchmod(self._fd, mode & 0o777 & ~0o022 | 0o600)
         os.fsync(self._fd)
         if self._temporary is None:
-            self._temporary = f".{self._name}.nspawn-mcp-{secrets.token_hex(4)}"
+            self._temporary = _temporary_name(self._name)
             os.link(f"/proc/self/fd/{self._fd}", self._temporary, dst_dir_fd=self._dir_fd)
         try:
             os.rename(self._temporary, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         except OSError as exc:
             raise _explain(exc, self._target) from None
         self._temporary = None
-        return CopyStats(bytes=self.bytes, sha256=self._digest.hexdigest())
+        return self._writer.stats()
 
     def discard(self) -> None:
         os.close(self._fd)

@@ -76,7 +76,9 @@ class _Lines:
         self._buffer = bytearray()
 
     async def next(self) -> dict[str, Any]:
-        while (end := self._buffer.find(b"\n")) < 0:
+        scanned = 0  # only what arrived since is searched for the newline
+        while (end := self._buffer.find(b"\n", scanned)) < 0:
+            scanned = len(self._buffer)
             if len(self._buffer) > self._limit:
                 raise protocol.ProtocolError(f"a line longer than {self._limit} bytes")
             try:

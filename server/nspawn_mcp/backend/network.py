@@ -108,23 +108,15 @@ def _original_destination(stream: anyio.abc.SocketStream) -> tuple[str, int]:
     return socket.inet_ntoa(packed[4:8]), int.from_bytes(packed[2:4], "big")
 
 
-async def _pipe(source: anyio.abc.SocketStream, destination: anyio.abc.SocketStream) -> None:
-    try:
-        async for chunk in source:
-            await destination.send(chunk)
-        await destination.send_eof()
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        pass
-
-
-async def _pipe_tls(
-    source: anyio.abc.SocketStream, destination: anyio.abc.SocketStream, framing: TlsFraming
+async def _pipe(
+    source: anyio.abc.SocketStream, destination: anyio.abc.SocketStream, framing: TlsFraming | None = None
 ) -> None:
-    """Like :func:`_pipe`, but each chunk goes on only if it continues the TLS records;
-    raises :class:`NotTls` (before sending it) when it does not."""
+    """Copy ``source`` to ``destination`` until either ends. With ``framing``, each chunk goes on
+    only if it continues the TLS records; :class:`NotTls` is raised (before sending it) if not."""
     try:
         async for chunk in source:
-            framing = frame_tls(framing, chunk)
+            if framing is not None:
+                framing = frame_tls(framing, chunk)
             await destination.send(chunk)
         await destination.send_eof()
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -426,7 +418,7 @@ class _SandboxServices:
             await upstream.send(hello)
             try:
                 async with anyio.create_task_group() as pipes:
-                    pipes.start_soon(_pipe_tls, client, upstream, framing)
+                    pipes.start_soon(_pipe, client, upstream, framing)
                     pipes.start_soon(_pipe, upstream, client)
             except* NotTls as group:
                 log.info(

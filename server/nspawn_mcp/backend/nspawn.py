@@ -181,17 +181,17 @@ class NspawnBackend:
             await self.jail(sandbox_id).ping(_READY_TIMEOUT)
         except SandboxGone:
             raise BackendError(f"sandbox {sandbox_id} did not become ready") from None
+        if not plan.mounts and plan.egress is None:
+            return
+        leader = await self._machined.machine_leader(sandbox_id)
         if plan.mounts:
-            leader = await self._machined.machine_leader(sandbox_id)
             await attach_binds(self._proc_root / str(leader), plan.mounts)
-
         if plan.egress is not None:
-            await self._attach_network(sandbox_id, plan.egress)
+            await self._attach_network(sandbox_id, plan.egress, leader)
 
-    async def _attach_network(self, sandbox_id: str, plan: EgressPlan) -> None:
+    async def _attach_network(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
         if self._network is None:
             raise BackendError("egress networking is not available in this server")
-        leader = await self._machined.machine_leader(sandbox_id)
         await self._network.attach(sandbox_id, plan, leader)
         assert plan.subnet is not None
         host_end, _ = endpoints(plan.subnet)

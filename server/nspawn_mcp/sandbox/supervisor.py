@@ -569,7 +569,9 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:
     buffer = bytearray()
-    while b"\n" not in buffer:
+    scanned = 0  # only what arrived since is searched for the newline
+    while (end := buffer.find(b"\n", scanned)) < 0:
+        scanned = len(buffer)
         chunk = conn.recv(_CHUNK)
         if not chunk:
             raise RequestError("bad_request", "connection closed before a complete request")
@@ -577,7 +579,7 @@ def _read_request(conn: socket.socket) -> dict[str, Any]:
         if len(buffer) > protocol.MAX_REQUEST_BYTES:
             raise RequestError("bad_request", "request too large")
     try:
-        return protocol.decode_line(bytes(buffer[: buffer.index(b"\n")]))
+        return protocol.decode_line(bytes(buffer[:end]))
     except protocol.ProtocolError as exc:
         raise RequestError("bad_request", str(exc)) from None
 
