@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import secrets
@@ -17,10 +18,10 @@ from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from . import __version__
-from .audit import current_client
 from .backend.api import OutputChunk
 from .commands import CommandRequest
 from .errors import InvalidRequest, SandboxError
+from .identity import LOCAL, Client, current_client
 from .models import (
     CopyResult,
     DestroyResult,
@@ -55,8 +56,8 @@ unprivileged user on the host, has only what its policy allows (get_policy shows
 default no network), and is destroyed automatically after its ttl_seconds."""
 
 
-def _client_name(ctx: ServiceContext) -> str:
-    """The MCP client's self-reported name, for the audit log and per-client quotas."""
+def _client_label(ctx: ServiceContext) -> str:
+    """What the MCP client calls itself: a label for the logs, never an identity."""
     request = ctx.request_context
     info = (request.meta or {}).get("io.modelcontextprotocol/clientInfo")
     if isinstance(info, dict) and isinstance(info.get("name"), str):
@@ -64,27 +65,38 @@ def _client_name(ctx: ServiceContext) -> str:
     params = request.session.client_params
     if params is not None:
         return params.client_info.name[:64]
-    return "unknown"
+    return ""
 
 
-def _agent_errors(throttle: Throttle) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+Identify = Callable[[], Client | None]
+"""Who a request comes from when the connection did not say (HTTP: the bearer token's identity)."""
+
+
+def _agent_errors(
+    throttle: Throttle, identify: Identify
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """The error boundary towards the agent: our errors become tool errors whose text it reads.
 
     Anything else (an ``OSError`` naming host paths, a bug) is logged with a short
     reference and the agent gets only that reference: no host detail leaks.
 
-    Also records which client is calling (for the audit log and per-client quotas)
-    and admits the call through the per-client rate limit.
+    Also settles which client is calling: the identity the daemon's connection set, or
+    the one ``identify`` finds (an HTTP request's token); what the client says about
+    itself is only a label. Then admits the call through that identity's rate limit.
     """
 
     def decorate(tool: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(tool)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             ctx = kwargs.get("ctx")
-            client = _client_name(ctx) if isinstance(ctx, Context) else "local"
+            client = current_client.get()
+            if client is LOCAL:
+                client = identify() or LOCAL
+            if isinstance(ctx, Context):
+                client = dataclasses.replace(client, label=_client_label(ctx))
             token = current_client.set(client)
             try:
-                throttle.admit(client)
+                throttle.admit(client.identity)
                 return await tool(*args, **kwargs)
             except SandboxError as exc:
                 raise ToolError(str(exc)) from None
@@ -153,15 +165,21 @@ def _policy_document(policies: PolicySet, name: str) -> PolicyDocument:
     return PolicyDocument(name=name, policy=policy.model_dump(mode="json"), available=policies.names)
 
 
+def _nobody() -> Client | None:
+    return None
+
+
 def build_server(
     open_service: Callable[[], AbstractAsyncContextManager[SandboxService]],
     policies: PolicySet,
     throttle: Throttle | None = None,
+    identify: Identify = _nobody,
 ) -> MCPServer[SandboxService]:
-    """The MCP server; ``policies`` are the operator's, ``open_service`` runs for the server's lifetime.
+    """The MCP server; ``policies`` are the operator's, ``open_service`` runs for each session.
 
-    ``throttle``: the per-client rate limit of tool calls (none by default)."""
-    agent_errors = _agent_errors(throttle or Throttle(rate=0, burst=0))
+    ``throttle``: the per-client rate limit of tool calls (none by default). ``identify``:
+    who a request comes from when its connection did not set :data:`current_client`."""
+    agent_errors = _agent_errors(throttle or Throttle(rate=0, burst=0), identify)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[SandboxService]) -> AsyncIterator[SandboxService]:
@@ -343,8 +361,21 @@ def build_server(
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
     @agent_errors
     async def list_sandboxes(ctx: ServiceContext) -> SandboxList:
-        """List the live sandboxes with their limits and expiry times."""
+        """List your live sandboxes with their limits and expiry times."""
         return SandboxList(sandboxes=_service(ctx).list())
+
+    @mcp.tool(
+        annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+    )
+    @agent_errors
+    async def extend_sandbox(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        seconds: Annotated[int, Field(description="how much longer the sandbox may live", ge=1, le=_HUGE)],
+    ) -> SandboxInfo:
+        """Let a sandbox live longer before it is destroyed automatically, up to its policy's longest
+        lifetime (get_policy: limits.max.ttl_seconds, counted from its creation). Returns the new expiry."""
+        return await _service(ctx).extend(sandbox_id, seconds)
 
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
     @agent_errors

@@ -1,7 +1,8 @@
 """The audit log: one JSON line per decision (who, what, allowed or refused, which rule).
 
-Who: the MCP client's name, set per request by the MCP layer through a context
-variable so the service does not have to pass it around.
+Who: the client's identity (and, as a label, what it calls itself), set per
+connection by the daemon through a context variable (:mod:`nspawn_mcp.identity`) so
+the service does not have to pass it around.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 import logging
 import threading
 from collections.abc import Mapping
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -18,13 +18,11 @@ from typing import IO
 import anyio
 
 from .errors import PolicyRefused, SandboxError
+from .identity import current_client
 
-__all__ = ["AuditLog", "current_client"]
+__all__ = ["AuditLog"]
 
 log = logging.getLogger(__name__)
-
-current_client: ContextVar[str] = ContextVar("nspawn_mcp_client", default="local")
-"""The client a request comes from; "local" outside MCP requests."""
 
 
 class AuditLog:
@@ -45,12 +43,15 @@ class AuditLog:
         error: BaseException | None = None,
         detail: Mapping[str, object] | None = None,
     ) -> None:
+        client = current_client.get()
         entry: dict[str, object] = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "client": current_client.get(),
+            "client": client.identity,
             "action": action,
             "allowed": error is None,
         }
+        if client.label:
+            entry["client_label"] = client.label
         if sandbox_id is not None:
             entry["sandbox_id"] = sandbox_id
         if isinstance(error, PolicyRefused):

@@ -12,13 +12,14 @@ namespaces (``unshare``). Two traps, both avoided here:
 
 The sandbox pool (a btrfs loop file) is mounted on ``/var/lib/machines`` inside the
 box's mount namespace only, so the host's view is untouched and the mount goes
-away with the box. The server stays in the host's namespaces and reaches the
-box's bus through ``/proc/PID/root``. The host's own tree, as it was when the box
-started, stays visible to the box's daemons at ``Layout.box_host_view``, so host
-paths under ``/tmp`` can still be bound into sandboxes.
+away with the box. Processes on the host reach the box's bus through
+``/proc/PID/root``.
 
-
-
+The first process of the box's pid namespace forks an *anchor* before it leaves the
+host's mount namespace: a sleeping process that keeps that namespace reachable from
+inside the box (``/proc/ANCHOR/ns/mnt``, its pid in :data:`HOST_ANCHOR_FILE`). The
+nspawn-mcp daemon, a unit of the box, joins it, so host paths mean to the daemon what
+they mean to its clients. The anchor dies with the box.
 """
 
 from __future__ import annotations
@@ -35,7 +36,19 @@ from pathlib import Path
 
 from .layout import Layout
 
-__all__ = ["Box", "BoxError", "find_box", "host_runs_systemd", "start_box", "stop_box", "system_bus_address"]
+__all__ = [
+    "HOST_ANCHOR_FILE",
+    "Box",
+    "BoxError",
+    "find_box",
+    "host_runs_systemd",
+    "start_box",
+    "stop_box",
+    "system_bus_address",
+]
+
+HOST_ANCHOR_FILE = "/run/nspawn-mcp-host-anchor"
+"""Inside the box: the pid (in the box) of the process that holds the host's mount namespace."""
 
 _MASKED_UNITS = (
     "systemd-sysusers.service",
@@ -61,16 +74,21 @@ _MASKED_UNITS = (
     "systemd-tmpfiles-clean.timer",
 )
 
+# PID 1 of the new pid namespace, still in the host's mount namespace: fork the anchor, then
+# become the box (a mount namespace of its own, then systemd)
+_OUTER_SCRIPT = """boot="$1"; shift
+sleep infinity </dev/null >/dev/null 2>&1 &
+exec unshare --mount --propagation private sh -c "$boot" nspawn-mcp-box "$@" "$!"
+"""
+
 _BOOT_SCRIPT = """set -eu
-mkdir -p "$4"
-mount --rbind / "$4"
-mount --make-rslave "$4"
 mount -t proc -o nosuid,nodev,noexec proc /proc
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
 mkdir -p /run/systemd/system "$2"
 for unit in $3; do ln -s /dev/null "/run/systemd/system/$unit"; done
+echo "$5" >"$4"
 if [ -f "$1" ]; then mount -o loop,nodiscard "$1" "$2"; fi
 exec /lib/systemd/systemd --system --unit=basic.target
 """
@@ -161,17 +179,15 @@ def _unshare_argv(layout: Layout) -> list[str]:
         "unshare",
         "--pid",
         "--fork",
-        "--mount",
-        "--propagation",
-        "private",
         "sh",
         "-c",
+        _OUTER_SCRIPT,
+        "nspawn-mcp-box-init",
         _BOOT_SCRIPT,
-        "nspawn-mcp-box",
         str(layout.pool_image),
         str(layout.machines_dir),
         " ".join(_MASKED_UNITS),
-        str(layout.box_host_view),
+        HOST_ANCHOR_FILE,  # $5, the anchor's pid, is appended by the outer script
     ]
 
 

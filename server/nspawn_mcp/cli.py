@@ -4,49 +4,93 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from . import __version__
 from .layout import Layout
 
+if TYPE_CHECKING:
+    from .daemon.main import DaemonConfig
+
 __all__ = ["main"]
 
 
-def _raise_open_file_limit() -> None:
-    """Every egress sandbox may hold up to 64 relayed connections (two descriptors each): the
-    soft limit of 1024 would run out long before the hard one, which is ours to take."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    from .daemon.main import DaemonConfig
+    from .runtime import ServerConfig
+
+    return DaemonConfig(
+        server=ServerConfig(
+            layout=Layout.from_env(),
+            policy_dirs=tuple(Path(p).absolute() for p in args.policy_dir),
+            max_sandboxes=args.max_sandboxes,
+            audit_log=Path(args.audit_log).absolute() if args.audit_log else None,
+        ),
+        max_calls_per_second=args.max_calls_per_second,
+        socket_group=args.socket_group,
+    )
+
+
+def _daemon_arguments(args: argparse.Namespace) -> tuple[str, ...]:
+    """The options to start the daemon with, as given to this command (absolute paths)."""
+    arguments: list[str] = []
+    for directory in args.policy_dir:
+        arguments += ["--policy-dir", str(Path(directory).absolute())]
+    arguments += ["--max-sandboxes", str(args.max_sandboxes)]
+    arguments += ["--max-calls-per-second", str(args.max_calls_per_second)]
+    if args.audit_log:
+        arguments += ["--audit-log", str(Path(args.audit_log).absolute())]
+    if args.socket_group:
+        arguments += ["--socket-group", args.socket_group]
+    return tuple(arguments)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import build_server
-    from .runtime import ServerConfig, open_service
-    from .throttle import Throttle
+    from .daemon.unit import DaemonOptions, start_daemon
+    from .frontend.stdio import serve_stdio, stdio_streams
 
-    config = ServerConfig(
-        layout=Layout.from_env(),
-        policy_dirs=tuple(Path(p) for p in args.policy_dir),
-        max_sandboxes=args.max_sandboxes,
-        audit_log=Path(args.audit_log) if args.audit_log else None,
-    )
-    policies = config.load_policies()  # fail fast, before any client connects
-    _raise_open_file_limit()
-    throttle = Throttle(rate=args.max_calls_per_second, burst=args.max_calls_per_second * 4)
-    server = build_server(lambda: open_service(config, policies), policies, throttle)
+    layout = Layout.from_env()
+    _daemon_config(args).server.load_policies()  # a bad policy is reported here, not as a dead daemon
+    options = DaemonOptions(_daemon_arguments(args))
 
-    if args.http:
-        host, _, port = args.http.rpartition(":")
-        server.run("streamable-http", host=host or "127.0.0.1", port=int(port))
-    else:
-        server.run("stdio")
+    async def ensure_daemon() -> None:
+        await start_daemon(layout, options)
+
+    stdin, stdout = stdio_streams()
+    anyio.run(serve_stdio, ensure_daemon, str(layout.daemon_socket), stdin, stdout)
     return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from .daemon.main import DaemonError, run_daemon
+    from .daemon.unit import DaemonOptions, daemon_status, start_daemon, stop_daemon
+
+    layout = Layout.from_env()
+    if args.action == "run":
+        try:
+            run_daemon(_daemon_config(args))
+        except DaemonError as exc:
+            print(f"nspawn-mcp daemon: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.action == "start":
+        anyio.run(start_daemon, layout, DaemonOptions(_daemon_arguments(args)))
+        print(f"running; serving {layout.daemon_socket}")
+        return 0
+    if args.action == "stop":
+        print("stopped (its sandboxes keep running)" if anyio.run(stop_daemon, layout) else "not running")
+        return 0
+    status = anyio.run(daemon_status, layout)
+    if status is None:
+        print("not running")
+        return 3
+    print(f"{status.active_state} ({status.sub_state}); socket {layout.daemon_socket}")
+    return 0 if status.active_state == "active" else 3
 
 
 def _setup(args: argparse.Namespace) -> int:
@@ -98,31 +142,50 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """The daemon's options; ``serve`` passes them on when it has to start the daemon."""
+    parser.add_argument(
+        "--policy-dir", action="append", default=[], help="directory of operator policies (*.toml)"
+    )
+    parser.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all (default 64)")
+    parser.add_argument(
+        "--max-calls-per-second",
+        type=float,
+        default=50,
+        help="tool calls per second per client identity, bursts of four times that (default 50; 0: no limit)",
+    )
+    parser.add_argument(
+        "--audit-log",
+        metavar="PATH",
+        help="JSON-lines audit log (default: audit.jsonl in the state directory)",
+    )
+    parser.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="members of GROUP may connect to the daemon's socket (default: root only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nspawn-mcp", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve MCP on stdio (default) or streamable HTTP")
-    serve.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at http://HOST:PORT/mcp")
-    serve.add_argument(
-        "--policy-dir", action="append", default=[], help="directory of operator policies (*.toml)"
+    serve = commands.add_parser(
+        "serve", help="MCP on stdio, relayed to the daemon (started if it does not run)"
     )
-    serve.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all (default 64)")
-    serve.add_argument(
-        "--max-calls-per-second",
-        type=float,
-        default=50,
-        help="tool calls per second per client, bursts of four times that (default 50; 0: no limit)",
-    )
-    serve.add_argument(
-        "--audit-log",
-        metavar="PATH",
-        help="JSON-lines audit log (default: audit.jsonl in the state directory)",
-    )
-
+    _add_daemon_options(serve)
     serve.set_defaults(func=_serve)
+
+    daemon = commands.add_parser("daemon", help="the one process per host that owns every sandbox")
+    daemon.add_argument(
+        "action",
+        choices=["run", "start", "stop", "status"],
+        help="run: in the foreground (what its unit runs); start/stop/status: its systemd unit",
+    )
+    _add_daemon_options(daemon)
+    daemon.set_defaults(func=_daemon)
 
     setup = commands.add_parser("setup", help="create the image pool and the default template")
     setup.add_argument(

@@ -19,9 +19,29 @@ class Layout:
     state_dir: Path = Path("/var/lib/nspawn-mcp")
     machines_dir: Path = Path("/var/lib/machines")
 
+    runtime_dir: Path = Path("/run/nspawn-mcp")
+
     @classmethod
     def from_env(cls) -> Layout:
-        return cls(state_dir=Path(os.environ.get("NSPAWN_MCP_STATE_DIR", "/var/lib/nspawn-mcp")))
+        return cls(
+            state_dir=Path(os.environ.get("NSPAWN_MCP_STATE_DIR", "/var/lib/nspawn-mcp")),
+            runtime_dir=Path(os.environ.get("NSPAWN_MCP_RUNTIME_DIR", "/run/nspawn-mcp")),
+        )
+
+    @property
+    def daemon_socket(self) -> Path:
+        """Where the daemon serves MCP to front ends (root only, or a group the operator names)."""
+        return self.runtime_dir / "daemon.sock"
+
+    @property
+    def daemon_lock(self) -> Path:
+        """Held by the running daemon: there is one per host."""
+        return self.state_dir / "daemon.lock"
+
+    @property
+    def records_dir(self) -> Path:
+        """One record per sandbox (``<id>.json``): what a restarted daemon adopts."""
+        return self.state_dir / "records"
 
     @property
     def lib_dir(self) -> Path:
@@ -33,7 +53,7 @@ class Layout:
         return self.state_dir / "sandboxes"
 
     def sandbox_dir(self, sandbox_id: str) -> Path:
-        """Per-sandbox, reachable by the host's root only: ``meta.json`` and the control socket."""
+        """Per-sandbox, reachable by the host's root only: the control socket, resolv.conf."""
         return self.sandboxes_dir / sandbox_id
 
     def control_socket(self, sandbox_id: str) -> Path:
@@ -47,11 +67,6 @@ class Layout:
     @property
     def box_dir(self) -> Path:
         return self.state_dir / "box"
-
-    @property
-    def box_host_view(self) -> Path:
-        """Inside the private systemd's mount namespace: the host's tree (its /tmp included)."""
-        return self.box_dir / "host"
 
     @property
     def pool_image(self) -> Path:

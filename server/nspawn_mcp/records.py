@@ -1,11 +1,14 @@
-"""What the server keeps about each sandbox: its record in memory and ``meta.json`` on disk.
+"""What the daemon keeps about each sandbox: its record in memory and ``<id>.json`` on disk.
 
-The file lets a restarted server adopt the sandboxes it made (their plan, owner and
-times); a sandbox running without one was half-made and is removed.
+The records directory holds one file per sandbox, written atomically before the
+sandbox is started and removed after everything else of it is gone. It lets a
+restarted daemon adopt the sandboxes it made (their plan, owner and times); a
+sandbox running without one was half-made and is removed.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +35,11 @@ class SandboxRecord:
     state: State = "creating"
     oom_kills_seen: int = 0
     owner: str = "local"
+    """The identity of the client that made it (see :mod:`nspawn_mcp.identity`)."""
+    session: str | None = None
+    """The stdio connection it belongs to; None once kept past its client's disconnect (or for HTTP)."""
+    last_used: datetime | None = None
+    """When a tool call last used it (for the policy's idle timeout); None: at creation."""
 
     def info(self) -> SandboxInfo:
         limits = self.plan.limits
@@ -53,11 +61,12 @@ class SandboxRecord:
 
 
 class _Meta(BaseModel):
-    """What ``meta.json`` holds: written and read through the model, so no field is dropped."""
+    """What a record file holds: written and read through the model, so no field is dropped."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     owner: str
+    session: str | None = None
     plan: SandboxPlan
     created_at: datetime
     expires_at: datetime
@@ -67,27 +76,34 @@ _META = TypeAdapter(_Meta)
 
 
 class MetaStore:
-    """``meta.json`` per sandbox, so a restarted server can adopt what it made."""
+    """One JSON file per sandbox in a directory of its own, so a restarted daemon can adopt what it made."""
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
 
+    def _path(self, sandbox_id: str) -> Path:
+        return self._directory / f"{sandbox_id}.json"
+
     def save(self, sandbox: SandboxRecord) -> None:
-        folder = self._directory / sandbox.sandbox_id
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Atomically: a reader (or a restarted daemon) sees the old record or the new one, whole."""
+        self._directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         meta = _Meta(
             owner=sandbox.owner,
+            session=sandbox.session,
             plan=sandbox.plan,
             created_at=sandbox.created_at,
             expires_at=sandbox.expires_at,
         )
-        temporary = folder / "meta.json.tmp"
-        temporary.write_bytes(_META.dump_json(meta))
-        temporary.replace(folder / "meta.json")
+        temporary = self._directory / f".{sandbox.sandbox_id}.json.tmp"
+        with open(temporary, "wb") as file:
+            file.write(_META.dump_json(meta))
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(self._path(sandbox.sandbox_id))
 
     def load(self, sandbox_id: str) -> SandboxRecord | None:
         try:
-            meta = _META.validate_json((self._directory / sandbox_id / "meta.json").read_bytes())
+            meta = _META.validate_json(self._path(sandbox_id).read_bytes())
         except (OSError, ValidationError):
             return None
         return SandboxRecord(
@@ -97,4 +113,14 @@ class MetaStore:
             expires_at=meta.expires_at,
             state="running",
             owner=meta.owner,
+            session=meta.session,
         )
+
+    def remove(self, sandbox_id: str) -> None:
+        self._path(sandbox_id).unlink(missing_ok=True)
+
+    def ids(self) -> set[str]:
+        """The sandboxes that have a record (including ones whose making was interrupted)."""
+        if not self._directory.is_dir():
+            return set()
+        return {path.name.removesuffix(".json") for path in self._directory.glob("sbx-*.json")}

@@ -47,6 +47,18 @@ class Daemons:
     bus_address: str
     proc_root: Path = Path("/proc")
     """Where the PIDs they report (such as a machine's leader) are found."""
+    box_pid: int | None = None
+    """The private systemd's host PID, where it is the one in use."""
+
+    @property
+    def in_box(self) -> bool:
+        return self.box_pid is not None
+
+    @property
+    def journal_dir(self) -> Path:
+        """Where their journal is, seen from the host."""
+        root = Path("/") if self.box_pid is None else Path(f"/proc/{self.box_pid}/root")
+        return root / "run" / "log" / "journal"
 
 
 def find_daemons(layout: Layout) -> Daemons:
@@ -58,7 +70,7 @@ def find_daemons(layout: Layout) -> Daemons:
         return Daemons(system_bus_address())
     box = start_box(layout)
     log.info("using the private systemd (pid %d)", box.pid)
-    return Daemons(box.bus_address, Path(f"/proc/{box.pid}/root/proc"))
+    return Daemons(box.bus_address, Path(f"/proc/{box.pid}/root/proc"), box_pid=box.pid)
 
 
 @asynccontextmanager
@@ -86,7 +98,7 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
             service = SandboxService(
                 backend,
                 policies,
-                state_dir=config.layout.sandboxes_dir,
+                records_dir=config.layout.records_dir,
                 max_sandboxes=config.max_sandboxes,
                 audit=audit,
             )

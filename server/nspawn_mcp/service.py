@@ -1,9 +1,15 @@
-"""Use cases: the order of steps, ownership, quotas and cleanup on failure.
+"""Use cases: the order of steps, ownership, quotas, lifetimes and cleanup on failure.
 
 The service knows nothing of D-Bus or MCP. It resolves every request against the
 operator's policy first (``nspawn_mcp.policy``), then drives a :class:`Backend`.
 Cleanup runs shielded from cancellation, so a cancelled MCP request never leaves
 half a sandbox behind.
+
+Ownership: a sandbox belongs to the client that made it (:mod:`nspawn_mcp.identity`),
+and while that client's stdio connection lasts, to that connection. Any other client
+is told there is no such sandbox, unless the sandbox's policy shares them. When a
+connection ends its sandboxes are destroyed, or kept until their TTL where the policy
+says ``keep``; a restarted daemon gives connections a grace period to come back.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import contextlib
 import logging
 import os
 import posixpath
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,11 +29,12 @@ import anyio
 import anyio.to_thread
 
 from . import commands, hostfs
-from .audit import AuditLog, current_client
+from .audit import AuditLog
 from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState
 from .backend.egress import allocate_subnet
 from .commands import CommandRequest
-from .errors import NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
+from .errors import InvalidRequest, NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
+from .identity import Client, current_client
 from .models import (
     CopyResult,
     ExecResult,
@@ -58,10 +66,29 @@ log = logging.getLogger(__name__)
 
 _MiB = 1 << 20
 _REAP_INTERVAL = 1.0
+_TOMBSTONES = 4096
+"""How many gone sandboxes are remembered, so that a request for one says why it is gone."""
+RECONNECT_GRACE = timedelta(seconds=30)
+"""How long a restarted daemon waits for a connection to come back before applying its policy's
+``on_disconnect`` to its sandboxes."""
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class _Tombstone:
+    """What is left of a gone sandbox: whose it was and why it went."""
+
+    owner: str
+    session: str | None
+    policy: str
+    reason: str
 
 
 class SandboxService:
@@ -70,7 +97,7 @@ class SandboxService:
         backend: Backend,
         policies: PolicySet,
         *,
-        state_dir: Path,
+        records_dir: Path,
         cwd: str | None = None,
         max_sandboxes: int = 64,
         clock: Callable[[], datetime] = _now,
@@ -78,12 +105,17 @@ class SandboxService:
     ) -> None:
         self._backend = backend
         self._policies = policies
-        self._store = MetaStore(state_dir)
+        self._store = MetaStore(records_dir)
         self._cwd = cwd or os.getcwd()
         self._max_sandboxes = max_sandboxes
         self._clock = clock
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._audit = audit or AuditLog(None)
+        self._tombstones: OrderedDict[str, _Tombstone] = OrderedDict()
+        self._sessions: set[str] = set()
+        """Stdio connections that are connected now."""
+        self._orphans: dict[str, datetime] = {}
+        """Sessions that own sandboxes but are not connected, and when their grace period ends."""
 
     @contextlib.contextmanager
     def _audited(
@@ -104,26 +136,66 @@ class SandboxService:
     # -- lifecycle -------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Adopt this server's running sandboxes; remove remains of half-made or dead ones."""
+        """Adopt the running sandboxes that have a record; remove everything else of ours.
+
+        Run once, at start, before any client is served (the daemon is the only process
+        that creates sandboxes, so nothing is half-made by anybody else meanwhile).
+        """
         running = await self._backend.running()
+        grace_ends = self._clock() + RECONNECT_GRACE
         for sandbox_id in sorted(running):
             sandbox = self._store.load(sandbox_id)
             if sandbox is None:
                 log.warning("removing sandbox %s: no record of how it was made", sandbox_id)
                 await self._backend.destroy(sandbox_id)
-            else:
-                self._sandboxes[sandbox_id] = sandbox
-                await self._backend.adopt(sandbox_id, sandbox.plan)
-        for sandbox_id in sorted(await self._backend.leftovers()):
+                continue
+            self._sandboxes[sandbox_id] = sandbox
+            if sandbox.session is not None:
+                self._orphans.setdefault(sandbox.session, grace_ends)
+            await self._backend.adopt(sandbox_id, sandbox.plan)
+        for sandbox_id in sorted((await self._backend.leftovers() | self._store.ids()) - running):
             log.info("removing the remains of sandbox %s", sandbox_id)
             await self._backend.destroy(sandbox_id)
+            self._store.remove(sandbox_id)
 
     def machine_removed(self, name: str) -> None:
         """The sandbox's machine went away (it crashed, hit its TTL in systemd, ...)."""
         sandbox = self._sandboxes.get(name)
         if sandbox is not None and sandbox.state == "running":
-            log.info("sandbox %s stopped on its own; cleaning up", name)
+            log.info("sandbox %s stopped on its own; cleaning up", name, extra={"sandbox": name})
             sandbox.state = "gone"
+
+    # -- connections -------------------------------------------------------------
+
+    def session_started(self, client: Client) -> None:
+        """A stdio connection came (or came back, after a daemon restart: its sandboxes are its again)."""
+        if client.session is not None:
+            self._sessions.add(client.session)
+            self._orphans.pop(client.session, None)
+
+    async def session_ended(self, client: Client) -> None:
+        """A stdio connection ended: its sandboxes are destroyed, or kept where the policy says so."""
+        if client.session is None:
+            return
+        self._sessions.discard(client.session)
+        self._orphans.pop(client.session, None)
+        await self._release_session(client.identity, client.session)
+
+    async def _release_session(self, identity: str, session: str) -> None:
+        for sandbox in list(self._sandboxes.values()):
+            if sandbox.session != session or sandbox.owner != identity or sandbox.state != "running":
+                continue
+            rules = self._policies.get(sandbox.plan.policy).sandboxes
+            if rules.on_disconnect == "keep":
+                sandbox.session = None
+                self._store.save(sandbox)
+                log.info("client %s disconnected; keeping %s until its TTL", identity, sandbox.sandbox_id)
+                continue
+            reason = (
+                f"its client disconnected (policy {sandbox.plan.policy!r}: sandboxes.on_disconnect = destroy)"
+            )
+            with self._audited("destroy_sandbox", sandbox.sandbox_id, reason="client disconnected"):
+                await self._destroy_quietly(sandbox, reason)
 
     async def run_reaper(self) -> None:
         """Forever: destroy expired sandboxes and clean up ones that died."""
@@ -132,14 +204,42 @@ class SandboxService:
             await self.reap_once()
 
     async def reap_once(self) -> None:
+        """Destroy what expired, idled out or died, and the sandboxes of connections that never came back."""
         now = self._clock()
+        for session, deadline in list(self._orphans.items()):
+            if deadline <= now:
+                del self._orphans[session]
+                owners = {s.owner for s in self._sandboxes.values() if s.session == session}
+                for owner in owners:
+                    await self._release_session(owner, session)
         for sandbox in list(self._sandboxes.values()):
-            expired = sandbox.state == "running" and sandbox.expires_at <= now
-            if expired or sandbox.state == "gone":
-                try:
-                    await self._destroy(sandbox)
-                except SandboxError as exc:
-                    log.warning("cleaning up sandbox %s failed: %s", sandbox.sandbox_id, exc)
+            reason = self._why_reaped(sandbox, now)
+            if reason is not None:
+                with self._audited("destroy_sandbox", sandbox.sandbox_id, reason=reason.split(" (")[0]):
+                    await self._destroy_quietly(sandbox, reason)
+
+    def _why_reaped(self, sandbox: SandboxRecord, now: datetime) -> str | None:
+        if sandbox.state == "gone":
+            return "it stopped on its own (it crashed, or its unit was stopped)"
+        if sandbox.state != "running":
+            return None
+        if sandbox.expires_at <= now:
+            return (
+                f"it expired at {_stamp(sandbox.expires_at)} (its lifetime of "
+                f"{int((sandbox.expires_at - sandbox.created_at).total_seconds())} s; "
+                "policy rule: limits.*.ttl_seconds, extend_sandbox extends it)"
+            )
+        idle = self._policies.get(sandbox.plan.policy).sandboxes.idle_timeout_seconds
+        if idle is not None and (sandbox.last_used or sandbox.created_at) + timedelta(seconds=idle) <= now:
+            return f"no tool call used it for {idle} s (policy rule: sandboxes.idle_timeout_seconds)"
+        return None
+
+    async def _destroy_quietly(self, sandbox: SandboxRecord, reason: str) -> None:
+        """Destroy for a reason of the daemon's own; failures are logged (the reaper tries again)."""
+        try:
+            await self._destroy(sandbox, reason)
+        except SandboxError as exc:
+            log.warning("cleaning up sandbox %s failed: %s", sandbox.sandbox_id, exc)
 
     # -- tools -----------------------------------------------------------------
 
@@ -150,15 +250,23 @@ class SandboxService:
         return info
 
     async def _create(self, request: CreateRequest) -> SandboxInfo:
+        client = current_client.get()
+        if client.policies is not None and request.policy not in client.policies:
+            raise PolicyRefused(
+                f"policy {request.policy!r} is not one this client may use; it may use: "
+                + ", ".join(sorted(client.policies)),
+                rule="the client's token (nspawn-mcp token add --policy)",
+            )
         policy = self._policies.get(request.policy)
-        plan = resolve_create(request.policy, policy, request, cwd=self._cwd)
+        workdir = self._workdir(client, naming_host_paths=bool(request.mounts))
+        plan = resolve_create(request.policy, policy, request, cwd=workdir)
         if plan.image not in await self._backend.available_images():
             raise NotFound(f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`")
         if plan.mounts:
             plan = replace(plan, mounts=await anyio.to_thread.run_sync(_resolve_binds, plan.mounts))
         # From the quota checks to registering the sandbox nothing awaits, so concurrent
         # creates cannot both take the last slot or the same subnet.
-        owner = current_client.get()
+        owner = client.identity
         self._check_quotas(policy, plan, owner)
         if plan.egress is not None:
             used = [
@@ -174,6 +282,7 @@ class SandboxService:
             created_at=created,
             expires_at=created + timedelta(seconds=plan.limits.ttl_seconds),
             owner=owner,
+            session=client.session,
         )
         self._sandboxes[sandbox.sandbox_id] = sandbox
         try:
@@ -181,9 +290,16 @@ class SandboxService:
             await self._backend.create(sandbox.sandbox_id, plan)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._destroy(sandbox)
+                await self._destroy(sandbox, "its creation failed")
             raise
         sandbox.state = "running"
+        log.info(
+            "created %s (policy %s) for %s",
+            sandbox.sandbox_id,
+            plan.policy,
+            client,
+            extra={"sandbox": sandbox.sandbox_id, "client": client.identity},
+        )
         return sandbox.info()
 
     def _check_quotas(self, policy: Policy, plan: SandboxPlan, owner: str) -> None:
@@ -202,15 +318,17 @@ class SandboxService:
         mine = sum(1 for s in same_policy if s.owner == owner)
         if per_client is not None and mine >= per_client:
             raise QuotaExceeded(
-                f"policy {plan.policy!r} allows {per_client} live sandboxes per client and you have {mine}; "
+                f"policy {plan.policy!r} allows {per_client} live sandboxes per client and you have {mine} "
+                f"(you are {owner}); "
                 "destroy one first (policy rule: sandboxes.max_live_per_client)"
             )
 
     async def destroy(self, sandbox_id: str) -> None:
         with self._audited("destroy_sandbox", sandbox_id):
-            await self._destroy(self._get(sandbox_id, allow_gone=True))
+            sandbox = self._get(sandbox_id, allow_gone=True)
+            await self._destroy(sandbox, f"its owner destroyed it at {_stamp(self._clock())}")
 
-    async def _destroy(self, sandbox: SandboxRecord) -> None:
+    async def _destroy(self, sandbox: SandboxRecord, reason: str) -> None:
         sandbox.state = "destroying"
         with anyio.CancelScope(shield=True):
             try:
@@ -218,10 +336,45 @@ class SandboxService:
             except BaseException:
                 sandbox.state = "gone"
                 raise
+            self._store.remove(sandbox.sandbox_id)
             self._sandboxes.pop(sandbox.sandbox_id, None)
+            self._tombstones[sandbox.sandbox_id] = _Tombstone(
+                sandbox.owner, sandbox.session, sandbox.plan.policy, reason
+            )
+            while len(self._tombstones) > _TOMBSTONES:
+                self._tombstones.popitem(last=False)
+        log.info(
+            "destroyed %s: %s",
+            sandbox.sandbox_id,
+            reason,
+            extra={"sandbox": sandbox.sandbox_id, "client": sandbox.owner},
+        )
 
     def list(self) -> list[SandboxInfo]:
-        return [s.info() for s in self._sandboxes.values() if s.state == "running"]
+        """The live sandboxes the calling client may see."""
+        client = current_client.get()
+        return [
+            s.info()
+            for s in self._sandboxes.values()
+            if s.state == "running" and self._visible(s.owner, s.session, s.plan.policy, client)
+        ]
+
+    async def extend(self, sandbox_id: str, seconds: int) -> SandboxInfo:
+        """Push the sandbox's expiry out by ``seconds``, within its policy's longest lifetime."""
+        with self._audited("extend_sandbox", sandbox_id, seconds=seconds):
+            sandbox = self._get(sandbox_id)
+            longest = sandbox.plan.limits.lifetime_cap_seconds
+            expires = sandbox.expires_at + timedelta(seconds=seconds)
+            if expires - sandbox.created_at > timedelta(seconds=longest):
+                left = longest - int((sandbox.expires_at - sandbox.created_at).total_seconds())
+                raise PolicyRefused(
+                    f"a sandbox of policy {sandbox.plan.policy!r} lives at most {longest} s in all; "
+                    f"{sandbox_id} can be extended by at most {max(left, 0)} s more",
+                    rule="limits.max.ttl_seconds",
+                )
+            sandbox.expires_at = expires
+            self._store.save(sandbox)
+        return sandbox.info()
 
     def _command(
         self, sandbox: SandboxRecord, request: CommandRequest, max_output_bytes: int | None = None
@@ -368,7 +521,7 @@ class SandboxService:
         with self._audited("copy_to_sandbox", sandbox_id, host_path=host_source[:4096]):
             sandbox = self._get(sandbox_id)
             destination = check_container_path(sandbox_destination)
-            target = confine_host_path(host_source, sandbox.plan.allowed_host_roots, self._cwd)
+            target = self._host_target(sandbox, host_source)
             limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
             with hostfs.staging_area(self._backend.staging_dir) as area:
                 staged, stats = await anyio.to_thread.run_sync(hostfs.stage_from_host, target, area, limit)
@@ -388,7 +541,7 @@ class SandboxService:
         with self._audited("copy_from_sandbox", sandbox_id, host_path=host_destination[:4096]):
             sandbox = self._get(sandbox_id)
             source = check_container_path(sandbox_source)
-            target = confine_host_path(host_destination, sandbox.plan.allowed_host_roots, self._cwd)
+            target = self._host_target(sandbox, host_destination)
             limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
             what = f"sandbox path {source}"
             publication = await anyio.to_thread.run_sync(hostfs.Publication, target, limit, what)
@@ -413,14 +566,52 @@ class SandboxService:
 
     # -- helpers -----------------------------------------------------------------
 
+    def _visible(self, owner: str, session: str | None, policy: str, client: Client) -> bool:
+        """Whether ``client`` may see a sandbox: its own (while its connection lasts), or a shared one."""
+        if client.identity == "local" or self._policies.get(policy).sandboxes.shared:
+            return True
+        return owner == client.identity and session in (None, client.session)
+
     def _get(self, sandbox_id: str, *, allow_gone: bool = False) -> SandboxRecord:
         parse_sandbox_id(sandbox_id)
+        client = current_client.get()
         sandbox = self._sandboxes.get(sandbox_id)
-        if sandbox is None or sandbox.state in ("creating", "destroying"):
-            raise NotFound(f"no sandbox {sandbox_id}; list_sandboxes shows the live ones")
+        if sandbox is None or not self._visible(sandbox.owner, sandbox.session, sandbox.plan.policy, client):
+            tombstone = self._tombstones.get(sandbox_id)
+            if tombstone is not None and self._visible(
+                tombstone.owner, tombstone.session, tombstone.policy, client
+            ):
+                raise SandboxGone(f"sandbox {sandbox_id} is gone: {tombstone.reason}; create a new one")
+            raise NotFound(f"no sandbox {sandbox_id}; list_sandboxes shows yours")
+        if sandbox.state in ("creating", "destroying"):
+            raise NotFound(f"no sandbox {sandbox_id}; list_sandboxes shows yours")
         if sandbox.state == "gone" and not allow_gone:
-            raise SandboxGone(f"sandbox {sandbox_id} has stopped; create a new one")
+            raise SandboxGone(f"sandbox {sandbox_id} has stopped on its own; create a new one")
+        sandbox.last_used = self._clock()
         return sandbox
+
+    def _workdir(self, client: Client, *, naming_host_paths: bool) -> str:
+        """What the client's relative host paths (and the policy's relative directories) are relative to.
+
+        A client with no working directory on this host (a non-root peer) may not name host
+        paths at all; without any, "/" makes relative allowed directories protected ones, which
+        never count.
+        """
+        if client.identity == "local":
+            return self._cwd
+        if client.workdir is not None:
+            return client.workdir
+        if naming_host_paths:
+            raise InvalidRequest(
+                "host paths are not available to this client: copy_file and mounts are for clients "
+                "running as root on the daemon's host (and HTTP clients, where the policy names "
+                "absolute host directories)"
+            )
+        return "/"
+
+    def _host_target(self, sandbox: SandboxRecord, path: str) -> HostTarget:
+        workdir = self._workdir(current_client.get(), naming_host_paths=True)
+        return confine_host_path(path, sandbox.plan.allowed_host_roots, workdir)
 
 
 def _resolve_binds(mounts: tuple[BindMount, ...]) -> tuple[BindMount, ...]:

@@ -31,7 +31,7 @@ async def client(backend: FakeBackend, tmp_path: Path) -> AsyncIterator[Client]:
     @asynccontextmanager
     async def open_service() -> AsyncIterator[SandboxService]:
         yield SandboxService(
-            backend, PolicySet.load([shipped_policy_dir()]), state_dir=tmp_path / "state", cwd=str(tmp_path)
+            backend, PolicySet.load([shipped_policy_dir()]), records_dir=tmp_path / "state", cwd=str(tmp_path)
         )
 
     async with Client(build_server(open_service, PolicySet.load([shipped_policy_dir()]))) as connected:
@@ -46,6 +46,7 @@ async def test_the_tools_are_offered(client: Client) -> None:
         "copy_file",
         "destroy_sandbox",
         "list_sandboxes",
+        "extend_sandbox",
         "read_process_output",
         "write_process_stdin",
         "kill_process",
@@ -173,7 +174,7 @@ async def test_calls_beyond_the_rate_limit_are_refused(backend: FakeBackend, tmp
     @asynccontextmanager
     async def open_service() -> AsyncIterator[SandboxService]:
         yield SandboxService(
-            backend, PolicySet.load([shipped_policy_dir()]), state_dir=tmp_path / "state", cwd=str(tmp_path)
+            backend, PolicySet.load([shipped_policy_dir()]), records_dir=tmp_path / "state", cwd=str(tmp_path)
         )
 
     throttle = Throttle(rate=1, burst=3, clock=lambda: 0.0)

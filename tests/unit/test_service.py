@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from nspawn_mcp.audit import AuditLog, current_client
+from nspawn_mcp.audit import AuditLog
 from nspawn_mcp.backend.api import CommandOutcome, CommandSpec
 from nspawn_mcp.commands import CommandRequest
 from nspawn_mcp.errors import (
@@ -22,6 +22,7 @@ from nspawn_mcp.errors import (
     QuotaExceeded,
     SandboxGone,
 )
+from nspawn_mcp.identity import Client, current_client
 from nspawn_mcp.policy import CreateRequest, PolicySet
 from nspawn_mcp.policy.loader import load_policy_text
 from nspawn_mcp.service import SandboxService
@@ -62,7 +63,7 @@ def make_service(backend: FakeBackend, workdir: Path, clock: Clock, **policy_tex
     return SandboxService(
         backend,
         PolicySet(policies),
-        state_dir=workdir / "state",
+        records_dir=workdir / "state",
         cwd=str(workdir / "work"),
         max_sandboxes=5,
         clock=clock,
@@ -202,14 +203,14 @@ async def test_unknown_and_malformed_ids(service: SandboxService) -> None:
             await service.destroy(bad)
 
 
-async def test_destroy_removes_and_a_second_destroy_is_not_found(
+async def test_destroy_removes_and_a_second_destroy_says_it_is_gone(
     service: SandboxService, backend: FakeBackend
 ) -> None:
     sandbox = (await service.create(CreateRequest())).sandbox_id
     await service.destroy(sandbox)
     assert backend.destroyed == [sandbox]
     assert service.list() == []
-    with pytest.raises(NotFound):
+    with pytest.raises(SandboxGone, match=r"is gone: its owner destroyed it at 2026-01-01T00:00:00"):
         await service.destroy(sandbox)
 
 
@@ -343,12 +344,12 @@ async def test_every_decision_is_audited_with_client_and_rule(
     service = SandboxService(
         backend,
         PolicySet({"default": load_policy_text("", "default.toml")}),
-        state_dir=workdir / "state",
+        records_dir=workdir / "state",
         cwd=str(workdir / "work"),
         clock=clock,
         audit=audit,
     )
-    token = current_client.set("claude-code")
+    token = current_client.set(Client("uid:0", label="claude-code", workdir=str(workdir / "work")))
     try:
         sandbox = (await service.create(CreateRequest())).sandbox_id
         with pytest.raises(PolicyRefused):
@@ -375,7 +376,7 @@ async def test_every_decision_is_audited_with_client_and_rule(
         ("create_sandbox", False, None),
     ]
     assert entries[-1]["reason"] == "cancelled"
-    assert {e["client"] for e in entries} == {"claude-code"}
+    assert {(e["client"], e["client_label"]) for e in entries} == {("uid:0", "claude-code")}
     assert entries[0]["sandbox_id"] == sandbox
     assert entries[2]["command"] == "echo hi"
     assert entries[2]["exit_code"] == 0
@@ -386,7 +387,7 @@ async def test_a_policy_can_cap_live_sandboxes_per_client(
 ) -> None:
     service = make_service(backend, workdir, clock, shared="[sandboxes]\nmax_live_per_client = 1\n")
     for client in ("alice", "bob"):
-        token = current_client.set(client)
+        token = current_client.set(Client(client))
         try:
             await service.create(CreateRequest(policy="shared"))
             with pytest.raises(QuotaExceeded, match=r"sandboxes.max_live_per_client"):

@@ -32,11 +32,13 @@ SIGNATURES: Mapping[str, str] = {
     "TimeoutStopUSec": "t",
     "RuntimeMaxUSec": "t",
     "Restart": "s",
+    "RestartUSec": "t",
     "Environment": "as",
     "WorkingDirectory": "s",
     "StandardInputFileDescriptor": "h",
     "StandardOutput": "s",
     "StandardError": "s",
+    "SyslogIdentifier": "s",
     # cgroup
     "Slice": "s",
     "Delegate": "b",

@@ -127,6 +127,14 @@ class Systemd:
         if result != "done":
             raise BackendError(f"{what} failed: {result}")
 
+    async def start_unit(self, name: str, *, timeout: float = 120.0) -> None:
+        """Start an installed unit and wait for its job; NotFound if there is no such unit file."""
+        what = f"starting {name}"
+        job = await self._manager("StartUnit", "ss", name, "replace", operation=what)
+        result = await self._wait_job(job, timeout, what)
+        if result != "done":
+            raise BackendError(f"{what} failed: {result}")
+
     async def stop_unit(self, name: str, *, timeout: float = 30.0) -> None:
         """Stop ``name`` and wait; a unit that is already gone counts as stopped."""
         what = f"stopping {name}"

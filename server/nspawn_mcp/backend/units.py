@@ -162,7 +162,9 @@ def build_units(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> Sand
             "DeviceAllow": [("char-pts", "rw")],
             "TimeoutStartUSec": 30 * _USEC,
             "TimeoutStopUSec": 5 * _USEC,
-            "RuntimeMaxUSec": limits.ttl_seconds * _USEC,
+            # the daemon destroys the sandbox at its (extendable) expiry; its unit stops it at the
+            # policy's longest lifetime even if no daemon runs (systemd 252 cannot change this later)
+            "RuntimeMaxUSec": limits.lifetime_cap_seconds * _USEC,
             "StandardOutput": "journal",
             "StandardError": "journal",
             "NoNewPrivileges": plan.no_new_privileges,

@@ -165,7 +165,26 @@ class NetworkPolicy(_Frozen):
 class SandboxesPolicy(_Frozen):
     max_live: int = Field(default=32, ge=1, le=10_000, description="live sandboxes of this policy")
     max_live_per_client: int | None = Field(
-        default=None, ge=1, le=10_000, description="live sandboxes of this policy per MCP client name"
+        default=None,
+        ge=1,
+        le=10_000,
+        description="live sandboxes of this policy per client identity (a uid, or a token's name)",
+    )
+    on_disconnect: Literal["destroy", "keep"] = Field(
+        default="destroy",
+        description="what happens to a stdio client's sandboxes when it disconnects: destroyed at once, "
+        "or kept until their TTL (the same identity sees them again when it reconnects)",
+    )
+    shared: bool = Field(
+        default=False,
+        description="every client may see and use every sandbox of this policy, not only the client "
+        "that made it",
+    )
+    idle_timeout_seconds: int | None = Field(
+        default=None,
+        ge=10,
+        le=7 * 86400,
+        description="destroy a sandbox no tool call has used for this long; none unless set",
     )
 
     images: tuple[str, ...] = Field(default=("default",), min_length=1, description="images agents may use")

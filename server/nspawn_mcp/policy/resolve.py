@@ -76,6 +76,13 @@ class ResolvedLimits:
     processes: int
     ttl_seconds: int
     disk_bytes: int | None = None
+    max_ttl_seconds: int | None = None
+    """The longest the sandbox may live, extensions included (the policy's maximum); its unit
+    enforces it even when the daemon is not running. None (records of older versions): ttl_seconds."""
+
+    @property
+    def lifetime_cap_seconds(self) -> int:
+        return self.ttl_seconds if self.max_ttl_seconds is None else self.max_ttl_seconds
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,7 @@ def resolve_create(policy_name: str, policy: Policy, request: CreateRequest, *, 
             processes=int(processes),
             ttl_seconds=int(ttl),
             disk_bytes=disk_bytes,
+            max_ttl_seconds=maximum.ttl_seconds,
         ),
         network=policy.network.mode,
         allowed_host_roots=resolve_allowed_roots(policy.files.allowed_host_dirs, cwd),

@@ -1,0 +1,142 @@
+"""One MCP session per connection to the daemon's socket, for the client the connection is.
+
+The peer's uid comes from the kernel (``SO_PEERCRED``); the front end's hello names its
+session (see :mod:`.handshake`). The MCP session runs with that client set in
+:data:`nspawn_mcp.identity.current_client`, which every request handler inherits, so
+nothing a request says can change who it comes from. When the connection ends, the
+service is told, and applies the policy's ``on_disconnect`` to the session's sandboxes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import mcp_types
+from anyio.abc import SocketAttribute, SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.message import SessionMessage
+
+from .. import __version__
+from ..identity import Client, current_client
+from .handshake import MAX_LINE, HelloError, Welcome, decode_hello, encode
+
+__all__ = ["MAX_MESSAGE", "SessionHooks", "serve_connection"]
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 96 << 20
+"""Longest MCP message a front end may send (a write_process_stdin of 8 MiB, JSON-escaped, fits)."""
+_HELLO_TIMEOUT = 10.0
+_UCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class SessionHooks:
+    """What the daemon does when a client's connection starts and ends."""
+
+    started: Callable[[Client], None]
+    ended: Callable[[Client], Awaitable[None]]
+
+
+def peer_uid(stream: SocketStream) -> int:
+    raw: socket.socket = stream.extra(SocketAttribute.raw_socket)  # noqa: S610 - anyio, not Django
+    _pid, uid, _gid = _UCRED.unpack(raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return int(uid)
+
+
+def _mount_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return "unknown"
+
+
+async def _greet(stream: SocketStream, received: BufferedByteReceiveStream) -> Client | None:
+    """Read the hello and answer it; None (after telling the peer why) if it is not one."""
+    uid = peer_uid(stream)
+    try:
+        with anyio.fail_after(_HELLO_TIMEOUT):
+            hello = decode_hello(await received.receive_until(b"\n", MAX_LINE))
+    except (HelloError, anyio.DelimiterNotFound) as exc:
+        await stream.send(encode(f"not an nspawn-mcp hello: {exc}"))
+        return None
+    except (TimeoutError, anyio.IncompleteRead, anyio.EndOfStream):
+        return None
+    client = Client(f"uid:{uid}", session=hello.session, workdir=hello.workdir if uid == 0 else None)
+    await stream.send(encode(Welcome(client.identity, __version__, _mount_namespace())))
+    return client
+
+
+async def serve_connection(stream: SocketStream, server: MCPServer[object], hooks: SessionHooks) -> None:
+    """Serve one front end until it closes its end (or sends what is not MCP)."""
+    async with stream:
+        received = BufferedByteReceiveStream(stream)
+        try:
+            client = await _greet(stream, received)
+        except (anyio.BrokenResourceError, OSError):
+            return
+        if client is None:
+            return
+        log.info(
+            "client %s connected (session %s)",
+            client.identity,
+            client.session,
+            extra={"client": client.identity},
+        )
+        token = current_client.set(client)
+        hooks.started(client)
+        try:
+            await _run_session(stream, received, server)
+        finally:
+            current_client.reset(token)
+            with anyio.CancelScope(shield=True):
+                log.info("client %s disconnected", client.identity, extra={"client": client.identity})
+                await hooks.ended(client)
+
+
+async def _run_session(
+    stream: SocketStream, received: BufferedByteReceiveStream, server: MCPServer[object]
+) -> None:
+    incoming_send, incoming = anyio.create_memory_object_stream[SessionMessage | Exception](16)
+    outgoing, outgoing_receive = anyio.create_memory_object_stream[SessionMessage](16)
+
+    async def read() -> None:
+        async with incoming_send:
+            while True:
+                try:
+                    line = await received.receive_until(b"\n", MAX_MESSAGE)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError):
+                    return
+                except anyio.DelimiterNotFound:
+                    log.warning("a client sent a message over %d bytes; closing its connection", MAX_MESSAGE)
+                    return
+                try:
+                    message = mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                except ValueError as exc:
+                    await incoming_send.send(exc)
+                    continue
+                await incoming_send.send(SessionMessage(message))
+
+    async def write() -> None:
+        async with outgoing_receive:
+            async for message in outgoing_receive:
+                line = message.message.model_dump_json(by_alias=True, exclude_unset=True)
+                try:
+                    await stream.send(line.encode() + b"\n")
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    return
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(read)
+        tasks.start_soon(write)
+        # the SDK's session loop over our streams (MCPServer offers no public way to serve a stream pair)
+        lowlevel = server._lowlevel_server
+        await lowlevel.run(incoming, outgoing, lowlevel.create_initialization_options())
+        tasks.cancel_scope.cancel()

@@ -1,0 +1,124 @@
+"""The daemon as a systemd unit: ``nspawn-mcp.service``, started on demand by the front ends.
+
+On a systemd host an installed unit file (``nspawn-mcp.service``, shipped in
+``examples/systemd/``) is started if there is one; otherwise, and always where PID 1 is
+not systemd (in the project's private systemd), the same unit is made transient. Either
+way systemd supervises the daemon (``Restart=on-failure``) and journald keeps its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
+
+from ..backend.bus import Bus
+from ..backend.systemd1 import Systemd, UnitStatus
+from ..box import HOST_ANCHOR_FILE
+from ..errors import BackendError, NotFound
+from ..layout import Layout
+from ..runtime import Daemons, find_daemons
+from .main import HOST_MOUNT_NS_ENV
+
+__all__ = ["DAEMON_UNIT", "DaemonOptions", "daemon_status", "start_daemon", "stop_daemon", "unit_properties"]
+
+DAEMON_UNIT = "nspawn-mcp.service"
+_USEC = 1_000_000
+_ACTIVE = frozenset({"active", "activating", "reloading"})
+_PASSED_ENVIRONMENT = ("NSPAWN_MCP_STATE_DIR", "NSPAWN_MCP_RUNTIME_DIR", "NSPAWN_MCP_BUS_ADDRESS")
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """The command-line options the daemon is started with (``nspawn-mcp daemon run ...``)."""
+
+    arguments: tuple[str, ...] = ()
+
+
+def unit_properties(
+    options: DaemonOptions, *, python: str, environment: Mapping[str, str], in_box: bool, layout: Layout
+) -> dict[str, object]:
+    """The transient unit of the daemon (pure)."""
+    env = dict(environment)
+    if in_box:
+        env[HOST_MOUNT_NS_ENV] = HOST_ANCHOR_FILE
+    argv = [python, "-m", "nspawn_mcp", "daemon", "run", *options.arguments]
+    return {
+        "Description": "nspawn-mcp: disposable sandboxes for AI agents",
+        "ExecStart": [(python, argv, False)],
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "Restart": "on-failure",
+        "RestartUSec": _USEC // 2,
+        "TimeoutStartUSec": 90 * _USEC,
+        "TimeoutStopUSec": 15 * _USEC,
+        "KillMode": "mixed",
+        "CollectMode": "inactive-or-failed",
+        "Environment": [f"{key}={value}" for key, value in sorted(env.items())],
+        "StandardOutput": "journal",
+        "StandardError": "journal",
+        "SyslogIdentifier": "nspawn-mcp",
+    }
+
+
+@asynccontextmanager
+async def _systemd(layout: Layout) -> AsyncIterator[tuple[Systemd, Daemons]]:
+    daemons = await anyio.to_thread.run_sync(find_daemons, layout)
+    bus = await Bus.connect(daemons.bus_address)
+    try:
+        yield await Systemd.attach(bus), daemons
+    finally:
+        bus.disconnect()
+
+
+async def daemon_status(layout: Layout) -> UnitStatus | None:
+    async with _systemd(layout) as (systemd, _):
+        units = await systemd.list_units([DAEMON_UNIT])
+    return units[0] if units else None
+
+
+async def start_daemon(layout: Layout, options: DaemonOptions) -> None:
+    """Start the daemon's unit unless it runs; returns once systemd reports it ready (or failed)."""
+    async with _systemd(layout) as (systemd, daemons):
+        units = await systemd.list_units([DAEMON_UNIT])
+        if units and units[0].active_state in _ACTIVE:
+            return
+        if not daemons.in_box:
+            with contextlib.suppress(NotFound):
+                await systemd.start_unit(DAEMON_UNIT)  # the operator installed the unit file
+                return
+        await systemd.reset_failed(DAEMON_UNIT)
+        environment = {key: os.environ[key] for key in _PASSED_ENVIRONMENT if key in os.environ}
+        properties = unit_properties(
+            options, python=sys.executable, environment=environment, in_box=daemons.in_box, layout=layout
+        )
+        try:
+            await systemd.start_transient_unit(DAEMON_UNIT, properties, timeout=120)
+        except BackendError as exc:
+            if "already exists" not in str(exc):  # another front end is starting it: fine
+                raise BackendError(
+                    f"the nspawn-mcp daemon did not start ({exc}); its log: {journal_hint(daemons)}"
+                ) from None
+
+
+async def stop_daemon(layout: Layout) -> bool:
+    """Stop the daemon (its sandboxes keep running; the next daemon adopts them)."""
+    async with _systemd(layout) as (systemd, _):
+        units = await systemd.list_units([DAEMON_UNIT])
+        if not units or units[0].active_state not in _ACTIVE:
+            return False
+        await systemd.stop_unit(DAEMON_UNIT)
+        return True
+
+
+def journal_hint(daemons: Daemons, extra: Sequence[str] = ()) -> str:
+    """The command that shows the daemon's log on this host."""
+    if daemons.in_box:
+        return f"journalctl --directory={daemons.journal_dir} -u {DAEMON_UNIT} " + " ".join(extra)
+    return f"journalctl -u {DAEMON_UNIT} " + " ".join(extra)
