@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+_DEFAULT_MAX_SANDBOXES = 64
+_DEFAULT_CALL_RATE = 50.0
+
 
 def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
     from .daemon.main import DaemonConfig
@@ -33,16 +36,19 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
         ),
         max_calls_per_second=args.max_calls_per_second,
         socket_group=args.socket_group,
+        options=_daemon_arguments(args),
     )
 
 
 def _daemon_arguments(args: argparse.Namespace) -> tuple[str, ...]:
-    """The options to start the daemon with, as given to this command (absolute paths)."""
+    """The options to start the daemon with, as given to this command (absolute paths; defaults left out)."""
     arguments: list[str] = []
     for directory in args.policy_dir:
         arguments += ["--policy-dir", str(Path(directory).absolute())]
-    arguments += ["--max-sandboxes", str(args.max_sandboxes)]
-    arguments += ["--max-calls-per-second", str(args.max_calls_per_second)]
+    if args.max_sandboxes != _DEFAULT_MAX_SANDBOXES:
+        arguments += ["--max-sandboxes", str(args.max_sandboxes)]
+    if args.max_calls_per_second != _DEFAULT_CALL_RATE:
+        arguments += ["--max-calls-per-second", f"{args.max_calls_per_second:g}"]
     if args.audit_log:
         arguments += ["--audit-log", str(Path(args.audit_log).absolute())]
     if args.socket_group:
@@ -62,7 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
         await start_daemon(layout, options)
 
     stdin, stdout = stdio_streams()
-    anyio.run(serve_stdio, ensure_daemon, str(layout.daemon_socket), stdin, stdout)
+    asked = options.arguments or None  # no options: any running daemon will do
+    anyio.run(serve_stdio, ensure_daemon, str(layout.daemon_socket), asked, stdin, stdout)
     return 0
 
 
@@ -147,11 +154,13 @@ def _add_daemon_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy-dir", action="append", default=[], help="directory of operator policies (*.toml)"
     )
-    parser.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all (default 64)")
+    parser.add_argument(
+        "--max-sandboxes", type=int, default=_DEFAULT_MAX_SANDBOXES, help="live sandboxes in all (default 64)"
+    )
     parser.add_argument(
         "--max-calls-per-second",
         type=float,
-        default=50,
+        default=_DEFAULT_CALL_RATE,
         help="tool calls per second per client identity, bursts of four times that (default 50; 0: no limit)",
     )
     parser.add_argument(

@@ -86,7 +86,6 @@ class _Tombstone:
     """What is left of a gone sandbox: whose it was and why it went."""
 
     owner: str
-    session: str | None
     policy: str
     reason: str
 
@@ -185,7 +184,7 @@ class SandboxService:
         for sandbox in list(self._sandboxes.values()):
             if sandbox.session != session or sandbox.owner != identity or sandbox.state != "running":
                 continue
-            rules = self._policies.get(sandbox.plan.policy).sandboxes
+            rules = self._policy_of(sandbox.plan.policy).sandboxes
             if rules.on_disconnect == "keep":
                 sandbox.session = None
                 self._store.save(sandbox)
@@ -229,7 +228,7 @@ class SandboxService:
                 f"{int((sandbox.expires_at - sandbox.created_at).total_seconds())} s; "
                 "policy rule: limits.*.ttl_seconds, extend_sandbox extends it)"
             )
-        idle = self._policies.get(sandbox.plan.policy).sandboxes.idle_timeout_seconds
+        idle = self._policy_of(sandbox.plan.policy).sandboxes.idle_timeout_seconds
         if idle is not None and (sandbox.last_used or sandbox.created_at) + timedelta(seconds=idle) <= now:
             return f"no tool call used it for {idle} s (policy rule: sandboxes.idle_timeout_seconds)"
         return None
@@ -338,9 +337,7 @@ class SandboxService:
                 raise
             self._store.remove(sandbox.sandbox_id)
             self._sandboxes.pop(sandbox.sandbox_id, None)
-            self._tombstones[sandbox.sandbox_id] = _Tombstone(
-                sandbox.owner, sandbox.session, sandbox.plan.policy, reason
-            )
+            self._tombstones[sandbox.sandbox_id] = _Tombstone(sandbox.owner, sandbox.plan.policy, reason)
             while len(self._tombstones) > _TOMBSTONES:
                 self._tombstones.popitem(last=False)
         log.info(
@@ -379,7 +376,7 @@ class SandboxService:
     def _command(
         self, sandbox: SandboxRecord, request: CommandRequest, max_output_bytes: int | None = None
     ) -> CommandSpec:
-        policy = self._policies.get(sandbox.plan.policy)
+        policy = self._policy_of(sandbox.plan.policy)
         stdin_bytes = (request.stdin or "").encode("utf-8", errors="surrogatepass")
         plan = resolve_exec(
             policy, ExecRequest(timeout_seconds=request.timeout_seconds, stdin_bytes=len(stdin_bytes))
@@ -450,7 +447,7 @@ class SandboxService:
         summary = commands.summary(request.command)
         with self._audited("exec_background", sandbox_id, command=summary, user=request.user):
             sandbox = self._get(sandbox_id)
-            policy = self._policies.get(sandbox.plan.policy)
+            policy = self._policy_of(sandbox.plan.policy)
             spec = self._command(sandbox, request, policy.exec.max_background_output_bytes)
             async with self._jail(sandbox) as jail:
                 running = sum(1 for process in await jail.list() if process.running)
@@ -478,7 +475,7 @@ class SandboxService:
     ) -> ProcessOutputResult:
         sandbox = self._get(sandbox_id)
         stdout_offset, stderr_offset = commands.parse_cursor(since)
-        limit = self._policies.get(sandbox.plan.policy).exec.max_output_bytes
+        limit = self._policy_of(sandbox.plan.policy).exec.max_output_bytes
         async with self._jail(sandbox) as jail:
             output = await jail.read(commands.process_id(process_id), stdout_offset, stderr_offset, limit)
         return ProcessOutputResult(
@@ -494,7 +491,7 @@ class SandboxService:
     ) -> StdinWritten:
         sandbox = self._get(sandbox_id)
         payload = data.encode("utf-8", errors="surrogatepass")
-        limit = self._policies.get(sandbox.plan.policy).exec.max_stdin_bytes
+        limit = self._policy_of(sandbox.plan.policy).exec.max_stdin_bytes
         if len(payload) > limit:
             raise PolicyRefused(
                 f"data is {len(payload)} bytes, above the maximum {limit}", rule="exec.max_stdin_bytes"
@@ -522,7 +519,7 @@ class SandboxService:
             sandbox = self._get(sandbox_id)
             destination = check_container_path(sandbox_destination)
             target = self._host_target(sandbox, host_source)
-            limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
+            limit = self._policy_of(sandbox.plan.policy).files.max_copy_bytes
             with hostfs.staging_area(self._backend.staging_dir) as area:
                 staged, stats = await anyio.to_thread.run_sync(hostfs.stage_from_host, target, area, limit)
                 await self._backend.copy_in(sandbox_id, staged, destination)
@@ -542,7 +539,7 @@ class SandboxService:
             sandbox = self._get(sandbox_id)
             source = check_container_path(sandbox_source)
             target = self._host_target(sandbox, host_destination)
-            limit = self._policies.get(sandbox.plan.policy).files.max_copy_bytes
+            limit = self._policy_of(sandbox.plan.policy).files.max_copy_bytes
             what = f"sandbox path {source}"
             publication = await anyio.to_thread.run_sync(hostfs.Publication, target, limit, what)
             try:
@@ -566,9 +563,17 @@ class SandboxService:
 
     # -- helpers -----------------------------------------------------------------
 
+    def _policy_of(self, name: str) -> Policy:
+        """The policy a sandbox was made under; the strictest one (an empty policy) if the operator
+        removed it since (a restarted daemon adopts sandboxes of policies it no longer has)."""
+        try:
+            return self._policies.get(name)
+        except PolicyRefused:
+            return Policy()
+
     def _visible(self, owner: str, session: str | None, policy: str, client: Client) -> bool:
         """Whether ``client`` may see a sandbox: its own (while its connection lasts), or a shared one."""
-        if client.identity == "local" or self._policies.get(policy).sandboxes.shared:
+        if client.identity == "local" or self._policy_of(policy).sandboxes.shared:
             return True
         return owner == client.identity and session in (None, client.session)
 
@@ -578,9 +583,8 @@ class SandboxService:
         sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is None or not self._visible(sandbox.owner, sandbox.session, sandbox.plan.policy, client):
             tombstone = self._tombstones.get(sandbox_id)
-            if tombstone is not None and self._visible(
-                tombstone.owner, tombstone.session, tombstone.policy, client
-            ):
+            # the identity that owned it is told why it went, from whichever connection it asks
+            if tombstone is not None and self._visible(tombstone.owner, None, tombstone.policy, client):
                 raise SandboxGone(f"sandbox {sandbox_id} is gone: {tombstone.reason}; create a new one")
             raise NotFound(f"no sandbox {sandbox_id}; list_sandboxes shows yours")
         if sandbox.state in ("creating", "destroying"):

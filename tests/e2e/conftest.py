@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,12 +27,30 @@ def box_lifetime() -> Iterator[None]:
     started_here = not host_runs_systemd() and find_box(layout) is None
     yield
     if started_here:
-        stop_box(layout)
+        stop_box(layout)  # the daemon, a unit of the box, goes with it
 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def stop_daemon() -> None:
+    subprocess.run([str(SERVER), "daemon", "stop"], check=True, capture_output=True)
+
+
+@pytest.fixture
+def daemon_with_policies(box_lifetime: None, tmp_path: Path) -> Iterator[Path]:
+    """A policy directory for the test; the daemon is restarted to load it (and afterwards without it).
+
+    The daemon runs with the options it was started with; a front end that asks for others is
+    refused, so the test stops it first (sandboxes survive that; the next daemon adopts them).
+    """
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    stop_daemon()
+    yield policies
+    stop_daemon()
 
 
 @pytest.fixture

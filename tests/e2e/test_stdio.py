@@ -89,7 +89,8 @@ async def test_create_exec_copy_destroy(client: Client, workdir: Path) -> None:
         "destroyed": True,
     }
     assert (await call(client, "list_sandboxes"))["sandboxes"] == []
-    assert "no sandbox" in await error_text(client, "exec_in_sandbox", sandbox_id=sandbox, command="true")
+    gone = await error_text(client, "exec_in_sandbox", sandbox_id=sandbox, command="true")
+    assert f"sandbox {sandbox} is gone: its owner destroyed it" in gone
 
 
 async def test_hostile_copies_are_refused_and_the_host_is_untouched(client: Client, workdir: Path) -> None:
@@ -184,37 +185,78 @@ async def test_bad_input_gets_clear_errors_and_the_server_stays_up(client: Clien
     assert (await call(client, "list_sandboxes"))["sandboxes"] == []
 
 
-async def test_background_processes_survive_disconnects_and_server_restarts(
-    box_lifetime: None, workdir: Path
-) -> None:
-    params = StdioServerParameters(command=str(SERVER), args=["serve"], cwd=str(workdir))
-    script = "for i in 1 2 3; do echo tick $i; sleep 0.3; done; echo done; sleep 1000"
-    async with Client(params) as first:
-        sandbox = (await call(first, "create_sandbox"))["sandbox_id"]
-        started = await call(first, "exec_in_sandbox", sandbox_id=sandbox, command=script, background=True)
-        process = started["process_id"]
-        early = await call(first, "read_process_output", sandbox_id=sandbox, process_id=process)
-    # the client went away and the server with it; a new server adopts the sandbox
-    async with Client(params) as second:
-        try:
-            assert [s["sandbox_id"] for s in (await call(second, "list_sandboxes"))["sandboxes"]] == [sandbox]
-            listed = (await call(second, "list_processes", sandbox_id=sandbox))["processes"]
-            assert [(p["process_id"], p["running"]) for p in listed] == [(process, True)]
-            seen = early["stdout"]
-            cursor = early["next_cursor"]
-            with anyio.fail_after(20):
-                while "done" not in seen:
-                    later = await call(
-                        second, "read_process_output", sandbox_id=sandbox, process_id=process, since=cursor
-                    )
-                    seen, cursor = seen + later["stdout"], later["next_cursor"]
-                    await anyio.sleep(0.05)  # poll politely: the server rate-limits each client
+def _daemon_pids() -> list[int]:
+    """The daemon's process, found as the host sees it (it runs in the private systemd)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"nspawn_mcp\0daemon\0run" in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+    return found
 
-            assert seen == "tick 1\ntick 2\ntick 3\ndone\n"
-            killed = await call(second, "kill_process", sandbox_id=sandbox, process_id=process, signal="KILL")
-            assert killed["process_id"] == process
-        finally:
-            await call(second, "destroy_sandbox", sandbox_id=sandbox)
+
+def kill_daemon() -> None:
+    pids = _daemon_pids()
+    assert pids, "no daemon to kill"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+async def test_sandboxes_and_their_processes_survive_a_daemon_restart(client: Client) -> None:
+    script = "for i in 1 2 3; do echo tick $i; sleep 0.3; done; echo done; sleep 1000"
+    sandbox = (await call(client, "create_sandbox"))["sandbox_id"]
+    started = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command=script, background=True)
+    process = started["process_id"]
+    early = await call(client, "read_process_output", sandbox_id=sandbox, process_id=process)
+    try:
+        async with anyio.create_task_group() as tasks:  # a call in flight when the daemon dies
+            failures: list[str] = []
+
+            async def in_flight() -> None:
+                failures.append(
+                    await error_text(client, "exec_in_sandbox", sandbox_id=sandbox, command="sleep 30")
+                )
+
+            tasks.start_soon(in_flight)
+            await anyio.sleep(0.3)
+            kill_daemon()
+        assert "daemon restarted during this call" in failures[0]
+        # the same client, reconnected by its front end to the restarted daemon, has it all back
+        with anyio.fail_after(30):
+            listed = (await call(client, "list_sandboxes"))["sandboxes"]
+        assert [s["sandbox_id"] for s in listed] == [sandbox]
+        processes = (await call(client, "list_processes", sandbox_id=sandbox))["processes"]
+        assert [(p["process_id"], p["running"]) for p in processes] == [(process, True)]
+        seen, cursor = early["stdout"], early["next_cursor"]
+        with anyio.fail_after(20):
+            while "done" not in seen:
+                later = await call(
+                    client, "read_process_output", sandbox_id=sandbox, process_id=process, since=cursor
+                )
+                seen, cursor = seen + later["stdout"], later["next_cursor"]
+                await anyio.sleep(0.05)  # poll politely: the daemon rate-limits each client
+        assert seen == "tick 1\ntick 2\ntick 3\ndone\n"
+    finally:
+        await call(client, "destroy_sandbox", sandbox_id=sandbox)
+
+
+async def test_a_disconnect_destroys_the_clients_sandboxes_unless_its_policy_keeps_them(
+    daemon_with_policies: Path, workdir: Path
+) -> None:
+    (daemon_with_policies / "kept.toml").write_text('[sandboxes]\non_disconnect = "keep"\n')
+    params = StdioServerParameters(
+        command=str(SERVER), args=["serve", "--policy-dir", str(daemon_with_policies)], cwd=str(workdir)
+    )
+    async with Client(params) as first:
+        dropped = (await call(first, "create_sandbox"))["sandbox_id"]
+        kept = (await call(first, "create_sandbox", policy="kept"))["sandbox_id"]
+    async with Client(params) as second:  # the same identity (uid 0), a new connection
+        assert [s["sandbox_id"] for s in (await call(second, "list_sandboxes"))["sandboxes"]] == [kept]
+        gone = await error_text(second, "exec_in_sandbox", sandbox_id=dropped, command="true")
+        assert "its client disconnected" in gone
+        machines, _ = await _our_machines_and_images()
+        assert machines == {kept}  # what machined reports, not what the daemon believes
+        await call(second, "destroy_sandbox", sandbox_id=kept)
 
 
 async def test_cancelling_a_call_kills_its_command(client: Client) -> None:
@@ -335,10 +377,9 @@ for host, port, name in [("allowed.test", 8443, "allowed.test"), ("198.18.0.4", 
 
 
 async def test_an_egress_policy_reaches_its_listed_hosts_only(
-    box_lifetime: None, workdir: Path, tmp_path_factory: pytest.TempPathFactory
+    daemon_with_policies: Path, workdir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    policies = workdir / "policies"
-    policies.mkdir()
+    policies = daemon_with_policies
     (policies / "lab.toml").write_text(EGRESS_POLICY)
     params = StdioServerParameters(
         command=str(SERVER), args=["serve", "--policy-dir", str(policies)], cwd=str(workdir)
@@ -363,20 +404,6 @@ async def test_an_egress_policy_reaches_its_listed_hosts_only(
     assert table.returncode != 0  # the last egress sandbox took the host's rules with it
 
 
-def _server_pids() -> list[int]:
-    """``nspawn-mcp serve`` processes that are children of this test process."""
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-            cmdline = (status.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields.get("PPid", "0").strip()) == os.getpid() and b"serve" in cmdline:
-            found.append(int(status.parent.name))
-    return found
-
-
 async def _our_machines_and_images() -> tuple[set[str], set[str]]:
     """What machined itself reports, asked directly rather than through the server under test."""
     layout = Layout.from_env()
@@ -390,25 +417,20 @@ async def _our_machines_and_images() -> tuple[set[str], set[str]]:
     return machines, images
 
 
-async def test_a_server_killed_mid_create_leaves_nothing_half_made(box_lifetime: None, workdir: Path) -> None:
-    params = StdioServerParameters(command=str(SERVER), args=["serve"], cwd=str(workdir))
-    with contextlib.suppress(Exception):
-        async with Client(params) as doomed:
-            kept = (await call(doomed, "create_sandbox"))["sandbox_id"]
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(doomed.call_tool, "create_sandbox", {})
-                await anyio.sleep(0.03)  # the second create is under way
-                for pid in _server_pids():
-                    os.kill(pid, signal.SIGKILL)
-    async with Client(params) as revived:
-        listed = {s["sandbox_id"] for s in (await call(revived, "list_sandboxes"))["sandboxes"]}
-        assert kept in listed
-        machines, images = await _our_machines_and_images()
-
-        assert machines == listed  # adopted, or removed: nothing half-made runs
-        assert images == listed
-        for sandbox in listed:
-            assert (await call(revived, "exec_in_sandbox", sandbox_id=sandbox, command="echo ok"))[
-                "stdout"
-            ] == "ok\n"
-            await call(revived, "destroy_sandbox", sandbox_id=sandbox)
+async def test_a_daemon_killed_mid_create_leaves_nothing_half_made(client: Client) -> None:
+    kept = (await call(client, "create_sandbox"))["sandbox_id"]
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(client.call_tool, "create_sandbox", {})
+        await anyio.sleep(0.03)  # the second create is under way
+        kill_daemon()
+    with anyio.fail_after(30):
+        listed = {s["sandbox_id"] for s in (await call(client, "list_sandboxes"))["sandboxes"]}
+    assert kept in listed
+    machines, images = await _our_machines_and_images()
+    assert machines == listed  # adopted, or removed: nothing half-made runs
+    assert images == listed
+    for sandbox in listed:
+        assert (await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="echo ok"))[
+            "stdout"
+        ] == "ok\n"
+        await call(client, "destroy_sandbox", sandbox_id=sandbox)

@@ -218,23 +218,26 @@ def _owner_userns(uid: int, gid: int, sandbox: _Sandbox) -> int:
             os.close(ready_r)
             os.close(go_w)
             kernel.unshare(kernel.CLONE_NEWUSER)
-            os.write(ready_w, b"1")
+            # its pid as /proc numbers it, which need not be the pid namespace fork() answered in
+            # (the daemon in the private systemd lives in its pid namespace, with the host's /proc)
+            os.write(ready_w, os.readlink("/proc/self").encode())
             os.read(go_r, 1)
         finally:
             os._exit(0)
     os.close(ready_w)
     os.close(go_r)
     try:
-        if os.read(ready_r, 1) != b"1":
+        seen_as = os.read(ready_r, 32).decode()
+        if not seen_as.isdigit():
             raise _Refusal("failed", "could not make a user namespace for a writable bind")
         for name, text in (
             ("setgroups", "deny"),
             ("uid_map", f"{uid} {sandbox.uid_shift} 1\n"),
             ("gid_map", f"{gid} {sandbox.gid_shift} 1\n"),
         ):
-            with open(f"/proc/{child}/{name}", "w") as file:
+            with open(f"/proc/{seen_as}/{name}", "w") as file:
                 file.write(text)
-        return os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(f"/proc/{seen_as}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(go_w)
         os.close(ready_r)

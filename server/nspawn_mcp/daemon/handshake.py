@@ -3,14 +3,18 @@
 A front end sends one JSON line, the daemon answers with one, then both carry MCP
 (JSON-RPC, one message per line) until either side closes::
 
-    front end -> {"nspawn_mcp": 1, "session": "<32 hex>", "workdir": "/home/me/project"}
+    front end -> {"nspawn_mcp": 1, "session": "<32 hex>", "workdir": "/home/me/project",
+                  "options": ["--policy-dir", "/etc/nspawn-mcp/policies"]}
     daemon    -> {"ok": true, "identity": "uid:0", "version": "0.4.0", "mount_namespace": "mnt:[4026531832]"}
               or {"ok": false, "error": "why"}
 
 ``session`` names the front end's connection across daemon restarts: a front end that
 reconnects with the same one gets its sandboxes back. ``workdir`` counts only for root
 peers (whose word is as good as anything the daemon could check); everybody else may not
-name host paths. Identity is never part of the hello: the daemon takes it from the socket.
+name host paths. ``options`` are the daemon options the front end was given (it would have
+started the daemon with them): a daemon running with others refuses, rather than serve the
+client under rules it did not ask for. Identity is never part of the hello: the daemon takes
+it from the socket.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class HelloError(ValueError):
 class Hello:
     session: str
     workdir: str | None = None
+    options: tuple[str, ...] | None = None
+    """None: whatever the running daemon was started with."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ def encode(message: Hello | Welcome | str) -> bytes:
         body: dict[str, object] = {"nspawn_mcp": PROTOCOL, "session": message.session}
         if message.workdir is not None:
             body["workdir"] = message.workdir
+        if message.options is not None:
+            body["options"] = list(message.options)
     elif isinstance(message, Welcome):
         body = {
             "ok": True,
@@ -85,7 +93,12 @@ def decode_hello(line: bytes) -> Hello:
         isinstance(workdir, str) and workdir.startswith("/") and len(workdir) < 4096
     ):
         raise HelloError("workdir must be an absolute path")
-    return Hello(session=session, workdir=workdir)
+    options = body.get("options")
+    if options is not None and not (
+        isinstance(options, list) and len(options) < 256 and all(isinstance(o, str) for o in options)
+    ):
+        raise HelloError("options must be a list of strings")
+    return Hello(session=session, workdir=workdir, options=None if options is None else tuple(options))
 
 
 def decode_welcome(line: bytes) -> Welcome:

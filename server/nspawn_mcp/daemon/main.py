@@ -58,6 +58,8 @@ class DaemonConfig:
     max_calls_per_second: float = 50.0
     socket_group: str | None = None
     """A group whose members may connect to the daemon's socket (default: root only)."""
+    options: tuple[str, ...] = ()
+    """The options as given on the command line (front ends compare theirs with them)."""
 
 
 class _Notifier:
@@ -183,7 +185,7 @@ async def _serve(config: DaemonConfig, policies: PolicySet, notifier: _Notifier)
             if not stopping:  # a daemon that stops is not a client that leaves
                 await service.session_ended(client)
 
-        hooks = SessionHooks(started=service.session_started, ended=session_ended)
+        hooks = SessionHooks(started=service.session_started, ended=session_ended, options=config.options)
         async with _unix_listener(layout.daemon_socket, config.socket_group) as listener:
 
             async def handle(stream: SocketStream) -> None:

@@ -39,10 +39,11 @@ _UCRED = struct.Struct("3i")
 
 @dataclass(frozen=True)
 class SessionHooks:
-    """What the daemon does when a client's connection starts and ends."""
+    """What the daemon does when a client's connection starts and ends, and the options it runs with."""
 
     started: Callable[[Client], None]
     ended: Callable[[Client], Awaitable[None]]
+    options: tuple[str, ...] = ()
 
 
 def peer_uid(stream: SocketStream) -> int:
@@ -58,8 +59,10 @@ def _mount_namespace() -> str:
         return "unknown"
 
 
-async def _greet(stream: SocketStream, received: BufferedByteReceiveStream) -> Client | None:
-    """Read the hello and answer it; None (after telling the peer why) if it is not one."""
+async def _greet(
+    stream: SocketStream, received: BufferedByteReceiveStream, options: tuple[str, ...]
+) -> Client | None:
+    """Read the hello and answer it; None (after telling the peer why) if it is refused."""
     uid = peer_uid(stream)
     try:
         with anyio.fail_after(_HELLO_TIMEOUT):
@@ -68,6 +71,16 @@ async def _greet(stream: SocketStream, received: BufferedByteReceiveStream) -> C
         await stream.send(encode(f"not an nspawn-mcp hello: {exc}"))
         return None
     except (TimeoutError, anyio.IncompleteRead, anyio.EndOfStream):
+        return None
+    if hello.options is not None and hello.options != options:
+        await stream.send(
+            encode(
+                "the running daemon was started with other options ("
+                + (" ".join(options) or "none")
+                + "); run this front end with the same ones, or stop the daemon first with "
+                "`nspawn-mcp daemon stop` (its sandboxes keep running)"
+            )
+        )
         return None
     client = Client(f"uid:{uid}", session=hello.session, workdir=hello.workdir if uid == 0 else None)
     await stream.send(encode(Welcome(client.identity, __version__, _mount_namespace())))
@@ -79,7 +92,7 @@ async def serve_connection(stream: SocketStream, server: MCPServer[object], hook
     async with stream:
         received = BufferedByteReceiveStream(stream)
         try:
-            client = await _greet(stream, received)
+            client = await _greet(stream, received, hooks.options)
         except (anyio.BrokenResourceError, OSError):
             return
         if client is None:

@@ -75,17 +75,30 @@ async def connect(socket_path: str, hello: Hello) -> Connection:
         await stream.send(encode(hello))
         with anyio.fail_after(30):
             welcome = decode_welcome(await received.receive_until(b"\n", MAX_LINE))
-    except (HelloError, OSError, anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError) as exc:
+    except HelloError as exc:
         await stream.aclose()
-        raise DaemonUnreachable(f"the daemon refused the connection: {exc}") from None
+        raise DaemonUnreachable(f"the daemon refused the connection: {exc}", settled=True) from None
+    except (OSError, anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError) as exc:
+        await stream.aclose()
+        raise DaemonUnreachable(f"the daemon closed the connection: {exc}") from None
     except TimeoutError:
         await stream.aclose()
         raise DaemonUnreachable("the daemon did not answer in 30 s") from None
     return Connection(stream, received, welcome)
 
 
-def _error_line(request_id: object, message: str) -> bytes:
-    body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": _INTERNAL_ERROR, "message": message}}
+def _error_line(request_id: object, method: str | None, message: str) -> bytes:
+    """The answer to a request the daemon cannot give: a tool error for a tool call (which the model
+    reads), a JSON-RPC error otherwise."""
+    body: dict[str, object] = {"jsonrpc": "2.0", "id": request_id}
+    if method == "tools/call":
+        body["result"] = {
+            "content": [{"type": "text", "text": message}],
+            "isError": True,
+            "resultType": "complete",
+        }
+    else:
+        body["error"] = {"code": _INTERNAL_ERROR, "message": message}
     return json.dumps(body).encode() + b"\n"
 
 
@@ -115,8 +128,8 @@ class Relay:
     _connection: Connection | None = None
     _up: anyio.Event = field(default_factory=anyio.Event)
     _down_reason: str = "the daemon is starting"
-    _in_flight: dict[str, object] = field(default_factory=dict)
-    """Requests sent to the daemon and not answered yet: JSON id text -> the id."""
+    _in_flight: dict[str, tuple[object, str | None]] = field(default_factory=dict)
+    """Requests sent to the daemon and not answered yet: JSON id text -> (the id, its method)."""
     _initialize: bytes | None = None
     _initialized: bytes | None = None
     _swallow: str | None = None
@@ -140,11 +153,13 @@ class Relay:
         if connection is None:
             if request_id is not None:
                 await self.write_client(
-                    _error_line(request_id, f"the nspawn-mcp daemon is not reachable: {self._down_reason}")
+                    _error_line(
+                        request_id, method, f"the nspawn-mcp daemon is not reachable: {self._down_reason}"
+                    )
                 )
             return
         if request_id is not None:
-            self._in_flight[json.dumps(request_id)] = request_id
+            self._in_flight[json.dumps(request_id)] = (request_id, method)
         try:
             await connection.stream.send(line)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -212,10 +227,11 @@ class Relay:
 
     async def _fail_in_flight(self) -> None:
         pending, self._in_flight = self._in_flight, {}
-        for request_id in pending.values():
+        for request_id, method in pending.values():
             await self.write_client(
                 _error_line(
                     request_id,
+                    method,
                     "the nspawn-mcp daemon restarted during this call, so whether it took effect is "
                     "unknown; list_sandboxes shows what exists",
                 )
@@ -240,16 +256,24 @@ def new_session() -> str:
 
 
 async def serve_stdio(
-    ensure_daemon: Callable[[], Awaitable[None]], socket_path: str, stdin: BinaryIO, stdout: BinaryIO
+    ensure_daemon: Callable[[], Awaitable[None]],
+    socket_path: str,
+    options: tuple[str, ...] | None,
+    stdin: BinaryIO,
+    stdout: BinaryIO,
 ) -> None:
-    """Relay stdin/stdout to the daemon (started through ``ensure_daemon`` when it does not answer)."""
-    hello = Hello(session=new_session(), workdir=os.getcwd())
+    """Relay stdin/stdout to the daemon (started through ``ensure_daemon`` when it does not answer).
+
+    ``options``: the daemon options this front end was given; None accepts any running daemon."""
+    hello = Hello(session=new_session(), workdir=os.getcwd(), options=options)
     own_namespace = os.readlink("/proc/self/ns/mnt")
 
     async def open_connection() -> Connection:
         try:
             connection = await connect(socket_path, hello)
-        except DaemonUnreachable:
+        except DaemonUnreachable as exc:
+            if exc.settled:
+                raise
             try:
                 await ensure_daemon()
             except Exception as exc:  # any failure to start is reported the same way
