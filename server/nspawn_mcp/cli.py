@@ -175,6 +175,33 @@ def _add_daemon_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _token(args: argparse.Namespace) -> int:
+    from .auth.tokens import TokenError, TokenStore, default_token_file
+
+    store = TokenStore(Path(args.file) if args.file else default_token_file(Layout.from_env()))
+    try:
+        if args.action == "add":
+            token = store.add(args.name, args.policy, replace=args.replace)
+            print(token)
+            print(
+                f"the token of {args.name!r}; shown only now, {store.path} keeps only its hash. "
+                "Clients send it as 'Authorization: Bearer <token>'",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            identities = store.identities()
+            rows = [(i.name, ",".join(i.policies) or "(all)", i.created.isoformat()) for i in identities]
+            for name, policies, created in [("NAME", "POLICIES", "CREATED"), *rows]:
+                print(f"{name:<32}  {policies:<32}  {created}")
+        else:
+            store.remove(args.name)
+            print(f"removed the token of {args.name!r}", file=sys.stderr)
+    except TokenError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nspawn-mcp", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -220,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("target", help="a policy file (check) or a policy name (show)")
     policy.add_argument("--policy-dir", action="append", default=[])
     policy.set_defaults(func=_policy)
+
+    token_file = argparse.ArgumentParser(add_help=False)
+    token_file.add_argument(
+        "--file", metavar="PATH", help="token file (default: tokens.toml in the state directory)"
+    )
+    token = commands.add_parser("token", help="bearer tokens for the HTTP transport")
+    token_actions = token.add_subparsers(dest="action", required=True)
+    token_add = token_actions.add_parser(
+        "add", parents=[token_file], help="create a token for NAME and print it, once"
+    )
+    token_add.add_argument("name", help="the identity the token's bearer acts as: [a-z0-9][a-z0-9_-]{0,31}")
+    token_add.add_argument(
+        "--policy", action="append", default=[], help="a policy it may use (repeatable; default: all)"
+    )
+    token_add.add_argument("--replace", action="store_true", help="replace NAME's token if it has one")
+    token_actions.add_parser("list", parents=[token_file], help="names, policies and creation times")
+    token_remove = token_actions.add_parser("remove", parents=[token_file], help="revoke NAME's token")
+    token_remove.add_argument("name")
+    token.set_defaults(func=_token)
     return parser
 
 
