@@ -12,6 +12,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
 from typing import Annotated, Literal, ParamSpec, TypeVar
 
+from mcp.server.auth.provider import TokenVerifier
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp_types import ToolAnnotations
@@ -68,8 +70,8 @@ def _client_label(ctx: ServiceContext) -> str:
     return ""
 
 
-Identify = Callable[[], Client | None]
-"""Who a request comes from when the connection did not say (HTTP: the bearer token's identity)."""
+Identify = Callable[[], Client]
+"""Who a request comes from when its connection did not say (HTTP: the bearer token's identity)."""
 
 
 def _agent_errors(
@@ -91,7 +93,7 @@ def _agent_errors(
             ctx = kwargs.get("ctx")
             client = current_client.get()
             if client is LOCAL:
-                client = identify() or LOCAL
+                client = identify()
             if isinstance(ctx, Context):
                 client = dataclasses.replace(client, label=_client_label(ctx))
             token = current_client.set(client)
@@ -165,20 +167,24 @@ def _policy_document(policies: PolicySet, name: str) -> PolicyDocument:
     return PolicyDocument(name=name, policy=policy.model_dump(mode="json"), available=policies.names)
 
 
-def _nobody() -> Client | None:
-    return None
+def _local() -> Client:
+    return LOCAL
 
 
 def build_server(
     open_service: Callable[[], AbstractAsyncContextManager[SandboxService]],
     policies: PolicySet,
     throttle: Throttle | None = None,
-    identify: Identify = _nobody,
+    identify: Identify = _local,
+    token_verifier: TokenVerifier | None = None,
+    auth: AuthSettings | None = None,
 ) -> MCPServer[SandboxService]:
     """The MCP server; ``policies`` are the operator's, ``open_service`` runs for each session.
 
     ``throttle``: the per-client rate limit of tool calls (none by default). ``identify``:
-    who a request comes from when its connection did not set :data:`current_client`."""
+    who a request comes from when its connection did not set :data:`current_client` (the
+    daemon's HTTP requests: their token's identity; in-process use: the process itself).
+    ``token_verifier`` and ``auth``: the SDK's bearer authentication of HTTP requests."""
     agent_errors = _agent_errors(throttle or Throttle(rate=0, burst=0), identify)
 
     @asynccontextmanager
@@ -187,7 +193,12 @@ def build_server(
             yield service
 
     mcp: MCPServer[SandboxService] = MCPServer(
-        "nspawn-mcp", instructions=INSTRUCTIONS, version=__version__, lifespan=lifespan
+        "nspawn-mcp",
+        instructions=INSTRUCTIONS,
+        version=__version__,
+        lifespan=lifespan,
+        token_verifier=token_verifier,
+        auth=auth,
     )
 
     @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))

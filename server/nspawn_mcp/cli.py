@@ -16,6 +16,7 @@ from .layout import Layout
 
 if TYPE_CHECKING:
     from .daemon.main import DaemonConfig
+    from .daemon.unit import DaemonOptions
 
 __all__ = ["main"]
 
@@ -24,10 +25,16 @@ _DEFAULT_CALL_RATE = 50.0
 
 
 def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
-    from .daemon.main import DaemonConfig
+    from .daemon.main import DaemonConfig, HttpAddress
     from .runtime import ServerConfig
 
+    try:
+        http = HttpAddress.parse(args.http) if args.http else None
+    except ValueError as exc:
+        raise SystemExit(f"nspawn-mcp: {exc}") from None
     return DaemonConfig(
+        http=http,
+        http_names=tuple(args.http_host_name),
         server=ServerConfig(
             layout=Layout.from_env(),
             policy_dirs=tuple(Path(p).absolute() for p in args.policy_dir),
@@ -53,16 +60,27 @@ def _daemon_arguments(args: argparse.Namespace) -> tuple[str, ...]:
         arguments += ["--audit-log", str(Path(args.audit_log).absolute())]
     if args.socket_group:
         arguments += ["--socket-group", args.socket_group]
+    if args.http:
+        arguments += ["--http", args.http]
+    for name in args.http_host_name:
+        arguments += ["--http-host-name", name]
     return tuple(arguments)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .daemon.main import DaemonError, check_config
     from .daemon.unit import DaemonOptions, start_daemon
     from .frontend.stdio import serve_stdio, stdio_streams
 
     layout = Layout.from_env()
-    _daemon_config(args).server.load_policies()  # a bad policy is reported here, not as a dead daemon
+    try:
+        check_config(_daemon_config(args))  # reported here, not as a daemon that does not start
+    except DaemonError as exc:
+        print(f"nspawn-mcp: {exc}", file=sys.stderr)
+        return 1
     options = DaemonOptions(_daemon_arguments(args))
+    if args.http:
+        return _serve_http(layout, options, args.http)
 
     async def ensure_daemon() -> None:
         await start_daemon(layout, options)
@@ -70,6 +88,22 @@ def _serve(args: argparse.Namespace) -> int:
     stdin, stdout = stdio_streams()
     asked = options.arguments or None  # no options: any running daemon will do
     anyio.run(serve_stdio, ensure_daemon, str(layout.daemon_socket), asked, stdin, stdout)
+    return 0
+
+
+def _serve_http(layout: Layout, options: DaemonOptions, address: str) -> int:
+    """HTTP is served by the daemon itself: start it with this address, or check the running one has it."""
+    from .daemon.unit import start_daemon
+    from .frontend.stdio import DaemonUnreachable, verify_daemon
+
+    try:
+        anyio.run(start_daemon, layout, options)
+        anyio.run(verify_daemon, str(layout.daemon_socket), options.arguments)
+    except DaemonUnreachable as exc:
+        print(f"nspawn-mcp: {exc}", file=sys.stderr)
+        return 1
+    print(f"the daemon serves MCP at http://{address}/mcp (bearer tokens: `nspawn-mcp token add NAME`)")
+    print("it keeps serving after this command; `nspawn-mcp daemon stop` stops it", file=sys.stderr)
     return 0
 
 
@@ -172,6 +206,20 @@ def _add_daemon_options(parser: argparse.ArgumentParser) -> None:
         "--socket-group",
         metavar="GROUP",
         help="members of GROUP may connect to the daemon's socket (default: root only)",
+    )
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="the daemon also serves streamable HTTP at http://HOST:PORT/mcp, to clients with a bearer "
+        "token (`nspawn-mcp token add`); [::1]:PORT for IPv6",
+    )
+    parser.add_argument(
+        "--http-host-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name HTTP clients use to reach the daemon (needed for 0.0.0.0 and ::; the Host "
+        "header of every request is checked against the bind address and these)",
     )
 
 

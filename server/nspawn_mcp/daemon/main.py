@@ -9,7 +9,8 @@ Start-up, in order:
    The readiness socket is connected before that, while its path is still visible.
 2. The lock: a second daemon on the same state directory refuses to start.
 3. The service: reconcile with what systemd and machined report, adopt, reap.
-4. The listeners: the unix socket for the front ends (and HTTP where configured).
+4. The listeners: the unix socket for the front ends, and streamable HTTP where configured
+   (always behind bearer tokens, on loopback too: every local user can reach loopback).
 5. ``READY=1`` to systemd.
 """
 
@@ -29,18 +30,25 @@ from pathlib import Path
 from typing import IO
 
 import anyio
+import anyio.abc
 from anyio.abc import SocketStream
+from mcp.server.mcpserver import MCPServer
 
 from .. import kernel
 from ..app import build_server
+from ..auth import BearerTokenVerifier, TokenError, TokenStore, current_identity, http_auth_settings
+from ..auth.hosts import transport_security
+from ..auth.tokens import default_token_file
+from ..errors import InvalidRequest
 from ..identity import Client
 from ..policy import PolicySet
+from ..policy.loader import PolicyError
 from ..runtime import ServerConfig, open_service
 from ..service import SandboxService
 from ..throttle import Throttle
 from .sessions import SessionHooks, serve_connection
 
-__all__ = ["DaemonConfig", "DaemonError", "join_host_mounts", "run_daemon"]
+__all__ = ["DaemonConfig", "DaemonError", "HttpAddress", "check_config", "join_host_mounts", "run_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,33 @@ class DaemonConfig:
     """A group whose members may connect to the daemon's socket (default: root only)."""
     options: tuple[str, ...] = ()
     """The options as given on the command line (front ends compare theirs with them)."""
+    http: HttpAddress | None = None
+    """Where to serve streamable HTTP (``http://HOST:PORT/mcp``); None: the unix socket only."""
+    http_names: tuple[str, ...] = ()
+    """Host names clients use to reach the HTTP address (DNS-rebinding protection admits only these)."""
+
+
+@dataclass(frozen=True)
+class HttpAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HttpAddress:
+        """``HOST:PORT``, ``[IPv6]:PORT``; raises ValueError saying what is wrong."""
+        host, separator, port = text.rpartition(":")
+        if not separator or not port.isdigit() or not host:
+            raise ValueError(f"--http {text!r}: expected HOST:PORT, like 127.0.0.1:8765 or [::1]:8765")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"--http {text!r}: the port must be 1 to 65535")
+        return cls(host, int(port))
+
+    @property
+    def url(self) -> str:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{shown}:{self.port}"
 
 
 class _Notifier:
@@ -158,12 +193,43 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _token_store(config: DaemonConfig) -> TokenStore | None:
+    """The tokens HTTP clients must present; refuses to serve HTTP without any."""
+    if config.http is None:
+        return None
+    store = TokenStore(default_token_file(config.server.layout))
+    try:
+        identities = store.identities()
+    except TokenError as exc:
+        raise DaemonError(f"HTTP needs bearer tokens, and the token file is not usable: {exc}") from None
+    if not identities:
+        raise DaemonError(
+            f"HTTP needs a bearer token, on loopback too (any local user can reach it), and "
+            f"{store.path} has none: make one with `nspawn-mcp token add NAME`"
+        )
+    try:
+        transport_security(config.http.host, config.http.port, config.http_names)
+    except ValueError as exc:
+        raise DaemonError(f"{exc} (name them with --http-host-name)") from None
+    return store
+
+
+def check_config(config: DaemonConfig) -> PolicySet:
+    """What would stop the daemon from starting, found before it starts: policies, tokens, names."""
+    try:
+        policies = config.server.load_policies()
+    except PolicyError as exc:
+        raise DaemonError(str(exc)) from None
+    _token_store(config)
+    return policies
+
+
 def run_daemon(config: DaemonConfig) -> None:
     """Run until SIGTERM or SIGINT; sandboxes outlive the daemon (the next one adopts them)."""
     notifier = _Notifier()
     join_host_mounts()
     layout = config.server.layout
-    policies = config.server.load_policies()  # fail fast, before any client connects
+    policies = check_config(config)  # fail fast, before any client connects
     _raise_open_file_limit()
     with _single_daemon(layout.daemon_lock):
         anyio.run(_serve, config, policies, notifier)
@@ -178,7 +244,15 @@ async def _serve(config: DaemonConfig, policies: PolicySet, notifier: _Notifier)
         async def shared_service() -> AsyncIterator[SandboxService]:
             yield service
 
-        server = build_server(shared_service, policies, throttle)
+        store = _token_store(config)
+        server = build_server(
+            shared_service,
+            policies,
+            throttle,
+            identify=_token_client,
+            token_verifier=None if store is None else BearerTokenVerifier(store),
+            auth=None if config.http is None else http_auth_settings(config.http.url),
+        )
         stopping = False
 
         async def session_ended(client: Client) -> None:
@@ -194,6 +268,8 @@ async def _serve(config: DaemonConfig, policies: PolicySet, notifier: _Notifier)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(listener.serve, handle)
                 log.info("serving MCP on %s", layout.daemon_socket)
+                if config.http is not None:
+                    await tasks.start(_serve_http, server, config.http, config.http_names, tasks.cancel_scope)
                 notifier.notify("READY=1")
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for received in signals:
@@ -202,3 +278,44 @@ async def _serve(config: DaemonConfig, policies: PolicySet, notifier: _Notifier)
                         stopping = True
                         tasks.cancel_scope.cancel()
                         break
+
+
+def _token_client() -> Client:
+    """The client of an HTTP request: its bearer token's identity (the SDK admitted nothing else)."""
+    identity = current_identity()
+    if identity is None:  # only the unix socket's sessions come without a token, and they set theirs
+        raise InvalidRequest("this request carries no identity")
+    return Client(f"token:{identity.name}", policies=frozenset(identity.policies) or None, workdir="/")
+
+
+async def _serve_http(
+    server: MCPServer[SandboxService],
+    address: HttpAddress,
+    names: tuple[str, ...],
+    stop: anyio.CancelScope,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Streamable HTTP at ``address`` until the daemon stops (uvicorn, on our own socket)."""
+    import uvicorn
+
+    app = server.streamable_http_app(
+        host=address.host, transport_security=transport_security(address.host, address.port, names)
+    )
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((address.host, address.port))
+    except OSError as exc:
+        listening.close()
+        raise DaemonError(f"cannot serve HTTP at {address.url}: {exc.strerror}") from None
+    listening.listen(128)
+    http = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    log.info("serving MCP at %s/mcp (bearer tokens required)", address.url)
+    task_status.started()
+    try:
+        await http.serve(sockets=[listening])
+    finally:
+        listening.close()
+    stop.cancel()  # uvicorn took the stop signal: the whole daemon stops

@@ -36,7 +36,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..daemon.handshake import MAX_LINE, Hello, HelloError, Welcome, decode_welcome, encode
 
-__all__ = ["Connection", "DaemonUnreachable", "Relay", "connect", "serve_stdio"]
+__all__ = ["Connection", "DaemonUnreachable", "Relay", "connect", "serve_stdio", "verify_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,12 @@ async def connect(socket_path: str, hello: Hello) -> Connection:
         await stream.aclose()
         raise DaemonUnreachable("the daemon did not answer in 30 s") from None
     return Connection(stream, received, welcome)
+
+
+async def verify_daemon(socket_path: str, options: tuple[str, ...]) -> None:
+    """Check that the daemon answers and runs with ``options`` (raises DaemonUnreachable otherwise)."""
+    connection = await connect(socket_path, Hello(session=new_session(), options=options))
+    await connection.stream.aclose()
 
 
 def _error_line(request_id: object, method: str | None, message: str) -> bytes:
