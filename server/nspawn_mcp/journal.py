@@ -37,6 +37,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .identity import LOCAL, current_client
+
 __all__ = [
     "JOURNAL_SOCKET",
     "JournalHandler",
@@ -62,20 +64,22 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_
 
 @dataclass(frozen=True)
 class LogContext:
-    """What the records logged inside :func:`log_context` are about (None: not known)."""
+    """What the records logged inside :func:`log_context` are about (None: not known).
+
+    The client is not kept here: it is :data:`nspawn_mcp.identity.current_client`, which the
+    daemon sets for every connection."""
 
     sandbox: str | None = None
-    client: str | None = None
 
 
 _context: ContextVar[LogContext] = ContextVar("nspawn_mcp_log_context", default=LogContext())  # noqa: B039 - frozen
 
 
 @contextlib.contextmanager
-def log_context(*, sandbox: str | None = None, client: str | None = None) -> Iterator[LogContext]:
-    """Tag every record logged inside with ``sandbox`` and/or ``client``; what is not given is kept
-    from the enclosing context. Follows the task (a context variable), not the thread."""
-    given = {key: value for key, value in (("sandbox", sandbox), ("client", client)) if value is not None}
+def log_context(*, sandbox: str | None = None) -> Iterator[LogContext]:
+    """Tag every record logged inside with ``sandbox``; what is not given is kept from the
+    enclosing context. Follows the task (a context variable), not the thread."""
+    given = {"sandbox": sandbox} if sandbox is not None else {}
     current = replace(_context.get(), **given)
     token = _context.set(current)
     try:
@@ -141,9 +145,10 @@ class JournalHandler(logging.Handler):
             ("CODE_FUNC", record.funcName),
         ]
         context = _context.get()
+        caller = current_client.get()
         for field, attribute, default in (
             ("NSPAWN_MCP_SANDBOX", "sandbox", context.sandbox),
-            ("NSPAWN_MCP_CLIENT", "client", context.client),
+            ("NSPAWN_MCP_CLIENT", "client", None if caller is LOCAL else caller.identity),
         ):
             value = getattr(record, attribute, None)
             value = default if value is None else value

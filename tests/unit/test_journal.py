@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nspawn_mcp.identity import Client, current_client
 from nspawn_mcp.journal import (
     JournalHandler,
     configure_logging,
@@ -143,12 +144,14 @@ def test_sandbox_and_client_come_from_extra(journal: socket.socket, log: logging
 
 
 def test_sandbox_and_client_come_from_the_context(journal: socket.socket, log: logging.Logger) -> None:
-    with log_context(client="token:alice"):
+    token = current_client.set(Client("token:alice"))
+    with log_context():
         log.info("one")
         with log_context(sandbox="sbx-1"):
             log.info("two")
             log.info("three", extra={"sandbox": "sbx-2"})  # the record's own wins
         log.info("four")
+    current_client.reset(token)
     log.info("five")
     entries = [received(journal) for _ in range(5)]
     tagged = [(e.get("NSPAWN_MCP_CLIENT"), e.get("NSPAWN_MCP_SANDBOX")) for e in entries]
