@@ -198,6 +198,7 @@ class Relay:
             self._connection = connection
             self._up.set()
             await self._to_client(connection)
+            await connection.stream.aclose()
             self._connection = None
             self._up = anyio.Event()
             self._down_reason = "the daemon stopped; reconnecting"
