@@ -58,6 +58,7 @@ format: venv
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/frontend_overhead.py
 
 doctor: venv
 	$(NSPAWN_MCP) doctor
