@@ -213,6 +213,9 @@ class SandboxService:
                     await self._release_session(owner, session)
         for sandbox in list(self._sandboxes.values()):
             reason = self._why_reaped(sandbox, now)
+            if sandbox.state == "gone" and await self._oom_struck(sandbox):
+                limit = sandbox.plan.limits.memory_bytes // _MiB
+                reason = f"it was OOM-killed: it hit its memory cap of {limit} MiB"
             if reason is not None:
                 with self._audited("destroy_sandbox", sandbox.sandbox_id, reason=reason.split(" (")[0]):
                     await self._destroy_quietly(sandbox, reason)

@@ -218,3 +218,15 @@ async def test_idle_sandboxes_are_destroyed_and_use_keeps_them_alive(
     assert backend.destroyed == [idle]
     with acting_as(ALICE), pytest.raises(SandboxGone, match=r"sandboxes.idle_timeout_seconds"):
         await service.exec(idle, CommandRequest("true"))
+
+
+async def test_a_sandbox_killed_at_its_memory_cap_says_so_after_it_is_cleaned_up(
+    service: SandboxService, backend: FakeBackend
+) -> None:
+    sandbox = await create(service, ALICE)
+    backend.oom_kill_counts[sandbox] = 1
+    service.machine_removed(sandbox)  # the whole sandbox went down
+    await service.reap_once()
+    assert backend.destroyed == [sandbox]
+    with acting_as(ALICE), pytest.raises(SandboxGone, match=r"OOM-killed: it hit its memory cap of 512 MiB"):
+        await service.exec(sandbox, CommandRequest("true"))
