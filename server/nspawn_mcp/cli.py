@@ -113,11 +113,11 @@ def _daemon(args: argparse.Namespace) -> int:
 
     layout = Layout.from_env()
     if args.action == "run":
+        from .daemon.main import systemd_path
         from .journal import JOURNAL_SOCKET, configure_logging, journal_available
 
-        # connected now: in the private systemd the journal's socket is out of sight once the
-        # daemon joins the host's mount namespace
-        configure_logging(args.verbose, JOURNAL_SOCKET if journal_available() else None)
+        journal = Path(systemd_path(str(JOURNAL_SOCKET)))  # the private systemd's, if it runs us
+        configure_logging(args.verbose, journal if journal_available(journal) else None)
         try:
             run_daemon(_daemon_config(args))
         except DaemonError as exc:

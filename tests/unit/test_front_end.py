@@ -187,23 +187,32 @@ async def test_calls_fail_with_the_reason_when_the_daemon_cannot_be_started(tmp_
 def test_the_daemons_unit_in_the_private_systemd() -> None:
     from inline_snapshot import snapshot
 
-    from nspawn_mcp.daemon.unit import DaemonOptions, unit_properties
-    from nspawn_mcp.layout import Layout
+    from nspawn_mcp.daemon.unit import BoxPlacement, DaemonOptions, unit_properties
 
     properties = unit_properties(
         DaemonOptions(("--policy-dir", "/etc/p")),
         python="/venv/bin/python",
         environment={"NSPAWN_MCP_STATE_DIR": "/var/lib/nspawn-mcp"},
-        in_box=True,
-        layout=Layout(),
+        box=BoxPlacement(box_pid=4242, anchor_pid=2),
     )
     assert properties == snapshot(
         {
             "Description": "nspawn-mcp: disposable sandboxes for AI agents",
             "ExecStart": [
                 (
-                    "/venv/bin/python",
-                    ["/venv/bin/python", "-m", "nspawn_mcp", "daemon", "run", "--policy-dir", "/etc/p"],
+                    "/usr/bin/nsenter",
+                    [
+                        "nsenter",
+                        "--mount=/proc/2/ns/mnt",
+                        "--",
+                        "/venv/bin/python",
+                        "-m",
+                        "nspawn_mcp",
+                        "daemon",
+                        "run",
+                        "--policy-dir",
+                        "/etc/p",
+                    ],
                     False,
                 )
             ],
@@ -216,8 +225,8 @@ def test_the_daemons_unit_in_the_private_systemd() -> None:
             "KillMode": "mixed",
             "CollectMode": "inactive-or-failed",
             "Environment": [
-                "NSPAWN_MCP_HOST_ANCHOR=/run/nspawn-mcp-host-anchor",
                 "NSPAWN_MCP_STATE_DIR=/var/lib/nspawn-mcp",
+                "NSPAWN_MCP_SYSTEMD_ROOT=/proc/4242/root",
             ],
             "StandardOutput": "journal",
             "StandardError": "journal",

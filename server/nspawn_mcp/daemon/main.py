@@ -3,10 +3,10 @@
 Start-up, in order:
 
 1. Where PID 1 is not systemd the daemon is a unit of the project's private systemd
-   (:mod:`nspawn_mcp.box`), so it starts in the box's pid and mount namespaces. It
-   keeps the box's pid namespace but joins the host's mount namespace (the file named
-   by ``NSPAWN_MCP_HOST_MOUNT_NS``), so host paths mean what they mean to its clients.
-   The readiness socket is connected before that, while its path is still visible.
+   (:mod:`nspawn_mcp.box`). Its unit enters the host's mount namespace before the
+   daemon starts (through the box's anchor), so host paths mean to it what they mean
+   to its clients; it keeps the box's pid namespace, and reaches the box's
+   notification and journal sockets through ``/proc/BOXPID/root``.
 2. The lock: a second daemon on the same state directory refuses to start.
 3. The service: reconcile with what systemd and machined report, adopt, reap.
 4. The listeners: the unix socket for the front ends, and streamable HTTP where configured
@@ -34,7 +34,6 @@ import anyio.abc
 from anyio.abc import SocketStream
 from mcp.server.mcpserver import MCPServer
 
-from .. import kernel
 from ..app import build_server
 from ..auth import BearerTokenVerifier, TokenError, TokenStore, current_identity, http_auth_settings
 from ..auth.hosts import transport_security
@@ -48,12 +47,19 @@ from ..service import SandboxService
 from ..throttle import Throttle
 from .sessions import SessionHooks, serve_connection
 
-__all__ = ["DaemonConfig", "DaemonError", "HttpAddress", "check_config", "join_host_mounts", "run_daemon"]
+__all__ = ["SYSTEMD_ROOT_ENV", "DaemonConfig", "DaemonError", "HttpAddress", "check_config", "run_daemon"]
 
 log = logging.getLogger(__name__)
 
-HOST_MOUNT_NS_ENV = "NSPAWN_MCP_HOST_ANCHOR"
-"""Set where the daemon runs in the box: the file naming the anchor process (see :mod:`nspawn_mcp.box`)."""
+SYSTEMD_ROOT_ENV = "NSPAWN_MCP_SYSTEMD_ROOT"
+"""Set where the daemon runs in the box: where the box's filesystem (its ``/run``) is seen from the
+host's mount namespace, which the daemon's unit puts it in (``/proc/BOXPID/root``)."""
+
+
+def systemd_path(path: str) -> str:
+    """A path of the systemd that runs us (its notification or journal socket), as we reach it."""
+    root = os.environ.get(SYSTEMD_ROOT_ENV)
+    return path if not root or not path.startswith("/") else root + path
 
 
 class DaemonError(RuntimeError):
@@ -105,7 +111,7 @@ class _Notifier:
         address = os.environ.pop("NOTIFY_SOCKET", None)
         if not address:
             return
-        target = "\0" + address[1:] if address.startswith("@") else address
+        target = "\0" + address[1:] if address.startswith("@") else systemd_path(address)
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             self._socket.connect(target)
@@ -118,27 +124,6 @@ class _Notifier:
         if self._socket is not None:
             with contextlib.suppress(OSError):
                 self._socket.send(state.encode())
-
-
-def join_host_mounts() -> None:
-    """Join the host's mount namespace, held by the box's anchor (where the daemon runs in the box).
-
-    Must run while the process has one thread: the kernel refuses to move a process
-    whose threads share its filesystem context.
-    """
-    anchor_file = os.environ.pop(HOST_MOUNT_NS_ENV, None)
-    if not anchor_file:
-        return
-    try:
-        anchor = int(Path(anchor_file).read_text())
-        fd = os.open(f"/proc/{anchor}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    except (OSError, ValueError) as exc:
-        raise DaemonError(f"cannot reach the host's mount namespace through {anchor_file}: {exc}") from None
-    try:
-        kernel.setns(fd, kernel.CLONE_NEWNS)
-    finally:
-        os.close(fd)
-    os.chdir("/")
 
 
 @contextlib.contextmanager
@@ -227,7 +212,6 @@ def check_config(config: DaemonConfig) -> PolicySet:
 def run_daemon(config: DaemonConfig) -> None:
     """Run until SIGTERM or SIGINT; sandboxes outlive the daemon (the next one adopts them)."""
     notifier = _Notifier()
-    join_host_mounts()
     layout = config.server.layout
     policies = check_config(config)  # fail fast, before any client connects
     _raise_open_file_limit()

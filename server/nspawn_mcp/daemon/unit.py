@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -24,7 +26,7 @@ from ..box import HOST_ANCHOR_FILE
 from ..errors import BackendError, NotFound
 from ..layout import Layout
 from ..runtime import Daemons, find_daemons
-from .main import HOST_MOUNT_NS_ENV
+from .main import SYSTEMD_ROOT_ENV
 
 __all__ = ["DAEMON_UNIT", "DaemonOptions", "daemon_status", "start_daemon", "stop_daemon", "unit_properties"]
 
@@ -41,17 +43,33 @@ class DaemonOptions:
     arguments: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class BoxPlacement:
+    """Where the daemon's unit runs when it is a unit of the private systemd."""
+
+    box_pid: int
+    """The box's systemd, as the host numbers it."""
+    anchor_pid: int
+    """The box's anchor (in the host's mount namespace), as the box numbers it."""
+    nsenter: str = "/usr/bin/nsenter"
+
+
 def unit_properties(
-    options: DaemonOptions, *, python: str, environment: Mapping[str, str], in_box: bool, layout: Layout
+    options: DaemonOptions, *, python: str, environment: Mapping[str, str], box: BoxPlacement | None
 ) -> dict[str, object]:
-    """The transient unit of the daemon (pure)."""
+    """The transient unit of the daemon (pure).
+
+    In the box, the unit's command first enters the host's mount namespace (the box's own
+    has a fresh ``/tmp``, where the daemon's Python may live), then runs the daemon."""
     env = dict(environment)
-    if in_box:
-        env[HOST_MOUNT_NS_ENV] = HOST_ANCHOR_FILE
     argv = [python, "-m", "nspawn_mcp", "daemon", "run", *options.arguments]
+    command = (python, argv)
+    if box is not None:
+        env[SYSTEMD_ROOT_ENV] = f"/proc/{box.box_pid}/root"
+        command = (box.nsenter, ["nsenter", f"--mount=/proc/{box.anchor_pid}/ns/mnt", "--", *argv])
     return {
         "Description": "nspawn-mcp: disposable sandboxes for AI agents",
-        "ExecStart": [(python, argv, False)],
+        "ExecStart": [(command[0], command[1], False)],
         "Type": "notify",
         "NotifyAccess": "main",
         "Restart": "on-failure",
@@ -95,9 +113,8 @@ async def start_daemon(layout: Layout, options: DaemonOptions) -> None:
                 return
         await systemd.reset_failed(DAEMON_UNIT)
         environment = {key: os.environ[key] for key in _PASSED_ENVIRONMENT if key in os.environ}
-        properties = unit_properties(
-            options, python=sys.executable, environment=environment, in_box=daemons.in_box, layout=layout
-        )
+        box = None if daemons.box_pid is None else await anyio.to_thread.run_sync(_placement, daemons.box_pid)
+        properties = unit_properties(options, python=sys.executable, environment=environment, box=box)
         try:
             await systemd.start_transient_unit(DAEMON_UNIT, properties, timeout=120)
         except BackendError as exc:
@@ -105,6 +122,19 @@ async def start_daemon(layout: Layout, options: DaemonOptions) -> None:
                 raise BackendError(
                     f"the nspawn-mcp daemon did not start ({exc}); its log: {journal_hint(daemons)}"
                 ) from None
+
+
+def _placement(box_pid: int) -> BoxPlacement:
+    anchor = Path(f"/proc/{box_pid}/root{HOST_ANCHOR_FILE}")
+    try:
+        anchor_pid = int(anchor.read_text())
+    except (OSError, ValueError):
+        raise BackendError(
+            "the private systemd has no anchor in the host's mount namespace (it was started by an older "
+            "version): stop it with `nspawn-mcp box stop` (its sandboxes go with it)"
+        ) from None
+    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+    return BoxPlacement(box_pid=box_pid, anchor_pid=anchor_pid, nsenter=nsenter)
 
 
 async def stop_daemon(layout: Layout) -> bool:
