@@ -233,6 +233,7 @@ def stop_box(layout: Layout, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and Path(f"/proc/{box.pid}").exists():
             time.sleep(0.01)
+        layout.daemon_socket.unlink(missing_ok=True)  # the daemon, a unit of the box, died with it
         _remove_empty_cgroups(Path("/sys/fs/cgroup"))
         return True
 
