@@ -30,7 +30,6 @@ from nspawn_mcp.backend.egress import (
     egress_interfaces_in,
     endpoints,
     frame_tls,
-    host_interface,
     parse_sni,
     reachable_answer,
     read_question,
@@ -64,7 +63,6 @@ def test_subnets_are_the_first_free_slash_30() -> None:
     assert allocate_subnet([]) == "10.213.0.0/30"
     assert allocate_subnet(["10.213.0.0/30", "10.213.0.8/30"]) == "10.213.0.4/30"
     assert endpoints("10.213.0.4/30") == ("10.213.0.5", "10.213.0.6")
-    assert host_interface("sbx-0123abcd") == "ve-sbx-0123abcd"
 
 
 def test_running_out_of_subnets_is_a_quota_the_agent_can_read() -> None:

@@ -41,6 +41,7 @@ import dns.rcode
 from anyio.abc import TaskGroup
 
 from ..errors import BackendError
+from ..naming import host_interface
 from ..policy import EgressPlan
 from .egress import (
     SNI_PROXY_PORT,
@@ -54,7 +55,6 @@ from .egress import (
     egress_interfaces_in,
     endpoints,
     frame_tls,
-    host_interface,
     parse_sni,
     reachable_answer,
     read_question,
