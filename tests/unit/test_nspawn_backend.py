@@ -1,7 +1,9 @@
-"""What the real backend claims as its own, from what machined and systemd list.
+"""The real backend's reading of what the daemons answer: which names are its own, and what
+"no such object" means where it asks.
 
-The two D-Bus clients are replaced by stand-ins that answer listings (the bus itself is
-exercised by the integration tests); what is tested is which names count as ours.
+Stand-ins answer in place of the daemons (the bus itself is exercised by the integration
+tests): listings for the names; for errors, a bus that replies with D-Bus error names
+mapped by the real :mod:`~nspawn_mcp.backend.dbus_errors`, read by the real clients.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from typing import Any, cast
 import pytest
 
 from nspawn_mcp.backend.bus import Bus
+from nspawn_mcp.backend.dbus_errors import map_dbus_error
 from nspawn_mcp.backend.machine1 import ImageInfo, Machined, MachineInfo
 from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.backend.systemd1 import Systemd, UnitStatus
+from nspawn_mcp.errors import BackendError, NoSuchObject, NotFound
 from nspawn_mcp.layout import Layout
+from nspawn_mcp.policy import CreateRequest, Policy, resolve_create
 
 pytestmark = pytest.mark.anyio
 
 A, B, C, D = "sbx-0000000a", "sbx-0000000b", "sbx-0000000c", "sbx-0000000d"
+PLAN = resolve_create("default", Policy(), CreateRequest(), cwd="/srv")
 
 
 @dataclass
@@ -80,3 +86,91 @@ async def test_leftovers_are_our_remains_of_every_kind_without_a_running_sandbox
     assert listings.patterns == [["nspawn-mcp-sbx-*.service", "nspawnmcp-*.slice"]]
     listings.machines.clear()
     assert await backend(listings, tmp_path).leftovers() == {A, B, C, D}
+
+
+# -- what the daemons' "no such object" means ------------------------------------------------
+
+
+@dataclass
+class ScriptedBus:
+    """Answers each method with an error reply (by D-Bus error name) or a body, through the real
+    error mapping; records the calls."""
+
+    errors: dict[str, str]
+    replies: dict[str, list[Any]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    async def call(self, *, member: str, operation: str | None = None, **_: object) -> list[Any]:
+        self.calls.append(member)
+        if member in self.errors:
+            raise map_dbus_error(self.errors[member], "raw text with /host/paths", operation or member)
+        return self.replies.get(member, [])
+
+
+def real_clients(bus: ScriptedBus, tmp_path: Path) -> NspawnBackend:
+    on_bus = cast(Bus, bus)
+    layout = Layout(state_dir=tmp_path, machines_dir=tmp_path / "machines")
+    return NspawnBackend(on_bus, Systemd(on_bus), Machined(on_bus), layout)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "org.freedesktop.machine1.NoSuchMachine",
+        "org.freedesktop.machine1.NoSuchImage",
+        "org.freedesktop.systemd1.NoSuchUnit",
+        "org.freedesktop.systemd1.LoadFailed",
+        "org.freedesktop.DBus.Error.FileNotFound",
+        "System.Error.ENOENT",
+    ],
+)
+def test_a_daemons_missing_object_is_a_backend_error_never_a_missing_sandbox(name: str) -> None:
+    error = map_dbus_error(name, "raw text with /host/paths", "removing image sbx-0000000a")
+    assert isinstance(error, NoSuchObject)
+    assert isinstance(error, BackendError)
+    assert not isinstance(error, NotFound)
+    assert str(error).startswith("removing image sbx-0000000a failed: ")
+    assert "/host/paths" not in str(error)
+    assert "sandbox" not in str(error).removeprefix("removing image sbx-0000000a")
+
+
+async def test_a_missing_template_image_tells_the_agent_to_run_setup(tmp_path: Path) -> None:
+    bus = ScriptedBus(errors={"CloneImage": "org.freedesktop.machine1.NoSuchImage"})
+    with pytest.raises(
+        BackendError, match=r"image 'default' is not installed on this host; run `nspawn-mcp setup`"
+    ):
+        await real_clients(bus, tmp_path).create(A, PLAN)
+    assert bus.calls == ["CloneImage"]
+
+
+async def test_destroying_a_half_made_sandbox_passes_over_what_the_daemons_do_not_have(
+    tmp_path: Path,
+) -> None:
+    bus = ScriptedBus(
+        errors={
+            "StopUnit": "org.freedesktop.systemd1.NoSuchUnit",
+            "ResetFailedUnit": "org.freedesktop.systemd1.NoSuchUnit",
+            "RemoveImage": "org.freedesktop.machine1.NoSuchImage",
+        }
+    )
+    await real_clients(bus, tmp_path).destroy(A)
+    assert bus.calls == ["StopUnit", "ResetFailedUnit", "StopUnit", "ResetFailedUnit", "RemoveImage"]
+
+
+async def test_other_failures_of_destroy_still_reach_the_caller(tmp_path: Path) -> None:
+    bus = ScriptedBus(
+        errors={
+            "StopUnit": "org.freedesktop.systemd1.NoSuchUnit",
+            "RemoveImage": "org.freedesktop.DBus.Error.AccessDenied",
+        }
+    )
+    with pytest.raises(BackendError, match=r"removing image sbx-0000000a: access denied"):
+        await real_clients(bus, tmp_path).destroy(A)
+
+
+async def test_a_machine_that_goes_while_being_listed_is_not_running(tmp_path: Path) -> None:
+    bus = ScriptedBus(
+        errors={"GetMachine": "org.freedesktop.machine1.NoSuchMachine"},
+        replies={"ListMachines": [[[A, "container", "systemd-nspawn", "", "/org/m/a"]]]},
+    )
+    assert await real_clients(bus, tmp_path).running() == set()

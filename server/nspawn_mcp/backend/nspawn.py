@@ -29,7 +29,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from ..errors import BackendError, NotFound, SandboxGone
+from ..errors import BackendError, NoSuchObject, SandboxGone
 from ..layout import Layout
 from ..naming import (
     SANDBOX_ID,
@@ -162,13 +162,15 @@ class NspawnBackend:
         self._layout.sandbox_dir(sandbox_id).mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             await self._machined.clone_image(template_image(plan.image), machine_name(sandbox_id))
-        except NotFound:
+        except NoSuchObject:
             raise BackendError(
                 f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`"
             ) from None
         if plan.limits.disk_bytes is not None:
             try:
                 await self._machined.set_image_limit(machine_name(sandbox_id), plan.limits.disk_bytes)
+            except NoSuchObject:
+                raise  # the snapshot went: not a matter of quotas
             except BackendError:
                 raise BackendError(
                     "this policy caps disk use, but disk quotas are off on this host's image pool: "
@@ -216,7 +218,7 @@ class NspawnBackend:
         await self._systemd.reset_failed(service_unit(sandbox_id))
         await self._systemd.stop_unit(slice_unit(sandbox_id))
         await self._systemd.reset_failed(slice_unit(sandbox_id))
-        with contextlib.suppress(NotFound):
+        with contextlib.suppress(NoSuchObject):
             await self._machined.remove_image(machine_name(sandbox_id))
         shutil.rmtree(self._layout.sandbox_dir(sandbox_id), ignore_errors=True)
 
@@ -228,7 +230,7 @@ class NspawnBackend:
                 continue
             try:
                 unit = await self._machined.machine_unit(machine.name)
-            except NotFound:
+            except NoSuchObject:  # it went meanwhile
                 continue
             if unit == service_unit(sandbox_id):
                 ours.add(sandbox_id)
