@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 
-from ..errors import BackendError, NotFound, PolicyRefused
+from ..errors import BackendError, PolicyRefused
 from ..policy import BindMount
 from .attach import MAX_REPLY_BYTES, AttachReply, AttachRequest, BindSpec
 
@@ -56,10 +56,8 @@ async def attach_binds(leader: Path, mounts: Sequence[BindMount]) -> None:
     if reply.kind == "ok":
         return
     log.warning("attaching binds failed (%s): %s %s", reply.kind, reply.message, reply.detail)
-    if reply.kind in ("refused", "changed"):
+    if reply.kind in ("refused", "changed", "missing"):
         raise PolicyRefused(reply.message, rule="mounts.allowed")
-    if reply.kind == "missing":
-        raise NotFound(reply.message)
     raise BackendError(reply.message or "binding a host directory into the sandbox failed")
 
 
