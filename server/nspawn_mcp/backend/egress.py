@@ -52,9 +52,9 @@ __all__ = [
     "SNI_PROXY_PORT",
     "DnsQuestion",
     "NotTls",
+    "SubnetPool",
     "TlsFraming",
     "UpstreamReply",
-    "allocate_subnet",
     "base_ruleset",
     "dns_action",
     "domain_allowed",
@@ -78,7 +78,7 @@ SNI_PROXY_PORT = 3129
 """Where an egress sandbox's connections to its listed domains are redirected, on its gateway."""
 
 
-def allocate_subnet(used: Iterable[str]) -> str:
+def _first_free(used: Iterable[str]) -> str:
     """The first free /30 of ``SANDBOX_NETWORK``; QuotaExceeded when every one is taken."""
     taken = set(used)
     for subnet in SANDBOX_NETWORK.subnets(new_prefix=30):
@@ -88,6 +88,48 @@ def allocate_subnet(used: Iterable[str]) -> str:
         f"this host has no network left for another egress sandbox (all {len(taken)} are in use); "
         "destroy an egress sandbox first, or use a policy without network.mode = 'egress'"
     )
+
+
+class SubnetPool:
+    """Which egress sandbox holds which /30 of ``SANDBOX_NETWORK``: no I/O, no awaits.
+
+    :meth:`reserve` is synchronous, so two creates cannot take the same subnet; a subnet
+    stays held until :meth:`release`, after its sandbox (and so its veth) has gone.
+    """
+
+    def __init__(self) -> None:
+        self._subnets: dict[str, str] = {}
+        """sandbox id -> its subnet"""
+        self._holders: dict[str, str] = {}
+        """subnet -> the sandbox holding it"""
+
+    def reserve(self, sandbox_id: str) -> str:
+        """A free /30 for ``sandbox_id`` (the one it holds, if any); QuotaExceeded if none is left."""
+        if sandbox_id not in self._subnets:
+            self.claim(sandbox_id, _first_free(self._holders))
+        return self._subnets[sandbox_id]
+
+    def claim(self, sandbox_id: str, subnet: str) -> None:
+        """Record that ``sandbox_id`` has ``subnet`` (a sandbox adopted after a restart).
+
+        Raises ValueError if another sandbox holds it, or this one holds another.
+        """
+        holder = self._holders.get(subnet, sandbox_id)
+        if holder != sandbox_id:
+            raise ValueError(f"{subnet} for {sandbox_id}: {holder} holds {subnet}")
+        held = self._subnets.get(sandbox_id, subnet)
+        if held != subnet:
+            raise ValueError(f"{subnet} for {sandbox_id}: {sandbox_id} holds {held}")
+        self._subnets[sandbox_id] = subnet
+        self._holders[subnet] = sandbox_id
+
+    def release(self, sandbox_id: str) -> None:
+        subnet = self._subnets.pop(sandbox_id, None)
+        if subnet is not None:
+            del self._holders[subnet]
+
+    def held(self, sandbox_id: str) -> str | None:
+        return self._subnets.get(sandbox_id)
 
 
 def endpoints(subnet: str) -> tuple[str, str]:

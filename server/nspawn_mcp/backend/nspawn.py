@@ -46,7 +46,6 @@ from ..policy import EgressPlan, SandboxPlan
 from .binds import attach_binds
 from .bus import Bus
 from .cgroups import oom_kill_count
-from .egress import endpoints
 from .jail import JailClient
 from .machine1 import Machined
 from .network import EgressNetwork
@@ -197,14 +196,18 @@ class NspawnBackend:
         if plan.egress is not None:
             await self._attach_network(sandbox_id, plan.egress, leader)
 
-    async def _attach_network(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
+    def reserve_subnet(self, sandbox_id: str) -> str:
+        return self._egress().reserve(sandbox_id)
+
+    def _egress(self) -> EgressNetwork:
         if self._network is None:
             raise BackendError("egress networking is not available in this server")
-        await self._network.attach(sandbox_id, plan, leader)
-        assert plan.subnet is not None
-        host_end, _ = endpoints(plan.subnet)
+        return self._network
+
+    async def _attach_network(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
+        resolver = await self._egress().attach(sandbox_id, plan, leader)
         resolv = self._layout.sandbox_dir(sandbox_id) / "resolv.conf"
-        resolv.write_text(f"nameserver {host_end}\noptions edns0\n")
+        resolv.write_text(f"nameserver {resolver}\noptions edns0\n")
         await self._machined.copy_to_machine(machine_name(sandbox_id), str(resolv), "/etc/resolv.conf")
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
@@ -216,6 +219,8 @@ class NspawnBackend:
             await self._network.detach(sandbox_id)
         await self._systemd.stop_unit(service_unit(sandbox_id))
         await self._systemd.reset_failed(service_unit(sandbox_id))
+        if self._network is not None:  # its veth went with the service
+            self._network.release(sandbox_id)
         await self._systemd.stop_unit(slice_unit(sandbox_id))
         await self._systemd.reset_failed(slice_unit(sandbox_id))
         with contextlib.suppress(NoSuchObject):
