@@ -10,12 +10,15 @@ text. The MCP layer turns each of these into a tool result with ``isError``.
     ├── InvalidRequest                the request itself is malformed (bad id, bad path syntax)
     ├── PolicyRefused                 the operator's policy forbids what was asked; names the rule
     ├── QuotaExceeded                 too many sandboxes, or a cap would be exceeded
-    ├── NotFound                      no such sandbox (or it is not ours)
+    ├── NotFound                      no such sandbox (or it is not ours); never a daemon's missing object
     ├── SandboxGone                   the sandbox died underneath a request
     ├── CopyRefused                   a file copy was refused (type, size, path)
     ├── ExecFailed                    the command could not be run at all (not the same as exit != 0)
     └── BackendError                  systemd/machined failed; ``retryable`` says if trying again may help
-        └── BackendUnavailable        the bus or a daemon is not reachable (retryable)
+        ├── BackendUnavailable        the bus or a daemon is not reachable (retryable)
+        └── NoSuchObject              a daemon has no machine, image, unit or file of that name; the
+                                      backend decides what that means (a unit already stopped, an
+                                      image not installed) and says it in its own words
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "CopyRefused",
     "ExecFailed",
     "InvalidRequest",
+    "NoSuchObject",
     "NotFound",
     "PolicyRefused",
     "QuotaExceeded",
@@ -58,7 +62,11 @@ class QuotaExceeded(SandboxError):
 
 
 class NotFound(SandboxError):
-    """No sandbox with that id is managed by this server."""
+    """No sandbox with that id is managed by this server.
+
+    Not for a daemon's missing machine, image or unit: that is :class:`NoSuchObject`,
+    which the backend translates, so an agent never reads "no such sandbox" for it.
+    """
 
 
 class SandboxGone(SandboxError):
@@ -86,3 +94,13 @@ class BackendUnavailable(BackendError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=True)
+
+
+class NoSuchObject(BackendError):
+    """machined or systemd knows no machine, image, unit (or file) of the name given.
+
+    Raised by the D-Bus layer only. It is the backend's to interpret: a unit that is
+    already gone may be fine, an image that is missing means ``nspawn-mcp setup`` was
+    not run. Should one escape uninterpreted, its message names the operation, not a
+    sandbox.
+    """

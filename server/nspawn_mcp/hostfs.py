@@ -34,8 +34,8 @@ from pathlib import Path
 
 from . import kernel
 from .backend.attach import writable_root_refusal
-from .errors import CopyRefused, NotFound, PolicyRefused
-from .policy.paths import HostTarget, is_protected
+from .errors import CopyRefused, InvalidRequest, NotFound, PolicyRefused, SandboxError
+from .policy.paths import HostPathRule, HostTarget, is_protected
 
 __all__ = [
     "BindSource",
@@ -61,27 +61,28 @@ def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
     return kernel.openat2(dir_fd, path, flags, _BENEATH, mode)
 
 
-def _open_root(root: str) -> int:
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+def _open_root(target: HostTarget, rule: HostPathRule) -> int:
+    """The allowed root, as an O_PATH descriptor; refused if it resolves into a protected place."""
+    try:
+        fd = os.open(target.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if rule == "mounts.allowed":
+            raise PolicyRefused(f"allowed host directory {target.root} does not exist", rule=rule) from None
+        raise NotFound(f"allowed host directory {target.root} does not exist") from None
     if is_protected(os.readlink(f"/proc/self/fd/{fd}")):
         os.close(fd)
-        raise PolicyRefused(
-            "an allowed host directory resolves into a protected location", rule="files.allowed_host_dirs"
-        )
+        raise PolicyRefused("an allowed host directory resolves into a protected location", rule=rule)
     return fd
 
 
 @contextlib.contextmanager
 def open_beneath(target: HostTarget, flags: int, mode: int = 0) -> Iterator[int]:
-    """Open ``target.relative`` beneath ``target.root``; refuse anything that escapes it."""
-    try:
-        root_fd = _open_root(target.root)
-    except FileNotFoundError:
-        raise NotFound(f"allowed host directory {target.root} does not exist") from None
+    """Open ``target.relative`` beneath ``target.root`` for a copy; refuse anything that escapes it."""
+    root_fd = _open_root(target, "files.allowed_host_dirs")
     try:
         fd = _openat2(root_fd, target.relative, flags, mode)
     except OSError as exc:
-        raise _explain(exc, target) from None
+        raise _explain(exc, target, "files.allowed_host_dirs") from None
     finally:
         os.close(root_fd)
     try:
@@ -90,12 +91,20 @@ def open_beneath(target: HostTarget, flags: int, mode: int = 0) -> Iterator[int]
         os.close(fd)
 
 
-def _explain(exc: OSError, target: HostTarget, rule: str = "files.allowed_host_dirs") -> Exception:
+def _explain(exc: OSError, target: HostTarget, rule: HostPathRule) -> SandboxError:
+    """What the agent reads when opening a host path for a copy or a mount failed."""
     if exc.errno == errno.EXDEV or exc.errno == errno.ELOOP:
         return PolicyRefused(
             f"host path {target.path} leads outside the allowed directory {target.root} (symlink or '..')",
             rule=rule,
         )
+    if rule == "mounts.allowed":
+        reason = {
+            errno.ENOENT: "it does not exist",
+            errno.ENOTDIR: "a component of it is not a directory",
+            errno.EACCES: "permission denied",
+        }.get(exc.errno or 0, os.strerror(exc.errno or 0))
+        return InvalidRequest(f"host path {target.path} cannot be mounted: {reason}")
     if exc.errno == errno.ENOENT:
         return NotFound(f"host path {target.path} does not exist")
     if exc.errno == errno.ENOTDIR:
@@ -199,7 +208,7 @@ class Publication:
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
                 os.close(self._dir_fd)
-                raise _explain(exc, target) from None
+                raise _explain(exc, target, "files.allowed_host_dirs") from None
             self._temporary = _temporary_name(name)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             self._fd = os.open(self._temporary, flags, 0o600, dir_fd=self._dir_fd)
@@ -218,7 +227,7 @@ class Publication:
         try:
             os.rename(self._temporary, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         except OSError as exc:
-            raise _explain(exc, self._target) from None
+            raise _explain(exc, self._target, "files.allowed_host_dirs") from None
         self._temporary = None
         return self._writer.stats()
 
@@ -249,10 +258,7 @@ def resolve_bind_source(target: HostTarget, *, writable: bool) -> BindSource:
     its owner). The identity (st_dev, st_ino) is what the bind helper checks again
     when it mounts the source, so a path swapped meanwhile is refused.
     """
-    try:
-        root_fd = _open_root(target.root)
-    except FileNotFoundError:
-        raise NotFound(f"allowed host directory {target.root} does not exist") from None
+    root_fd = _open_root(target, "mounts.allowed")
     try:
         real_root = os.readlink(f"/proc/self/fd/{root_fd}")
         if writable:

@@ -30,6 +30,7 @@ __all__ = [
     "RESOLVE_BENEATH",
     "RESOLVE_IN_ROOT",
     "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_NO_SYMLINKS",
     "mount_setattr",
     "move_mount",
     "open_tree",
@@ -45,6 +46,7 @@ _SYS_OPENAT2 = 437
 _SYS_MOUNT_SETATTR = 442
 
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 

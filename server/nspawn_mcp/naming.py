@@ -4,35 +4,77 @@ Machine names double as network-interface suffixes (``ve-<name>``, 15 characters
 most), so sandbox ids are kept to 12 characters. Everything the server creates
 carries a fixed prefix, which is how a restarted server finds its own sandboxes
 and leaves everybody else's alone.
+
+Every name is built and parsed here, nowhere else; a parser gives the sandbox id
+back, or None for a name that is not one of ours.
+
+==============================  ==================================  ==================================
+what                            built by                            parsed by
+==============================  ==================================  ==================================
+machine and its image           :func:`machine_name`                :func:`sandbox_of_machine`
+the nspawn service              :func:`service_unit`                :func:`sandbox_of_unit`
+the slice with its caps         :func:`slice_unit`                  :func:`sandbox_of_unit`
+the host end of its veth        :func:`host_interface`              :func:`sandbox_of_interface`
+its nftables chains and set     :func:`nft_object`                  (never parsed)
+a template image                :func:`template_image`              :func:`template_of_image`
+==============================  ==================================  ==================================
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from typing import Literal
 
 from .errors import InvalidRequest
 
 __all__ = [
+    "INTERFACE_PATTERN",
+    "PARENT_SLICE",
     "SANDBOX_ID",
+    "UNIT_PATTERNS",
+    "NftObject",
+    "host_interface",
+    "machine_name",
     "new_sandbox_id",
+    "nft_object",
     "parse_sandbox_id",
+    "sandbox_of_interface",
+    "sandbox_of_machine",
+    "sandbox_of_unit",
     "service_unit",
     "slice_unit",
     "template_image",
+    "template_of_image",
 ]
 
-SANDBOX_ID = re.compile(r"^sbx-[0-9a-f]{8}$")
+SANDBOX_ID = re.compile(r"sbx-[0-9a-f]{8}")
+"""What a sandbox id looks like; use ``fullmatch`` (``match`` would accept a prefix)."""
 PARENT_SLICE = "nspawnmcp.slice"
+
+_ID_PREFIX = "sbx-"
+_SERVICE = re.compile(r"nspawn-mcp-(sbx-[0-9a-f]{8})\.service")
+# A dash in a slice name means nesting: nspawnmcp-X.slice lands under nspawnmcp.slice.
+_SLICE = re.compile(r"nspawnmcp-([0-9a-f]{8})\.slice")
+_INTERFACE = re.compile(r"ve-(sbx-[0-9a-f]{8})")
+_TEMPLATE_PREFIX = "nspawn-mcp-"
+
+INTERFACE_PATTERN = "ve-sbx-*"
+"""An nftables wildcard that matches every interface :func:`sandbox_of_interface` may claim."""
+UNIT_PATTERNS = ("nspawn-mcp-sbx-*.service", "nspawnmcp-*.slice")
+"""Globs (systemd's ``ListUnitsByPatterns``) that match every unit :func:`sandbox_of_unit` may claim."""
+
+NftObject = Literal["egress", "sni", "input", "resolved"]
+"""The per-sandbox nftables objects: forwarding chain, redirect chain, input chain, resolved set."""
 
 
 def new_sandbox_id() -> str:
-    return "sbx-" + secrets.token_hex(4)
+    return _ID_PREFIX + secrets.token_hex(4)
 
 
 def parse_sandbox_id(value: str) -> str:
     """Validate an id an agent sent; the message says what an id looks like."""
-    if not SANDBOX_ID.match(value):
+    if not SANDBOX_ID.fullmatch(value):
         shown = (
             value
             if len(value) <= 40 and value.isprintable()
@@ -44,14 +86,61 @@ def parse_sandbox_id(value: str) -> str:
     return value
 
 
+def _suffix(sandbox_id: str) -> str:
+    """The id's eight hex digits."""
+    return sandbox_id[len(_ID_PREFIX) :]
+
+
+def machine_name(sandbox_id: str) -> str:
+    """The machine machined registers, and the image (snapshot) it runs from: the id itself."""
+    return sandbox_id
+
+
+def sandbox_of_machine(name: str) -> str | None:
+    """The sandbox a machine or image belongs to; None if it is not a sandbox of ours."""
+    return name if SANDBOX_ID.fullmatch(name) else None
+
+
 def service_unit(sandbox_id: str) -> str:
     return f"nspawn-mcp-{sandbox_id}.service"
 
 
 def slice_unit(sandbox_id: str) -> str:
-    # A dash in a slice name means nesting: this lands under nspawnmcp.slice.
-    return f"nspawnmcp-{sandbox_id.removeprefix('sbx-')}.slice"
+    return f"nspawnmcp-{_suffix(sandbox_id)}.slice"
+
+
+def sandbox_of_unit(name: str) -> str | None:
+    """The sandbox a service or slice unit belongs to; None for any other unit."""
+    if found := _SERVICE.fullmatch(name):
+        return found[1]
+    if found := _SLICE.fullmatch(name):
+        return _ID_PREFIX + found[1]
+    return None
+
+
+def host_interface(sandbox_id: str) -> str:
+    """nspawn names the host end of the veth ``ve-<machine>`` (15 characters at most)."""
+    return f"ve-{machine_name(sandbox_id)}"[:15]
+
+
+def sandbox_of_interface(name: str) -> str | None:
+    """The sandbox a host network interface belongs to; None for any other interface."""
+    found = _INTERFACE.fullmatch(name)
+    return found[1] if found else None
+
+
+def nft_object(kind: NftObject, sandbox_id: str) -> str:
+    """The name of one of the sandbox's nftables chains or sets."""
+    return f"{kind}_{_suffix(sandbox_id)}"
 
 
 def template_image(image: str) -> str:
-    return f"nspawn-mcp-{image}"
+    """The machined image sandboxes of ``image`` (a policy's image name, like ``default``) are cloned from."""
+    return f"{_TEMPLATE_PREFIX}{image}"
+
+
+def template_of_image(name: str) -> str | None:
+    """The image name a template stands for; None if ``name`` is not a template image."""
+    if not name.startswith(_TEMPLATE_PREFIX) or name == _TEMPLATE_PREFIX:
+        return None
+    return name[len(_TEMPLATE_PREFIX) :]

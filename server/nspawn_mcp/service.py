@@ -31,7 +31,6 @@ import anyio.to_thread
 from . import commands, hostfs
 from .audit import AuditLog
 from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState
-from .backend.egress import allocate_subnet
 from .commands import CommandRequest
 from .errors import InvalidRequest, NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
 from .identity import Client, current_client
@@ -270,16 +269,13 @@ class SandboxService:
         # creates cannot both take the last slot or the same subnet.
         owner = client.identity
         self._check_quotas(policy, plan, owner)
+        sandbox_id = new_sandbox_id()
         if plan.egress is not None:
-            used = [
-                s.plan.egress.subnet
-                for s in self._sandboxes.values()
-                if s.plan.egress and s.plan.egress.subnet
-            ]
-            plan = replace(plan, egress=replace(plan.egress, subnet=allocate_subnet(used)))
+            subnet = self._backend.reserve_subnet(sandbox_id)  # released when it is destroyed
+            plan = replace(plan, egress=replace(plan.egress, subnet=subnet))
         created = self._clock()
         sandbox = SandboxRecord(
-            sandbox_id=new_sandbox_id(),
+            sandbox_id=sandbox_id,
             plan=plan,
             created_at=created,
             expires_at=created + timedelta(seconds=plan.limits.ttl_seconds),

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from nspawn_mcp.backend.egress import allocate_subnet
 from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.box import find_box, host_runs_systemd, stop_box
 from nspawn_mcp.layout import Layout
@@ -108,8 +107,8 @@ async def sandbox_factory(backend: NspawnBackend) -> AsyncIterator[Factory]:
         sandbox_id = new_sandbox_id()
         the_plan = plan(mounts, policy, **request)
         if the_plan.egress is not None:
-            taken = [p.egress.subnet for p in made.values() if p.egress and p.egress.subnet]
-            the_plan = replace(the_plan, egress=replace(the_plan.egress, subnet=allocate_subnet(taken)))
+            subnet = backend.reserve_subnet(sandbox_id)
+            the_plan = replace(the_plan, egress=replace(the_plan.egress, subnet=subnet))
         made[sandbox_id] = the_plan
         await backend.create(sandbox_id, the_plan)
         return sandbox_id

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.errors import PolicyRefused
 from nspawn_mcp.hostfs import resolve_bind_source
 from nspawn_mcp.naming import new_sandbox_id
-from nspawn_mcp.policy import BindMount, HostTarget
+from nspawn_mcp.policy import BindMount, CreateRequest, HostTarget, MountRequest, Policy, resolve_create
 from nspawn_mcp.runtime import Daemons
 from tests.integration.conftest import Factory, plan
 
@@ -46,6 +47,19 @@ async def run(backend: NspawnBackend, sandbox_id: str, script: str) -> CommandOu
         user="root",
     )
     return await backend.jail(sandbox_id).run(spec)
+
+
+def as_the_service_checks(policy: Policy, requests: tuple[MountRequest, ...]) -> tuple[BindMount, ...]:
+    """The binds ``policy`` allows for ``requests``, resolved on the host as the service does."""
+    allowed = resolve_create("default", policy, CreateRequest(mounts=requests), cwd="/srv").mounts
+    binds = []
+    for mount in allowed:
+        relative = os.path.relpath(mount.source, mount.root)
+        source = resolve_bind_source(HostTarget(mount.root, relative), writable=mount.writable)
+        binds.append(
+            replace(mount, root=source.root, source=source.path, device=source.device, inode=source.inode)
+        )
+    return tuple(binds)
 
 
 def checked(root: Path, target: str, *, writable: bool = False, noexec: bool = False) -> BindMount:
@@ -266,3 +280,36 @@ async def test_a_writable_root_that_is_roots_or_reachable_by_others_is_refused_a
     with pytest.raises(PolicyRefused, match=r"cannot be bound writable") as caught:
         await make_sandbox(mounts=(bind,))
     assert caught.value.rule == "mounts.allowed"
+
+
+async def test_mounts_beneath_allowed_roots_reached_through_symlinks_are_mounted(
+    backend: NspawnBackend, make_sandbox: Factory, host_dir: Path
+) -> None:
+    """``mounts.allowed = ["…/link"]`` with ``link -> real``: the check resolves the link, and the
+    helper must find that same object again (the swapped-source tests are the counterpart)."""
+    real = host_dir / "real"
+    (real / "src").mkdir(parents=True)
+    (real / "src" / "README").write_text("through the link\n")
+    (host_dir / "link").symlink_to(real)
+    scratch = owned_dir(host_dir / "scratch-real")
+    (host_dir / "scratch").symlink_to("scratch-real")  # a relative link, to a writable root
+    policy = Policy.model_validate(
+        {
+            "mounts": {
+                "allowed": [
+                    {"host": str(host_dir / "link")},
+                    {"host": str(host_dir / "scratch"), "writable": True},
+                ]
+            }
+        }
+    )
+    requests = (
+        MountRequest(str(host_dir / "link"), "/whole"),
+        MountRequest(str(host_dir / "link" / "src"), "/work"),
+        MountRequest(str(host_dir / "scratch"), "/scratch", writable=True),
+    )
+    sandbox = await make_sandbox(mounts=as_the_service_checks(policy, requests))
+    outcome = await run(backend, sandbox, "cat /whole/src/README /work/README; echo made > /scratch/out")
+    assert (outcome.stdout, outcome.stderr) == (b"through the link\nthrough the link\n", b"")
+    assert (scratch / "out").read_text() == "made\n"
+    assert (scratch / "out").stat().st_uid == OWNER

@@ -16,6 +16,7 @@ from nspawn_mcp.backend.api import (
     ProcessOutput,
     ProcessState,
 )
+from nspawn_mcp.backend.egress import SubnetPool
 from nspawn_mcp.errors import CopyRefused, NotFound, SandboxGone
 from nspawn_mcp.policy import SandboxPlan
 
@@ -49,9 +50,14 @@ class FakeBackend:
     on_exec: Callable[[CommandSpec], CommandOutcome] = lambda spec: ok()
     oom_kill_counts: dict[str, int] = field(default_factory=dict)
     processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
+    subnets: SubnetPool = field(default_factory=SubnetPool)
+    """The real bookkeeping the real backend's network keeps."""
 
     async def available_images(self) -> set[str]:
         return set(self.images)
+
+    def reserve_subnet(self, sandbox_id: str) -> str:
+        return self.subnets.reserve(sandbox_id)
 
     async def create(self, sandbox_id: str, plan: SandboxPlan) -> None:
         self.sandboxes[sandbox_id] = plan
@@ -62,10 +68,13 @@ class FakeBackend:
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
         self.adopted.append(sandbox_id)
+        if plan.egress is not None and plan.egress.subnet is not None:
+            self.subnets.claim(sandbox_id, plan.egress.subnet)
 
     async def destroy(self, sandbox_id: str) -> None:
         self.destroyed.append(sandbox_id)
         self.sandboxes.pop(sandbox_id, None)
+        self.subnets.release(sandbox_id)
         self.leftover_ids.discard(sandbox_id)
 
     async def running(self) -> set[str]:

@@ -49,10 +49,22 @@ def test_regular_files_and_symlinks_that_stay_inside_are_staged(root: Path, area
 
 
 @pytest.mark.parametrize("link", ["../secret", "/etc/shadow", "/proc/self/root/etc/shadow"])
-def test_symlinks_that_leave_the_root_are_refused(root: Path, area: Path, link: str) -> None:
+def test_symlinks_that_leave_the_root_are_refused_naming_the_copy_rule(
+    root: Path, area: Path, link: str
+) -> None:
     (root / "escape").symlink_to(link)
-    with pytest.raises(PolicyRefused, match=r"leads outside"):
+    with pytest.raises(PolicyRefused, match=r"leads outside") as caught:
         stage(root, area, "escape")
+    assert caught.value.rule == "files.allowed_host_dirs"
+
+
+def test_an_allowed_root_that_resolves_into_a_protected_place_is_refused_naming_the_copy_rule(
+    tmp_path: Path, area: Path
+) -> None:
+    (tmp_path / "etc-link").symlink_to("/etc")
+    with pytest.raises(PolicyRefused, match=r"protected location") as caught:
+        stage(tmp_path / "etc-link", area, "hostname")
+    assert caught.value.rule == "files.allowed_host_dirs"
 
 
 def test_a_symlinked_directory_that_leaves_the_root_is_refused(

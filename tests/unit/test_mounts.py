@@ -70,6 +70,21 @@ def test_escapes_and_writes_beyond_the_policy_are_refused_with_the_rule(
     assert caught.value.rule == rule
 
 
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("../other", r"contains '\.\.'"),
+        ("/srv/elsewhere", r"outside the directories allowed for mounts: /srv/project, "),
+    ],
+)
+def test_refusals_of_mounts_say_why_and_name_the_mount_rule_not_the_copy_rule(host: str, reason: str) -> None:
+    with pytest.raises(PolicyRefused, match=reason) as caught:
+        mounts(MountRequest(host, "/work"))
+    assert caught.value.rule == "mounts.allowed"
+    assert str(caught.value).endswith("(policy rule: mounts.allowed)")
+    assert "files.allowed_host_dirs" not in str(caught.value)
+
+
 def test_protected_roots_listed_by_a_policy_never_count() -> None:
     with pytest.raises(PolicyRefused, match=r"mounts.allowed"):
         mounts(MountRequest("/etc", "/etc-copy"))
@@ -115,6 +130,27 @@ def test_bind_sources_are_resolved_beneath_their_root(tmp_path: Path) -> None:
     assert (found.device, found.inode) == (os.stat(root / "src").st_dev, os.stat(root / "src").st_ino)
     with pytest.raises(PolicyRefused, match=r"leads outside"):
         resolve_bind_source(HostTarget(str(root), "outside"), writable=False)
+
+
+def test_host_refusals_of_a_bind_name_the_mount_rule_and_never_speak_of_copies(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "escape").symlink_to(tmp_path)
+    (tmp_path / "etc-link").symlink_to("/etc")
+    refusals = [
+        (HostTarget(str(root), "escape"), r"leads outside the allowed directory"),
+        (HostTarget(str(tmp_path / "etc-link"), "."), r"resolves into a protected location"),
+        (HostTarget(str(tmp_path / "gone"), "."), r"allowed host directory .*/gone does not exist"),
+    ]
+    for target, message in refusals:
+        with pytest.raises(PolicyRefused, match=message) as caught:
+            resolve_bind_source(target, writable=False)
+        assert caught.value.rule == "mounts.allowed"
+    (root / "plain").write_text("x")
+    for relative, reason in (("missing", "it does not exist"), ("plain/x", "not a directory")):
+        with pytest.raises(InvalidRequest, match=rf"cannot be mounted: .*{reason}") as invalid:
+            resolve_bind_source(HostTarget(str(root), relative), writable=False)
+        assert "copy" not in str(invalid.value)
 
 
 def test_only_directories_and_regular_files_can_be_bound(tmp_path: Path) -> None:

@@ -45,9 +45,22 @@ def test_paths_under_an_allowed_root_are_split_at_the_longest_root(
         "/srv/work/a/../../x",
     ],
 )
-def test_paths_outside_or_with_dotdot_are_refused(path: str) -> None:
-    with pytest.raises(PolicyRefused, match=r"files.allowed_host_dirs"):
+def test_paths_outside_or_with_dotdot_are_refused_naming_the_rule_of_their_use(path: str) -> None:
+    with pytest.raises(PolicyRefused, match=r"files.allowed_host_dirs") as copy:
         confine_host_path(path, ROOTS, cwd="/srv/work")
+    assert copy.value.rule == "files.allowed_host_dirs"
+    with pytest.raises(PolicyRefused) as mount:
+        confine_host_path(path, ROOTS, cwd="/srv/work", rule="mounts.allowed")
+    assert mount.value.rule == "mounts.allowed"
+    assert "files.allowed_host_dirs" not in str(mount.value)
+    assert "copies" not in str(mount.value)
+
+
+def test_with_no_allowed_root_the_refusal_says_for_what() -> None:
+    with pytest.raises(PolicyRefused, match=r"no host directory for copies.*files.allowed_host_dirs"):
+        confine_host_path("/srv/x", (), cwd="/srv")
+    with pytest.raises(PolicyRefused, match=r"no host directory for mounts.*mounts.allowed\)$"):
+        confine_host_path("/srv/x", (), cwd="/srv", rule="mounts.allowed")
 
 
 @pytest.mark.parametrize(

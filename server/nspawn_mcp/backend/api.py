@@ -74,16 +74,26 @@ class Backend(Protocol):
         """Names of the images sandboxes can be created from (``"default"``, ...)."""
         ...
 
+    def reserve_subnet(self, sandbox_id: str) -> str:
+        """A /30 for a new egress sandbox (its plan's ``egress.subnet``), held until :meth:`destroy`.
+
+        Synchronous, so a create can reserve between its quota check and registering the
+        sandbox without an await, and concurrent creates cannot take the same subnet.
+        Raises QuotaExceeded when none is left, BackendError without egress networking.
+        """
+        ...
+
     async def create(self, sandbox_id: str, plan: SandboxPlan) -> None:
         """Snapshot the image and start the sandbox; return once it accepts commands."""
         ...
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
-        """Take a running sandbox over after a server restart (restart what serves it)."""
+        """Take a running sandbox over after a server restart (restart what serves it, hold its subnet)."""
         ...
 
     async def destroy(self, sandbox_id: str) -> None:
-        """Remove everything of the sandbox. Idempotent: also cleans up a half-made one."""
+        """Remove everything of the sandbox (its subnet is released). Idempotent: also cleans up a
+        half-made one."""
         ...
 
     async def running(self) -> set[str]:

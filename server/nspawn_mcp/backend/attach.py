@@ -9,10 +9,11 @@ only, so it starts in milliseconds.
 For each bind:
 
 1. The source is opened beneath its allowed root with ``openat2(RESOLVE_BENEATH |
-   RESOLVE_NO_MAGICLINKS)``, in the server's own mount namespace (where the policy
-   checked it), and must still be the very object (st_dev, st_ino) the check found:
-   what gets mounted is that descriptor, so a path swapped after the check cannot
-   be mounted instead (HOSTILE-TESTS B11).
+   RESOLVE_NO_SYMLINKS)``, in the server's own mount namespace (where the policy
+   checked it), by the real paths the check resolved (:func:`open_checked_source`),
+   and must still be the very object (st_dev, st_ino) the check found: what gets
+   mounted is that descriptor, so a path swapped after the check cannot be mounted
+   instead (HOSTILE-TESTS B11).
 2. ``open_tree(OPEN_TREE_CLONE)`` makes a detached mount of exactly that object and
    ``mount_setattr`` sets ``nosuid,nodev`` (``noexec`` if the policy says), ``ro``
    unless writable, and an ID map (see :func:`writable_root_refusal` for why writable
@@ -61,6 +62,7 @@ __all__ = [
     "AttachReply",
     "AttachRequest",
     "BindSpec",
+    "open_checked_source",
     "writable_root_refusal",
 ]
 
@@ -244,35 +246,56 @@ def _owner_userns(uid: int, gid: int, sandbox: _Sandbox) -> int:
         os.waitpid(child, 0)
 
 
-def _prepare(spec: BindSpec, sandbox: _Sandbox, userns_by_owner: dict[tuple[int, int], int]) -> int:
-    """The detached, ID-mapped, flagged mount of the checked source."""
+_CHANGED = "a mount's host path changed while the sandbox was being created"
+
+
+def open_checked_source(spec: BindSpec) -> tuple[int, os.stat_result]:
+    """Step 1: the checked source as an ``O_PATH`` descriptor, and its allowed root's status.
+
+    Both are reached the way the check resolved them, so what is compared is the object
+    the check found: ``spec.root`` and ``spec.relative`` are real paths (the check
+    resolved any symlink in the policy's root, such as ``/tmp/link`` to ``/tmp/real``),
+    so they are walked without following any symlink. A component swapped for a
+    symlink since, or a source that is not the checked (st_dev, st_ino), is refused
+    as changed. Raises :class:`_Refusal`.
+    """
+    no_symlinks = kernel.RESOLVE_NO_SYMLINKS | kernel.RESOLVE_NO_MAGICLINKS
     try:
-        root_fd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_fd = kernel.openat2(
+            kernel.AT_FDCWD, spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, no_symlinks
+        )
     except FileNotFoundError:
         raise _Refusal("missing", f"allowed host directory {spec.root} no longer exists") from None
+    except OSError:
+        raise _Refusal("changed", _CHANGED) from None
     try:
         root_info = os.fstat(root_fd)
-        if spec.writable:
-            refusal = writable_root_refusal(root_info.st_uid, root_info.st_gid, root_info.st_mode)
-            if refusal is not None:
-                raise _Refusal("refused", f"{spec.root} cannot be bound writable: {refusal}")
         try:
             source = kernel.openat2(
                 root_fd,
                 spec.relative,
-                os.O_PATH | os.O_NOFOLLOW,
-                kernel.RESOLVE_BENEATH | kernel.RESOLVE_NO_MAGICLINKS,
+                os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                kernel.RESOLVE_BENEATH | no_symlinks,
             )
         except OSError:
-            raise _Refusal(
-                "changed", "a mount's host path changed while the sandbox was being created"
-            ) from None
+            raise _Refusal("changed", _CHANGED) from None
     finally:
         os.close(root_fd)
+    info = os.fstat(source)
+    if (info.st_dev, info.st_ino) != (spec.device, spec.inode):
+        os.close(source)
+        raise _Refusal("changed", _CHANGED)
+    return source, root_info
+
+
+def _prepare(spec: BindSpec, sandbox: _Sandbox, userns_by_owner: dict[tuple[int, int], int]) -> int:
+    """The detached, ID-mapped, flagged mount of the checked source."""
+    source, root_info = open_checked_source(spec)
     try:
-        info = os.fstat(source)
-        if (info.st_dev, info.st_ino) != (spec.device, spec.inode):
-            raise _Refusal("changed", "a mount's host path changed while the sandbox was being created")
+        if spec.writable:
+            refusal = writable_root_refusal(root_info.st_uid, root_info.st_gid, root_info.st_mode)
+            if refusal is not None:
+                raise _Refusal("refused", f"{spec.root} cannot be bound writable: {refusal}")
         tree = kernel.open_tree(
             source, "", kernel.OPEN_TREE_CLONE | kernel.OPEN_TREE_CLOEXEC | kernel.AT_EMPTY_PATH
         )

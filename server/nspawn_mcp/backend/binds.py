@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 
-from ..errors import BackendError, NotFound, PolicyRefused
+from ..errors import BackendError, PolicyRefused
 from ..policy import BindMount
 from .attach import MAX_REPLY_BYTES, AttachReply, AttachRequest, BindSpec
 
@@ -30,15 +30,24 @@ HELPER = (sys.executable, "-I", "-m", "nspawn_mcp.backend.attach")
 
 
 def attach_request(leader: Path, mounts: Sequence[BindMount]) -> AttachRequest:
-    """What the helper is asked to do for the sandbox whose init is ``/proc/LEADER`` = ``leader``."""
+    """What the helper is asked to do for the sandbox whose init is ``/proc/LEADER`` = ``leader``.
+
+    Each mount's ``root`` and ``source`` are the real paths :func:`~nspawn_mcp.hostfs.resolve_bind_source`
+    found (no symlink left in them), which the helper walks again without following any.
+    """
     specs = []
     for mount in mounts:
         if mount.inode == 0:
             raise BackendError(f"the bind at {mount.target} was not checked on the host")
+        relative = posixpath.relpath(mount.source, mount.root)
+        if relative == ".." or relative.startswith("../"):
+            # root and source must both be the real paths the check found (hostfs.resolve_bind_source)
+            log.error("bind source %s is not beneath its root %s", mount.source, mount.root)
+            raise BackendError(f"the bind at {mount.target} was not resolved beneath its allowed root")
         specs.append(
             BindSpec(
                 root=mount.root,
-                relative=posixpath.relpath(mount.source, mount.root),
+                relative=relative,
                 device=mount.device,
                 inode=mount.inode,
                 target=mount.target,
@@ -56,10 +65,8 @@ async def attach_binds(leader: Path, mounts: Sequence[BindMount]) -> None:
     if reply.kind == "ok":
         return
     log.warning("attaching binds failed (%s): %s %s", reply.kind, reply.message, reply.detail)
-    if reply.kind in ("refused", "changed"):
+    if reply.kind in ("refused", "changed", "missing"):
         raise PolicyRefused(reply.message, rule="mounts.allowed")
-    if reply.kind == "missing":
-        raise NotFound(reply.message)
     raise BackendError(reply.message or "binding a host directory into the sandbox failed")
 
 

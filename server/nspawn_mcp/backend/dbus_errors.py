@@ -10,13 +10,13 @@ import errno
 import logging
 import os
 
-from ..errors import BackendError, BackendUnavailable, NotFound, SandboxError
+from ..errors import BackendError, BackendUnavailable, NoSuchObject, SandboxError
 
 __all__ = ["map_dbus_error"]
 
 log = logging.getLogger(__name__)
 
-_NOT_FOUND = frozenset(
+_NO_SUCH_OBJECT = frozenset(
     {
         "org.freedesktop.machine1.NoSuchMachine",
         "org.freedesktop.machine1.NoSuchImage",
@@ -42,14 +42,14 @@ _UNAVAILABLE = frozenset(
 def map_dbus_error(name: str | None, text: str, operation: str) -> SandboxError:
     """Translate an error reply of ``operation`` into our hierarchy."""
     log.debug("D-Bus %s failed: %s: %s", operation, name, text)
-    if name in _NOT_FOUND:
-        return NotFound(f"{operation}: no such object")
+    if name in _NO_SUCH_OBJECT:
+        return NoSuchObject(f"{operation} failed: the system service has no such object")
     if name in _UNAVAILABLE:
         return BackendUnavailable(f"{operation}: the system service did not answer; try again")
     if name and name.startswith("System.Error."):
         code = getattr(errno, name.removeprefix("System.Error."), None)
         if code == errno.ENOENT:
-            return NotFound(f"{operation}: no such file or directory")
+            return NoSuchObject(f"{operation} failed: no such file or directory")
         if code is not None:
             return BackendError(f"{operation} failed: {os.strerror(code)}")
     if name == "org.freedesktop.systemd1.UnitExists":

@@ -43,6 +43,7 @@ import dns.rdatatype
 import dns.rrset
 
 from ..errors import QuotaExceeded
+from ..naming import INTERFACE_PATTERN, host_interface, nft_object, sandbox_of_interface
 from ..policy import EgressPlan
 
 __all__ = [
@@ -51,16 +52,15 @@ __all__ = [
     "SNI_PROXY_PORT",
     "DnsQuestion",
     "NotTls",
+    "SubnetPool",
     "TlsFraming",
     "UpstreamReply",
-    "allocate_subnet",
     "base_ruleset",
     "dns_action",
     "domain_allowed",
     "egress_interfaces_in",
     "endpoints",
     "frame_tls",
-    "host_interface",
     "parse_sni",
     "reachable_answer",
     "read_question",
@@ -76,15 +76,9 @@ SANDBOX_NETWORK = ipaddress.IPv4Network("10.213.0.0/16")
 TABLE = "inet nspawn_mcp"
 SNI_PROXY_PORT = 3129
 """Where an egress sandbox's connections to its listed domains are redirected, on its gateway."""
-_INTERFACES = "ve-sbx-*"
 
 
-def host_interface(sandbox_id: str) -> str:
-    """nspawn names the host end of the veth ``ve-<machine>`` (15 characters at most)."""
-    return f"ve-{sandbox_id}"[:15]
-
-
-def allocate_subnet(used: Iterable[str]) -> str:
+def _first_free(used: Iterable[str]) -> str:
     """The first free /30 of ``SANDBOX_NETWORK``; QuotaExceeded when every one is taken."""
     taken = set(used)
     for subnet in SANDBOX_NETWORK.subnets(new_prefix=30):
@@ -96,26 +90,52 @@ def allocate_subnet(used: Iterable[str]) -> str:
     )
 
 
+class SubnetPool:
+    """Which egress sandbox holds which /30 of ``SANDBOX_NETWORK``: no I/O, no awaits.
+
+    :meth:`reserve` is synchronous, so two creates cannot take the same subnet; a subnet
+    stays held until :meth:`release`, after its sandbox (and so its veth) has gone.
+    """
+
+    def __init__(self) -> None:
+        self._subnets: dict[str, str] = {}
+        """sandbox id -> its subnet"""
+        self._holders: dict[str, str] = {}
+        """subnet -> the sandbox holding it"""
+
+    def reserve(self, sandbox_id: str) -> str:
+        """A free /30 for ``sandbox_id`` (the one it holds, if any); QuotaExceeded if none is left."""
+        if sandbox_id not in self._subnets:
+            self.claim(sandbox_id, _first_free(self._holders))
+        return self._subnets[sandbox_id]
+
+    def claim(self, sandbox_id: str, subnet: str) -> None:
+        """Record that ``sandbox_id`` has ``subnet`` (a sandbox adopted after a restart).
+
+        Raises ValueError if another sandbox holds it, or this one holds another.
+        """
+        holder = self._holders.get(subnet, sandbox_id)
+        if holder != sandbox_id:
+            raise ValueError(f"{subnet} for {sandbox_id}: {holder} holds {subnet}")
+        held = self._subnets.get(sandbox_id, subnet)
+        if held != subnet:
+            raise ValueError(f"{subnet} for {sandbox_id}: {sandbox_id} holds {held}")
+        self._subnets[sandbox_id] = subnet
+        self._holders[subnet] = sandbox_id
+
+    def release(self, sandbox_id: str) -> None:
+        subnet = self._subnets.pop(sandbox_id, None)
+        if subnet is not None:
+            del self._holders[subnet]
+
+    def held(self, sandbox_id: str) -> str | None:
+        return self._subnets.get(sandbox_id)
+
+
 def endpoints(subnet: str) -> tuple[str, str]:
     """(host end, sandbox end) of a sandbox's /30."""
     hosts = list(ipaddress.IPv4Network(subnet).hosts())
     return str(hosts[0]), str(hosts[1])
-
-
-def _chain(sandbox_id: str) -> str:
-    return "egress_" + sandbox_id.removeprefix("sbx-")
-
-
-def _sni_chain(sandbox_id: str) -> str:
-    return "sni_" + sandbox_id.removeprefix("sbx-")
-
-
-def _input_chain(sandbox_id: str) -> str:
-    return "input_" + sandbox_id.removeprefix("sbx-")
-
-
-def _set(sandbox_id: str) -> str:
-    return "resolved_" + sandbox_id.removeprefix("sbx-")
 
 
 def base_ruleset() -> str:
@@ -129,15 +149,15 @@ add chain {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy
 add chain {TABLE} input {{ type filter hook input priority filter; policy accept; }}
 add chain {TABLE} forward {{ type filter hook forward priority filter; policy accept; }}
 add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
-add rule {TABLE} input iifname "{_INTERFACES}" meta nfproto ipv4 iifname vmap @sandbox_input
-add rule {TABLE} input iifname "{_INTERFACES}" drop
-add rule {TABLE} forward oifname "{_INTERFACES}" ct state established,related accept
-add rule {TABLE} forward oifname "{_INTERFACES}" drop
-add rule {TABLE} forward iifname "{_INTERFACES}" ip daddr {SANDBOX_NETWORK} drop
-add rule {TABLE} forward iifname "{_INTERFACES}" meta nfproto ipv4 iifname vmap @sandbox_egress
-add rule {TABLE} forward iifname "{_INTERFACES}" drop
-add rule {TABLE} prerouting iifname "{_INTERFACES}" meta nfproto ipv4 iifname vmap @sandbox_sni
-add rule {TABLE} postrouting ip saddr {SANDBOX_NETWORK} oifname != "{_INTERFACES}" masquerade
+add rule {TABLE} input iifname "{INTERFACE_PATTERN}" meta nfproto ipv4 iifname vmap @sandbox_input
+add rule {TABLE} input iifname "{INTERFACE_PATTERN}" drop
+add rule {TABLE} forward oifname "{INTERFACE_PATTERN}" ct state established,related accept
+add rule {TABLE} forward oifname "{INTERFACE_PATTERN}" drop
+add rule {TABLE} forward iifname "{INTERFACE_PATTERN}" ip daddr {SANDBOX_NETWORK} drop
+add rule {TABLE} forward iifname "{INTERFACE_PATTERN}" meta nfproto ipv4 iifname vmap @sandbox_egress
+add rule {TABLE} forward iifname "{INTERFACE_PATTERN}" drop
+add rule {TABLE} prerouting iifname "{INTERFACE_PATTERN}" meta nfproto ipv4 iifname vmap @sandbox_sni
+add rule {TABLE} postrouting ip saddr {SANDBOX_NETWORK} oifname != "{INTERFACE_PATTERN}" masquerade
 """
 
 
@@ -149,8 +169,8 @@ def sandbox_rules(sandbox_id: str, plan: EgressPlan) -> str:
     and only from its own address: not another sandbox's services, not the host's.
     """
     assert plan.subnet is not None
-    chain, resolved, sni = _chain(sandbox_id), _set(sandbox_id), _sni_chain(sandbox_id)
-    services = _input_chain(sandbox_id)
+    chain, resolved = nft_object("egress", sandbox_id), nft_object("resolved", sandbox_id)
+    sni, services = nft_object("sni", sandbox_id), nft_object("input", sandbox_id)
     interface = host_interface(sandbox_id)
     gateway, sandbox_end = endpoints(plan.subnet)
     own = f"ip saddr {sandbox_end} ip daddr {gateway}"
@@ -187,16 +207,16 @@ def sandbox_rules_removal(sandbox_id: str) -> list[str]:
         f'delete element {TABLE} sandbox_input {{ "{interface}" }}\n',
         f'delete element {TABLE} sandbox_egress {{ "{interface}" }}\n',
         f'delete element {TABLE} sandbox_sni {{ "{interface}" }}\n',
-        f"delete chain {TABLE} {_input_chain(sandbox_id)}\n",
-        f"delete chain {TABLE} {_chain(sandbox_id)}\n",
-        f"delete chain {TABLE} {_sni_chain(sandbox_id)}\n",
-        f"delete set {TABLE} {_set(sandbox_id)}\n",
+        f"delete chain {TABLE} {nft_object('input', sandbox_id)}\n",
+        f"delete chain {TABLE} {nft_object('egress', sandbox_id)}\n",
+        f"delete chain {TABLE} {nft_object('sni', sandbox_id)}\n",
+        f"delete set {TABLE} {nft_object('resolved', sandbox_id)}\n",
     ]
 
 
 def resolved_addresses(sandbox_id: str, addresses: Iterable[str], ttl_seconds: int) -> str:
     elements = ", ".join(f"{address} timeout {max(ttl_seconds, 60)}s" for address in addresses)
-    return f"add element {TABLE} {_set(sandbox_id)} {{ {elements} }}\n"
+    return f"add element {TABLE} {nft_object('resolved', sandbox_id)} {{ {elements} }}\n"
 
 
 def _ports(ports: Iterable[int]) -> str:
@@ -209,8 +229,9 @@ def egress_interfaces_in(listing: str) -> set[str]:
     for item in json.loads(listing).get("nftables", []):
         for element in item.get("map", {}).get("elem", []):
             key = element[0] if isinstance(element, list) else element
-            if isinstance(key, str) and key.startswith("ve-sbx-"):
-                found.add(key.removeprefix("ve-"))
+            sandbox_id = sandbox_of_interface(key) if isinstance(key, str) else None
+            if sandbox_id is not None:
+                found.add(sandbox_id)
     return found
 
 

@@ -41,11 +41,13 @@ import dns.rcode
 from anyio.abc import TaskGroup
 
 from ..errors import BackendError
+from ..naming import host_interface
 from ..policy import EgressPlan
 from .egress import (
     SNI_PROXY_PORT,
     DnsQuestion,
     NotTls,
+    SubnetPool,
     TlsFraming,
     UpstreamReply,
     base_ruleset,
@@ -54,7 +56,6 @@ from .egress import (
     egress_interfaces_in,
     endpoints,
     frame_tls,
-    host_interface,
     parse_sni,
     reachable_answer,
     read_question,
@@ -153,6 +154,7 @@ class EgressNetwork:
         self._tasks = tasks
         self._proc_root = proc_root
         self._services: dict[str, anyio.CancelScope] = {}
+        self._subnets = SubnetPool()
         self._base_lock = anyio.Lock()  # the shared table is made and removed by one task at a time
         self._saved_forwarding = anyio.Path(state_dir / "ip_forward.saved")
 
@@ -196,11 +198,35 @@ class EgressNetwork:
                     await _run(["nft", "-f", "-"], script, check=False)
             await self._remove_base_if_unused()
 
-    async def attach(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
-        """Address both ends of the sandbox's veth, route, apply its rules, start its resolver."""
-        assert plan.subnet is not None
+    def reserve(self, sandbox_id: str) -> str:
+        """A /30 for a new egress sandbox, held until :meth:`release`; QuotaExceeded if none is left.
+
+        Synchronous: a create reserves between its quota check and registering the sandbox,
+        with no await in between, so concurrent creates cannot take the same subnet.
+        """
+        return self._subnets.reserve(sandbox_id)
+
+    def release(self, sandbox_id: str) -> None:
+        """The sandbox is gone, and its veth with it: its subnet may be given again."""
+        self._subnets.release(sandbox_id)
+
+    def _claim(self, sandbox_id: str, plan: EgressPlan) -> str:
+        """The sandbox's subnet, recorded as its own (reserved at create, or adopted after a restart)."""
+        if plan.subnet is None:
+            raise BackendError(f"sandbox {sandbox_id} has no network reserved")
+        try:
+            self._subnets.claim(sandbox_id, plan.subnet)
+        except ValueError as exc:
+            log.warning("sandbox %s: cannot hold its subnet: %s", sandbox_id, exc)
+            raise BackendError(f"sandbox {sandbox_id}'s network is held by another sandbox") from None
+        return plan.subnet
+
+    async def attach(self, sandbox_id: str, plan: EgressPlan, leader: int) -> str:
+        """Address both ends of the sandbox's veth, route, apply its rules, start its resolver;
+        return the resolver's address (the host end)."""
+        subnet = self._claim(sandbox_id, plan)
         self._services[sandbox_id] = anyio.CancelScope()  # from here on, detach has work to do
-        host_end, sandbox_end = endpoints(plan.subnet)
+        host_end, sandbox_end = endpoints(subnet)
 
         interface = host_interface(sandbox_id)
         await _run(["ip", "addr", "add", f"{host_end}/30", "dev", interface])
@@ -213,11 +239,12 @@ class EgressNetwork:
             await self._ensure_base()
             await _run(["nft", "-f", "-"], sandbox_rules(sandbox_id, plan))
         await self.serve(sandbox_id, plan)
+        return host_end
 
     async def serve(self, sandbox_id: str, plan: EgressPlan) -> None:
-        """Start the sandbox's filtering resolver and server-name check (also after a restart)."""
-        assert plan.subnet is not None
-        host_end, sandbox_end = endpoints(plan.subnet)
+        """Start the sandbox's filtering resolver and server-name check (also after a restart,
+        when this also records the subnet the sandbox has as held)."""
+        host_end, sandbox_end = endpoints(self._claim(sandbox_id, plan))
         udp = await anyio.create_udp_socket(local_host=host_end, local_port=53)
         try:
             listener = await _tcp_listener(host_end, SNI_PROXY_PORT)
@@ -230,7 +257,9 @@ class EgressNetwork:
         self._tasks.start_soon(service.run, scope, udp, listener)
 
     async def detach(self, sandbox_id: str) -> None:
-        """Undo :meth:`attach` (or :meth:`serve`); nothing to do for sandboxes without egress."""
+        """Undo :meth:`attach` (or :meth:`serve`); nothing to do for sandboxes without egress.
+
+        The subnet stays held until :meth:`release`, once the sandbox's veth is gone."""
         scope = self._services.pop(sandbox_id, None)
         if scope is None:
             return

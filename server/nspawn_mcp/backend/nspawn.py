@@ -29,14 +29,23 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from ..errors import BackendError, NotFound, SandboxGone
+from ..errors import BackendError, NoSuchObject, SandboxGone
 from ..layout import Layout
-from ..naming import SANDBOX_ID, service_unit, slice_unit, template_image
+from ..naming import (
+    SANDBOX_ID,
+    UNIT_PATTERNS,
+    machine_name,
+    sandbox_of_machine,
+    sandbox_of_unit,
+    service_unit,
+    slice_unit,
+    template_image,
+    template_of_image,
+)
 from ..policy import EgressPlan, SandboxPlan
 from .binds import attach_binds
 from .bus import Bus
 from .cgroups import oom_kill_count
-from .egress import endpoints
 from .jail import JailClient
 from .machine1 import Machined
 from .network import EgressNetwork
@@ -47,7 +56,6 @@ __all__ = ["NspawnBackend", "install_supervisor"]
 
 log = logging.getLogger(__name__)
 
-_IMAGE_PREFIX = "nspawn-mcp-"
 _READY_TIMEOUT = 15.0
 _SUPERVISOR_FILES = ("supervisor.py", "protocol.py")
 
@@ -142,27 +150,26 @@ class NspawnBackend:
         return self._layout.staging_dir
 
     async def available_images(self) -> set[str]:
-        return {
-            image.name.removeprefix(_IMAGE_PREFIX)
-            for image in await self._machined.list_images()
-            if image.name.startswith(_IMAGE_PREFIX)
-        }
+        names = (template_of_image(image.name) for image in await self._machined.list_images())
+        return {name for name in names if name is not None}
 
     def _paths(self, sandbox_id: str) -> SandboxPaths:
-        root = self._layout.machines_dir / sandbox_id
+        root = self._layout.machines_dir / machine_name(sandbox_id)
         return SandboxPaths(root=str(root), lib_dir=str(self._layout.lib_dir))
 
     async def create(self, sandbox_id: str, plan: SandboxPlan) -> None:
         self._layout.sandbox_dir(sandbox_id).mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            await self._machined.clone_image(template_image(plan.image), sandbox_id)
-        except NotFound:
+            await self._machined.clone_image(template_image(plan.image), machine_name(sandbox_id))
+        except NoSuchObject:
             raise BackendError(
                 f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`"
             ) from None
         if plan.limits.disk_bytes is not None:
             try:
-                await self._machined.set_image_limit(sandbox_id, plan.limits.disk_bytes)
+                await self._machined.set_image_limit(machine_name(sandbox_id), plan.limits.disk_bytes)
+            except NoSuchObject:
+                raise  # the snapshot went: not a matter of quotas
             except BackendError:
                 raise BackendError(
                     "this policy caps disk use, but disk quotas are off on this host's image pool: "
@@ -183,21 +190,25 @@ class NspawnBackend:
             raise BackendError(f"sandbox {sandbox_id} did not become ready") from None
         if not plan.mounts and plan.egress is None:
             return
-        leader = await self._machined.machine_leader(sandbox_id)
+        leader = await self._machined.machine_leader(machine_name(sandbox_id))
         if plan.mounts:
             await attach_binds(self._proc_root / str(leader), plan.mounts)
         if plan.egress is not None:
             await self._attach_network(sandbox_id, plan.egress, leader)
 
-    async def _attach_network(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
+    def reserve_subnet(self, sandbox_id: str) -> str:
+        return self._egress().reserve(sandbox_id)
+
+    def _egress(self) -> EgressNetwork:
         if self._network is None:
             raise BackendError("egress networking is not available in this server")
-        await self._network.attach(sandbox_id, plan, leader)
-        assert plan.subnet is not None
-        host_end, _ = endpoints(plan.subnet)
+        return self._network
+
+    async def _attach_network(self, sandbox_id: str, plan: EgressPlan, leader: int) -> None:
+        resolver = await self._egress().attach(sandbox_id, plan, leader)
         resolv = self._layout.sandbox_dir(sandbox_id) / "resolv.conf"
-        resolv.write_text(f"nameserver {host_end}\noptions edns0\n")
-        await self._machined.copy_to_machine(sandbox_id, str(resolv), "/etc/resolv.conf")
+        resolv.write_text(f"nameserver {resolver}\noptions edns0\n")
+        await self._machined.copy_to_machine(machine_name(sandbox_id), str(resolv), "/etc/resolv.conf")
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
         if plan.egress is not None and self._network is not None:
@@ -208,37 +219,38 @@ class NspawnBackend:
             await self._network.detach(sandbox_id)
         await self._systemd.stop_unit(service_unit(sandbox_id))
         await self._systemd.reset_failed(service_unit(sandbox_id))
+        if self._network is not None:  # its veth went with the service
+            self._network.release(sandbox_id)
         await self._systemd.stop_unit(slice_unit(sandbox_id))
         await self._systemd.reset_failed(slice_unit(sandbox_id))
-        with contextlib.suppress(NotFound):
-            await self._machined.remove_image(sandbox_id)
+        with contextlib.suppress(NoSuchObject):
+            await self._machined.remove_image(machine_name(sandbox_id))
         shutil.rmtree(self._layout.sandbox_dir(sandbox_id), ignore_errors=True)
 
     async def running(self) -> set[str]:
         ours: set[str] = set()
         for machine in await self._machined.list_machines():
-            if not SANDBOX_ID.match(machine.name):
+            sandbox_id = sandbox_of_machine(machine.name)
+            if sandbox_id is None:
                 continue
             try:
                 unit = await self._machined.machine_unit(machine.name)
-            except NotFound:
+            except NoSuchObject:  # it went meanwhile
                 continue
-            if unit == service_unit(machine.name):
-                ours.add(machine.name)
+            if unit == service_unit(sandbox_id):
+                ours.add(sandbox_id)
         return ours
 
     async def leftovers(self) -> set[str]:
-        found = {image.name for image in await self._machined.list_images() if SANDBOX_ID.match(image.name)}
-        units = await self._systemd.list_units(["nspawn-mcp-sbx-*.service", "nspawnmcp-*.slice"])
-        for unit in units:
-            name = unit.name.removesuffix(".service").removesuffix(".slice")
-            name = name.removeprefix("nspawn-mcp-").removeprefix("nspawnmcp-")
-            candidate = name if name.startswith("sbx-") else f"sbx-{name}"
-            if SANDBOX_ID.match(candidate):
-                found.add(candidate)
+        names = [image.name for image in await self._machined.list_images()]
+        found = {sandbox_of_machine(name) for name in names}
+        units = await self._systemd.list_units(list(UNIT_PATTERNS))
+        found |= {sandbox_of_unit(unit.name) for unit in units}
         if self._layout.sandboxes_dir.is_dir():
-            found |= {p.name for p in self._layout.sandboxes_dir.iterdir() if SANDBOX_ID.match(p.name)}
-        return found - await self.running()
+            found |= {
+                path.name for path in self._layout.sandboxes_dir.iterdir() if SANDBOX_ID.fullmatch(path.name)
+            }
+        return {sandbox_id for sandbox_id in found if sandbox_id is not None} - await self.running()
 
     async def oom_kills(self, sandbox_id: str) -> int | None:
         return await anyio.to_thread.run_sync(oom_kill_count, sandbox_id)
@@ -247,4 +259,6 @@ class NspawnBackend:
         return JailClient(self._layout.control_socket(sandbox_id), sandbox_id)
 
     async def copy_in(self, sandbox_id: str, host_source: Path, container_destination: str) -> None:
-        await self._machined.copy_to_machine(sandbox_id, str(host_source), container_destination)
+        await self._machined.copy_to_machine(
+            machine_name(sandbox_id), str(host_source), container_destination
+        )

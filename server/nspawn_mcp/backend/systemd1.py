@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 from dbus_fast import Message, Variant
 
-from ..errors import BackendError, NotFound
+from ..errors import BackendError, NoSuchObject
 from .bus import Bus
 from .properties import encode
 
@@ -140,14 +140,14 @@ class Systemd:
         what = f"stopping {name}"
         try:
             job = await self._manager("StopUnit", "ss", name, "replace", operation=what)
-        except NotFound:
+        except NoSuchObject:
             return
         result = await self._wait_job(job, timeout, what)
         if result not in ("done", "canceled"):
             raise BackendError(f"{what} failed: {result}")
 
     async def reset_failed(self, name: str) -> None:
-        with contextlib.suppress(NotFound, BackendError):  # not loaded or not failed: nothing to do
+        with contextlib.suppress(BackendError):  # not loaded (NoSuchObject) or not failed: nothing to do
             await self._manager("ResetFailedUnit", "s", name, operation=f"resetting {name}")
 
     async def list_units(self, patterns: list[str]) -> list[UnitStatus]:

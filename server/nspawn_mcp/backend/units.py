@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..naming import service_unit, slice_unit
+from ..naming import machine_name, service_unit, slice_unit
 from ..policy import SandboxPlan
 from .properties import ExecCommand
 
@@ -109,7 +109,7 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
         "--keep-unit",
         "--register=yes",
         "--settings=no",
-        f"--machine={sandbox_id}",
+        f"--machine={machine_name(sandbox_id)}",
         f"--directory={paths.root}",
         "--private-users=pick",
         "--private-users-ownership=map",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import InvalidRequest, PolicyRefused
 
@@ -19,6 +20,7 @@ __all__ = [
     "DENIED_HOST_ROOTS",
     "MAX_PATH_BYTES",
     "RESERVED_SANDBOX_PATHS",
+    "HostPathRule",
     "HostTarget",
     "check_container_path",
     "check_mount_target",
@@ -46,6 +48,12 @@ DENIED_HOST_ROOTS: tuple[str, ...] = (
 
 ``/`` is special-cased: it is denied as a root, not everything beneath it.
 """
+
+
+HostPathRule = Literal["files.allowed_host_dirs", "mounts.allowed"]
+"""The policy field whose roots a host path was confined to: copies' or mounts'. Refusals name it."""
+
+_USE: dict[HostPathRule, str] = {"files.allowed_host_dirs": "copies", "mounts.allowed": "mounts"}
 
 
 @dataclass(frozen=True)
@@ -99,8 +107,10 @@ def resolve_allowed_roots(directories: Iterable[str], cwd: str) -> tuple[str, ..
     return tuple(roots)
 
 
-def confine_host_path(path: str, roots: tuple[str, ...], cwd: str) -> HostTarget:
-    """Place ``path`` under one of ``roots`` or refuse it.
+def confine_host_path(
+    path: str, roots: tuple[str, ...], cwd: str, *, rule: HostPathRule = "files.allowed_host_dirs"
+) -> HostTarget:
+    """Place ``path`` under one of ``roots`` (those of the policy field ``rule``) or refuse it.
 
     Relative paths are taken relative to ``cwd``. ``..`` components are refused
     outright rather than interpreted, since their meaning depends on symlinks.
@@ -108,14 +118,14 @@ def confine_host_path(path: str, roots: tuple[str, ...], cwd: str) -> HostTarget
     _check_syntax(path, "host path")
     if not roots:
         raise PolicyRefused(
-            "this sandbox's policy allows no host directory for copies (protected directories such as / "
-            "or /etc never count)",
-            rule="files.allowed_host_dirs",
+            f"this sandbox's policy allows no host directory for {_USE[rule]} (protected directories "
+            "such as / or /etc never count)",
+            rule=rule,
         )
     if ".." in path.split("/"):
         raise PolicyRefused(
             f"host path {path!r} contains '..'; use a path inside an allowed directory: " + ", ".join(roots),
-            rule="files.allowed_host_dirs",
+            rule=rule,
         )
     absolute = posixpath.normpath(posixpath.join(cwd, path))
     if absolute.startswith("//"):
@@ -126,8 +136,8 @@ def confine_host_path(path: str, roots: tuple[str, ...], cwd: str) -> HostTarget
             best = root
     if best is None:
         raise PolicyRefused(
-            f"host path {path!r} is outside the allowed directories: " + ", ".join(roots),
-            rule="files.allowed_host_dirs",
+            f"host path {path!r} is outside the directories allowed for {_USE[rule]}: " + ", ".join(roots),
+            rule=rule,
         )
     relative = posixpath.relpath(absolute, best)
     return HostTarget(root=best, relative=relative)

@@ -249,13 +249,7 @@ def _resolve_mounts(policy: Policy, requests: tuple[MountRequest, ...], cwd: str
         if target in targets:
             raise InvalidRequest(f"two mounts at {target}")
         targets.add(target)
-        try:
-            host = confine_host_path(request.host, roots, cwd)
-        except PolicyRefused as refusal:
-            raise PolicyRefused(
-                f"host path {request.host!r} may not be mounted; allowed: {', '.join(roots)}",
-                rule="mounts.allowed",
-            ) from refusal
+        host = confine_host_path(request.host, roots, cwd, rule="mounts.allowed")
         if request.writable and host.root not in writable_roots:
             raise PolicyRefused(f"{host.root} may only be mounted read-only", rule="mounts.allowed.writable")
         mounts.append(
