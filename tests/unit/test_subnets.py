@@ -94,7 +94,7 @@ def service_on(backend: FakeBackend, tmp_path: Path, max_sandboxes: int = 10) ->
     return SandboxService(
         backend,
         PolicySet(policies),
-        state_dir=tmp_path / "state",
+        records_dir=tmp_path / "state",
         cwd=str(tmp_path),
         max_sandboxes=max_sandboxes,
     )

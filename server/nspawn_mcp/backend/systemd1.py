@@ -128,7 +128,7 @@ class Systemd:
             raise BackendError(f"{what} failed: {result}")
 
     async def start_unit(self, name: str, *, timeout: float = 120.0) -> None:
-        """Start an installed unit and wait for its job; NotFound if there is no such unit file."""
+        """Start an installed unit and wait for its job; NoSuchObject if there is no such unit file."""
         what = f"starting {name}"
         job = await self._manager("StartUnit", "ss", name, "replace", operation=what)
         result = await self._wait_job(job, timeout, what)

@@ -23,7 +23,7 @@ import anyio.to_thread
 from ..backend.bus import Bus
 from ..backend.systemd1 import Systemd, UnitStatus
 from ..box import HOST_ANCHOR_FILE
-from ..errors import BackendError, NotFound
+from ..errors import BackendError, NoSuchObject
 from ..layout import Layout
 from ..runtime import Daemons, find_daemons
 from .main import SYSTEMD_ROOT_ENV
@@ -108,7 +108,7 @@ async def start_daemon(layout: Layout, options: DaemonOptions) -> None:
         if units and units[0].active_state in _ACTIVE:
             return
         if not daemons.in_box:
-            with contextlib.suppress(NotFound):
+            with contextlib.suppress(NoSuchObject):
                 await systemd.start_unit(DAEMON_UNIT)  # the operator installed the unit file
                 return
         await systemd.reset_failed(DAEMON_UNIT)
