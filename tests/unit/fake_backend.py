@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -19,6 +20,16 @@ from nspawn_mcp.backend.api import (
 from nspawn_mcp.backend.egress import SubnetPool
 from nspawn_mcp.errors import CopyRefused, NotFound, SandboxGone
 from nspawn_mcp.policy import SandboxPlan
+
+
+class Clock:
+    """A clock the test moves by hand (``clock.now += timedelta(...)``)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
 def ok(stdout: bytes = b"", stderr: bytes = b"", exit_code: int = 0) -> CommandOutcome:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from nspawn_mcp.identity import Client, current_client
 from nspawn_mcp.policy import CreateRequest, PolicySet
 from nspawn_mcp.policy.loader import load_policy_text
 from nspawn_mcp.service import RECONNECT_GRACE, SandboxService
-from tests.unit.fake_backend import FakeBackend
+from tests.unit.fake_backend import Clock, FakeBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -30,14 +30,6 @@ POLICIES = {
     "idle": "[sandboxes]\nidle_timeout_seconds = 60\n",
     "two": "[sandboxes]\nmax_live_per_client = 2\n",
 }
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import anyio
@@ -26,17 +26,9 @@ from nspawn_mcp.identity import Client, current_client
 from nspawn_mcp.policy import CreateRequest, PolicySet
 from nspawn_mcp.policy.loader import load_policy_text
 from nspawn_mcp.service import SandboxService
-from tests.unit.fake_backend import FakeBackend, ok
+from tests.unit.fake_backend import Clock, FakeBackend, ok
 
 pytestmark = pytest.mark.anyio
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture

@@ -40,17 +40,17 @@ import re
 import secrets
 import stat
 import threading
-import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, model_validator
 
 from ..layout import Layout
 from ..policy.loader import POLICY_NAME
+from ..tomlfile import load_toml_model
 
 __all__ = [
     "IDENTITY_NAME",
@@ -147,24 +147,9 @@ def _identity(name: str, entry: TokenEntry) -> TokenIdentity:
     return TokenIdentity(name=name, policies=entry.policies, created=entry.created)
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid token file"]
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {field}: {item['msg']}")
-    return "\n".join(lines)
-
-
 def parse_token_file(text: str, source: str) -> TokenFile:
     """Parse and validate; errors name ``source`` and the line (TOML syntax) or the field (content)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TokenFileError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        return TokenFile.model_validate(data)
-    except ValidationError as exc:
-        raise TokenFileError(_describe(exc, source)) from None
+    return load_toml_model(TokenFile, text, source, what="token file", error=TokenFileError)
 
 
 _TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}

@@ -8,15 +8,13 @@ name the file, the field and what is allowed.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from ..errors import InvalidRequest, PolicyRefused
+from ..tomlfile import load_toml_model
 from .models import Policy
 
 __all__ = [
@@ -39,23 +37,8 @@ def shipped_policy_dir() -> Path:
     return Path(str(resources.files("nspawn_mcp") / "data" / "policies"))
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid policy"]
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {field}: {item['msg']}")
-    return "\n".join(lines)
-
-
 def load_policy_text(text: str, source: str) -> Policy:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        return Policy.model_validate(data)
-    except ValidationError as exc:
-        raise PolicyError(_describe(exc, source)) from None
+    return load_toml_model(Policy, text, source, what="policy", error=PolicyError)
 
 
 def load_policy_file(path: Path) -> Policy:
