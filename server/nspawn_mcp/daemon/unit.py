@@ -31,7 +31,14 @@ __all__ = ["DAEMON_UNIT", "DaemonOptions", "daemon_status", "start_daemon", "sto
 DAEMON_UNIT = "nspawn-mcp.service"
 _USEC = 1_000_000
 _ACTIVE = frozenset({"active", "activating", "reloading"})
-_PASSED_ENVIRONMENT = ("NSPAWN_MCP_STATE_DIR", "NSPAWN_MCP_RUNTIME_DIR", "NSPAWN_MCP_BUS_ADDRESS")
+_PASSED_ENVIRONMENT = (
+    "NSPAWN_MCP_STATE_DIR",
+    "NSPAWN_MCP_RUNTIME_DIR",
+    "NSPAWN_MCP_BUS_ADDRESS",
+    "PYTHONPATH",
+)
+"""What a front end that starts the daemon hands on to it. ``PYTHONPATH``: the daemon runs the code
+the front end runs (a checkout under test, not only what is installed in the virtualenv)."""
 
 
 @dataclass(frozen=True)
