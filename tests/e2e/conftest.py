@@ -26,8 +26,27 @@ from nspawn_mcp.box import find_box, host_runs_systemd, stop_box
 from nspawn_mcp.layout import Layout
 
 SERVER = Path(sys.executable).parent / "nspawn-mcp"
+_PASSED_ENVIRONMENT = (
+    "PYTHONPATH",
+    "NSPAWN_MCP_STATE_DIR",
+    "NSPAWN_MCP_RUNTIME_DIR",
+    "NSPAWN_MCP_BUS_ADDRESS",
+)
 CALL_TIMEOUT = 60.0
 """The longest any tool call of these tests may take: a client never hangs."""
+
+
+def serve(*arguments: str, cwd: Path) -> StdioServerParameters:
+    """``nspawn-mcp serve ARGUMENTS`` in ``cwd``, for a stdio client.
+
+    The SDK starts it with a few safe variables only; this test run's ``PYTHONPATH`` (the code
+    under test, which the front end hands on to a daemon it starts) and where the state is are
+    passed too.
+    """
+    environment = {key: os.environ[key] for key in _PASSED_ENVIRONMENT if key in os.environ}
+    return StdioServerParameters(
+        command=str(SERVER), args=["serve", *arguments], cwd=str(cwd), env=environment
+    )
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
@@ -103,8 +122,7 @@ def daemon_with_policies(box_lifetime: None, tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 async def client(box_lifetime: None, workdir: Path) -> AsyncIterator[Client]:
-    params = StdioServerParameters(command=str(SERVER), args=["serve"], cwd=str(workdir))
-    async with Client(params) as connected:
+    async with Client(serve(cwd=workdir)) as connected:
         yield connected
 
 

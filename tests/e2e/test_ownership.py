@@ -17,10 +17,9 @@ import anyio
 import httpx2
 import pytest
 from mcp.client import Client
-from mcp.client.stdio import StdioServerParameters
 from mcp_types import Implementation
 
-from tests.e2e.conftest import SERVER, HttpDaemon, call, free_port, http_client, http_daemon
+from tests.e2e.conftest import SERVER, HttpDaemon, call, free_port, http_client, http_daemon, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -56,7 +55,7 @@ async def _refused_everything(client: Client, sandbox: str, host_file: str, **me
 
 
 async def test_a_stdio_client_cannot_reach_another_ones_sandbox(box_lifetime: None, workdir: Path) -> None:
-    params = StdioServerParameters(command=str(SERVER), args=["serve"], cwd=str(workdir))
+    params = serve(cwd=workdir)
     # what the second says it is: the process itself (which sees everything), another uid, a token
     spoofed = Implementation(name="local", version="1.0")
     (workdir / "probe.txt").write_text("from the host\n")
@@ -110,7 +109,7 @@ async def test_http_clients_see_only_their_own_tokens_sandboxes(
     tokens_daemon: HttpDaemon, workdir: Path
 ) -> None:
     url, tokens = tokens_daemon.url, tokens_daemon.tokens
-    stdio = StdioServerParameters(command=str(SERVER), args=["serve"], cwd=str(workdir))
+    stdio = serve(cwd=workdir)
     async with (
         http_client(url, tokens["a"]) as a,
         http_client(url, tokens["b"], client_info=Implementation(name="a", version="1.0")) as b,

@@ -10,9 +10,8 @@ from pathlib import Path
 import anyio
 import pytest
 from mcp.client import Client
-from mcp.client.stdio import StdioServerParameters
 
-from tests.e2e.conftest import SERVER, call, error_text, kill_daemon
+from tests.e2e.conftest import call, error_text, kill_daemon, serve
 from tests.e2e.leaks import machines_and_images
 from tests.netns import outside_hosts
 
@@ -208,9 +207,7 @@ async def test_a_disconnect_destroys_the_clients_sandboxes_unless_its_policy_kee
     daemon_with_policies: Path, workdir: Path
 ) -> None:
     (daemon_with_policies / "kept.toml").write_text('[sandboxes]\non_disconnect = "keep"\n')
-    params = StdioServerParameters(
-        command=str(SERVER), args=["serve", "--policy-dir", str(daemon_with_policies)], cwd=str(workdir)
-    )
+    params = serve("--policy-dir", str(daemon_with_policies), cwd=workdir)
     async with Client(params) as first:
         dropped = (await call(first, "create_sandbox"))["sandbox_id"]
         kept = (await call(first, "create_sandbox", policy="kept"))["sandbox_id"]
@@ -345,9 +342,7 @@ async def test_an_egress_policy_reaches_its_listed_hosts_only(
 ) -> None:
     policies = daemon_with_policies
     (policies / "lab.toml").write_text(EGRESS_POLICY)
-    params = StdioServerParameters(
-        command=str(SERVER), args=["serve", "--policy-dir", str(policies)], cwd=str(workdir)
-    )
+    params = serve("--policy-dir", str(policies), cwd=workdir)
     with outside_hosts(tmp_path_factory.mktemp("outside") / "seen.log") as seen:
         async with Client(params) as client:
             sandbox = (await call(client, "create_sandbox", policy="lab"))["sandbox_id"]

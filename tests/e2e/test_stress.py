@@ -14,9 +14,8 @@ from pathlib import Path
 import anyio
 import pytest
 from mcp.client import Client
-from mcp.client.stdio import StdioServerParameters
 
-from tests.e2e.conftest import SERVER, HttpDaemon, call, daemon_pids, http_client, http_daemon
+from tests.e2e.conftest import HttpDaemon, call, daemon_pids, http_client, http_daemon, serve
 from tests.e2e.leaks import assert_no_leaks, snapshot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -83,7 +82,7 @@ async def test_many_clients_drive_many_sandboxes_at_once(stress_daemon: HttpDaem
     all_created = _Gate(SANDBOXES)
     lives_done = anyio.Event()
     churned = 0
-    params = StdioServerParameters(command=str(SERVER), args=["serve"], cwd=str(workdir))
+    params = serve(cwd=workdir)
     started = time.monotonic()
 
     async def life(index: int, client: Client) -> None:
