@@ -211,6 +211,7 @@ def test_the_daemons_unit_in_the_private_systemd() -> None:
             "NotifyAccess": "main",
             "Restart": "on-failure",
             "RestartUSec": 500000,
+            "StartLimitIntervalUSec": 0,
             "TimeoutStartUSec": 90000000,
             "TimeoutStopUSec": 15000000,
             "KillMode": "mixed",

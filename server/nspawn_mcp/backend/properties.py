@@ -21,6 +21,7 @@ SIGNATURES: Mapping[str, str] = {
     "DefaultDependencies": "b",
     "CollectMode": "s",
     "AddRef": "b",
+    "StartLimitIntervalUSec": "t",
     # service
     "Type": "s",
     "ExecStart": "a(sasb)",

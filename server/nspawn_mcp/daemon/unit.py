@@ -63,6 +63,9 @@ def unit_properties(
         "NotifyAccess": "main",
         "Restart": "on-failure",
         "RestartUSec": _USEC // 2,
+        # however often it dies: systemd's default start limit (5 in 10 s) would leave it dead, and
+        # its sandboxes unserved, until a stdio front end happened to start it again
+        "StartLimitIntervalUSec": 0,
         "TimeoutStartUSec": 90 * _USEC,
         "TimeoutStopUSec": 15 * _USEC,
         "KillMode": "mixed",
