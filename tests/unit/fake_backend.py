@@ -46,6 +46,7 @@ class FakeBackend:
     leftover_ids: set[str] = field(default_factory=set)
     create_error: BaseException | None = None
     create_gate: anyio.Event | None = None
+    adopt_errors: dict[str, BaseException] = field(default_factory=dict)
     on_exec: Callable[[CommandSpec], CommandOutcome] = lambda spec: ok()
     oom_kill_counts: dict[str, int] = field(default_factory=dict)
     processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
@@ -61,6 +62,8 @@ class FakeBackend:
             raise self.create_error
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        if sandbox_id in self.adopt_errors:
+            raise self.adopt_errors[sandbox_id]
         self.adopted.append(sandbox_id)
 
     async def destroy(self, sandbox_id: str) -> None:
