@@ -30,7 +30,10 @@ __all__ = ["DAEMON_UNIT", "DaemonOptions", "daemon_status", "start_daemon", "sto
 
 DAEMON_UNIT = "nspawn-mcp.service"
 _USEC = 1_000_000
-_ACTIVE = frozenset({"active", "activating", "reloading"})
+_IN_HAND = frozenset({"active", "activating", "reloading", "deactivating"})
+"""Unit states in which systemd has the daemon in hand: running it, starting or restarting it, or
+cleaning up after it (a daemon that died is "deactivating" until its last process is gone, then
+restarted). Only a "failed" or absent unit is the front end's to start."""
 _PASSED_ENVIRONMENT = (
     "NSPAWN_MCP_STATE_DIR",
     "NSPAWN_MCP_RUNTIME_DIR",
@@ -97,13 +100,15 @@ async def start_daemon(layout: Layout, options: DaemonOptions) -> None:
     """Start the daemon's unit unless it runs; returns once systemd reports it ready (or failed)."""
     async with _systemd(layout) as (systemd, daemons):
         units = await systemd.list_units([DAEMON_UNIT])
-        if units and units[0].active_state in _ACTIVE:
+        if units and units[0].active_state in _IN_HAND:
             return
         if not daemons.in_box:
             with contextlib.suppress(NotFound):
                 await systemd.start_unit(DAEMON_UNIT)  # the operator installed the unit file
                 return
-        await systemd.reset_failed(DAEMON_UNIT)
+        if units and units[0].active_state == "failed":
+            # only then: resetting a unit also clears the failure that its pending restart is for
+            await systemd.reset_failed(DAEMON_UNIT)
         environment = {key: os.environ[key] for key in _PASSED_ENVIRONMENT if key in os.environ}
         properties = unit_properties(
             options, python=sys.executable, environment=environment, in_box=daemons.in_box, layout=layout
@@ -121,7 +126,7 @@ async def stop_daemon(layout: Layout) -> bool:
     """Stop the daemon (its sandboxes keep running; the next daemon adopts them)."""
     async with _systemd(layout) as (systemd, _):
         units = await systemd.list_units([DAEMON_UNIT])
-        if not units or units[0].active_state not in _ACTIVE:
+        if not units or units[0].active_state not in _IN_HAND:
             return False
         await systemd.stop_unit(DAEMON_UNIT)
         return True
