@@ -13,6 +13,8 @@ machined:
   "daemon restarted during this call", which is the expected answer, not a failure;
 - systemd restarted the daemon each time (its restart counter went up by one: no start
   limit stopped it).
+
+A daemon that refuses to start, on the other hand, is not restarted over and over.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -35,7 +39,7 @@ from nspawn_mcp.backend.systemd1 import Systemd
 from nspawn_mcp.daemon.unit import DAEMON_UNIT
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.runtime import find_daemons
-from tests.e2e.conftest import call, kill_daemon, serve, stop_daemon
+from tests.e2e.conftest import SERVER, add_token, call, kill_daemon, remove_token, serve, stop_daemon
 from tests.e2e.leaks import Remains, assert_no_leaks, machines_and_images, snapshot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -72,19 +76,25 @@ def faults_daemon(box_lifetime: None, tmp_path: Path) -> Iterator[list[str]]:
     stop_daemon()
 
 
-async def _restarts() -> int:
-    """How often systemd restarted the daemon's unit (``NRestarts``), or -1 if it has none."""
+async def _unit_state() -> tuple[str, int]:
+    """The daemon's unit: its state ("absent" if there is none) and how often systemd restarted it."""
     daemons = await anyio.to_thread.run_sync(find_daemons, Layout.from_env())
     bus = await Bus.connect(daemons.bus_address)
     try:
         systemd = Systemd(bus)
         units = await systemd.list_units([DAEMON_UNIT])
-        if not units or units[0].active_state != "active":
-            return -1
+        if not units:
+            return "absent", 0
         count = await systemd.unit_property(DAEMON_UNIT, "org.freedesktop.systemd1.Service", "NRestarts")
     finally:
         bus.disconnect()
-    return int(count)
+    return f"{units[0].active_state} ({units[0].sub_state})", int(count)
+
+
+async def _restarts() -> int:
+    """How often systemd restarted the running daemon's unit (``NRestarts``), or -1 if none runs."""
+    state, count = await _unit_state()
+    return count if state.startswith("active ") else -1
 
 
 async def _wait_for_restart(expected: int) -> None:
@@ -274,3 +284,25 @@ async def test_a_daemon_killed_at_random_points_of_every_operation(
         f"{kills} kills ({interrupted} in flight), seed {SEED}, "
         f"durations {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in durations.items())}: {elapsed:.1f} s"
     )
+
+
+async def test_a_daemon_that_refuses_to_start_is_not_restarted(box_lifetime: None) -> None:
+    name = f"refused-{secrets.token_hex(3)}"
+    add_token(name)  # tokens are not what it lacks
+    stop_daemon()
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            address = f"127.0.0.1:{taken.getsockname()[1]}"
+            with anyio.fail_after(60):
+                refused = await anyio.run_process([str(SERVER), "serve", "--http", address], check=False)
+            assert refused.returncode == 1, refused
+            assert b"did not start" in refused.stderr
+            state, restarts = await _unit_state()
+        # failed (and collected), not waiting to be restarted every half second for ever
+        assert state in ("absent", "failed (failed)"), state
+        assert restarts == 0
+    finally:
+        stop_daemon()
+        remove_token(name)

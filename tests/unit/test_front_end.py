@@ -212,6 +212,7 @@ def test_the_daemons_unit_in_the_private_systemd() -> None:
             "Restart": "on-failure",
             "RestartUSec": 500000,
             "StartLimitIntervalUSec": 0,
+            "RestartPreventExitStatus": ([78], []),
             "TimeoutStartUSec": 90000000,
             "TimeoutStopUSec": 15000000,
             "KillMode": "mixed",

@@ -48,12 +48,25 @@ from ..service import SandboxService
 from ..throttle import Throttle
 from .sessions import SessionHooks, serve_connection
 
-__all__ = ["DaemonConfig", "DaemonError", "HttpAddress", "check_config", "join_host_mounts", "run_daemon"]
+__all__ = [
+    "REFUSED",
+    "DaemonConfig",
+    "DaemonError",
+    "HttpAddress",
+    "check_config",
+    "join_host_mounts",
+    "run_daemon",
+]
 
 log = logging.getLogger(__name__)
 
 HOST_MOUNT_NS_ENV = "NSPAWN_MCP_HOST_ANCHOR"
 """Set where the daemon runs in the box: the file naming the anchor process (see :mod:`nspawn_mcp.box`)."""
+
+
+REFUSED = 78
+"""The exit status of a daemon that refused to start (``EX_CONFIG``): its unit does not restart it,
+since the next attempt would be refused alike (a bad policy, no tokens, the HTTP port taken)."""
 
 
 class DaemonError(RuntimeError):
@@ -232,7 +245,18 @@ def run_daemon(config: DaemonConfig) -> None:
     policies = check_config(config)  # fail fast, before any client connects
     _raise_open_file_limit()
     with _single_daemon(layout.daemon_lock):
-        anyio.run(_serve, config, policies, notifier)
+        try:
+            anyio.run(_serve, config, policies, notifier)
+        except BaseExceptionGroup as group:  # a refusal from inside a task group (HTTP's address)
+            refusals, others = group.split(DaemonError)
+            if refusals is None or others is not None:
+                raise
+            raise _first_leaf(refusals) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[DaemonError]) -> DaemonError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _serve(config: DaemonConfig, policies: PolicySet, notifier: _Notifier) -> None:

@@ -24,7 +24,7 @@ from ..box import HOST_ANCHOR_FILE
 from ..errors import BackendError, NotFound
 from ..layout import Layout
 from ..runtime import Daemons, find_daemons
-from .main import HOST_MOUNT_NS_ENV
+from .main import HOST_MOUNT_NS_ENV, REFUSED
 
 __all__ = ["DAEMON_UNIT", "DaemonOptions", "daemon_status", "start_daemon", "stop_daemon", "unit_properties"]
 
@@ -67,8 +67,10 @@ def unit_properties(
         "Restart": "on-failure",
         "RestartUSec": _USEC // 2,
         # however often it dies: systemd's default start limit (5 in 10 s) would leave it dead, and
-        # its sandboxes unserved, until a stdio front end happened to start it again
+        # its sandboxes unserved, until a stdio front end happened to start it again; but not when
+        # it refused to start, which it would do again every half second
         "StartLimitIntervalUSec": 0,
+        "RestartPreventExitStatus": ([REFUSED], []),
         "TimeoutStartUSec": 90 * _USEC,
         "TimeoutStopUSec": 15 * _USEC,
         "KillMode": "mixed",
