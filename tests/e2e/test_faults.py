@@ -25,7 +25,8 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,21 @@ async def _call_through_restart(client: Client, tool: str, **arguments: Any) -> 
             await anyio.sleep(0.05)
 
 
+@asynccontextmanager
+async def _leaving_nothing(client: Client) -> AsyncIterator[None]:
+    """Destroy, at the end, every sandbox of the client's that it did not have at the start, whether
+    the test passed or not (an orphan of a failed run would outlive it: each daemon restart gives its
+    session a new grace period)."""
+    had = {s["sandbox_id"] for s in (await _call_through_restart(client, "list_sandboxes"))["sandboxes"]}
+    try:
+        yield
+    finally:
+        with anyio.move_on_after(60, shield=True):
+            listed = await _call_through_restart(client, "list_sandboxes")
+            for sandbox in {s["sandbox_id"] for s in listed["sandboxes"]} - had:
+                await client.call_tool("destroy_sandbox", {"sandbox_id": sandbox})
+
+
 class _Round:
     """One operation, and the daemon killed ``delay`` seconds after it started."""
 
@@ -211,7 +227,7 @@ async def test_a_daemon_killed_at_random_points_of_every_operation(
     interrupted = 0
     started = time.monotonic()
     with anyio.fail_after(WHOLE_TEST):
-        async with Client(params) as client:
+        async with Client(params) as client, _leaving_nothing(client):
             before = await snapshot()  # the daemon runs now: what it adopted is not this test's
             kills = await _restarts()
             assert kills == 0, "the fixture's daemon should be fresh"
@@ -275,9 +291,6 @@ async def test_a_daemon_killed_at_random_points_of_every_operation(
                 for extra in sorted(known)[POOL:]:
                     await call(client, "destroy_sandbox", sandbox_id=extra)
                     known.discard(extra)
-
-            for sandbox in known:
-                await call(client, "destroy_sandbox", sandbox_id=sandbox)
         await assert_no_leaks(before)
     elapsed = time.monotonic() - started
     print(

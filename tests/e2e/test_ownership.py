@@ -136,13 +136,15 @@ async def test_an_http_client_with_a_token_creates_runs_and_destroys(tokens_daem
     async with http_client(tokens_daemon.url, tokens_daemon.tokens["a"]) as client:
         created = await call(client, "create_sandbox")
         sandbox = created["sandbox_id"]
-        ran = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="echo $((6 * 7))")
-        assert (ran["exit_code"], ran["stdout"]) == (0, "42\n")
-        assert _ids(await call(client, "list_sandboxes")) == {sandbox}
-        assert await call(client, "destroy_sandbox", sandbox_id=sandbox) == {
-            "sandbox_id": sandbox,
-            "destroyed": True,
-        }
+        try:
+            ran = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="echo $((6 * 7))")
+            assert (ran["exit_code"], ran["stdout"]) == (0, "42\n")
+            assert _ids(await call(client, "list_sandboxes")) == {sandbox}
+        finally:  # an HTTP client's sandboxes outlive its connection
+            assert await call(client, "destroy_sandbox", sandbox_id=sandbox) == {
+                "sandbox_id": sandbox,
+                "destroyed": True,
+            }
         assert _ids(await call(client, "list_sandboxes")) == set()
 
 

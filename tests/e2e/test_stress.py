@@ -89,6 +89,7 @@ async def test_many_clients_drive_many_sandboxes_at_once(stress_daemon: HttpDaem
         """Create, exec, copy in, (all alive) check, copy out, destroy: one sandbox's life."""
         egress = index % EGRESS_EVERY == 0
         arrived = False
+        sandbox = None
         try:
             created = await call(client, "create_sandbox", policy="stress-egress" if egress else "stress")
             sandbox = created["sandbox_id"]
@@ -136,6 +137,9 @@ async def test_many_clients_drive_many_sandboxes_at_once(stress_daemon: HttpDaem
             await call(client, "destroy_sandbox", sandbox_id=sandbox)
         except Exception as exc:  # every failure is reported, not only the first
             errors.append(f"sandbox {index} ({'egress' if egress else 'no network'}): {exc!r}")
+            if sandbox is not None:  # an HTTP client's would outlive it (until its TTL)
+                with anyio.move_on_after(30, shield=True):
+                    await client.call_tool("destroy_sandbox", {"sandbox_id": sandbox})
         finally:
             if not arrived:
                 all_created.arrive()
