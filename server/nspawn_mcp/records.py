@@ -124,6 +124,13 @@ class MetaStore:
     def remove(self, sandbox_id: str) -> None:
         self._path(sandbox_id).unlink(missing_ok=True)
 
+    def discard_unfinished(self) -> None:
+        """Remove the temporary files of saves a dead daemon did not finish (the daemon's lock says no
+        other one is saving)."""
+        if self._directory.is_dir():
+            for temporary in self._directory.glob(".sbx-*.json.tmp"):
+                temporary.unlink(missing_ok=True)
+
     def ids(self) -> set[str]:
         """The sandboxes that have a record (including ones whose making was interrupted)."""
         if not self._directory.is_dir():

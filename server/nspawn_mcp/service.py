@@ -140,6 +140,7 @@ class SandboxService:
         Run once, at start, before any client is served (the daemon is the only process
         that creates sandboxes, so nothing is half-made by anybody else meanwhile).
         """
+        self._store.discard_unfinished()
         running = await self._backend.running()
         grace_ends = self._clock() + RECONNECT_GRACE
         for sandbox_id in sorted(running):

@@ -269,6 +269,17 @@ async def test_restart_removes_a_sandbox_the_dead_daemon_was_still_making(
         tasks.cancel_scope.cancel()
 
 
+async def test_restart_removes_a_record_the_dead_daemon_was_still_writing(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    first = make_service(backend, workdir, clock)
+    made = (await first.create(CreateRequest())).sandbox_id
+    (workdir / "state" / ".sbx-0badcafe.json.tmp").write_text('{"owner": "uid:0", "pl')
+    second = make_service(backend, workdir, clock)
+    await second.reconcile()
+    assert sorted(p.name for p in (workdir / "state").iterdir()) == [f"{made}.json"]
+
+
 async def test_a_sandbox_that_cannot_be_adopted_is_removed_and_the_others_are_served(
     backend: FakeBackend, workdir: Path, clock: Clock
 ) -> None:
