@@ -94,12 +94,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_http(layout: Layout, options: DaemonOptions, address: str) -> int:
     """HTTP is served by the daemon itself: start it with this address, or check the running one has it."""
     from .daemon.unit import start_daemon
+    from .errors import BackendError
     from .frontend.stdio import DaemonUnreachable, verify_daemon
 
     try:
         anyio.run(start_daemon, layout, options)
         anyio.run(verify_daemon, str(layout.daemon_socket), options.arguments)
-    except DaemonUnreachable as exc:
+    except (DaemonUnreachable, BackendError) as exc:
         print(f"nspawn-mcp: {exc}", file=sys.stderr)
         return 1
     print(f"the daemon serves MCP at http://{address}/mcp (bearer tokens: `nspawn-mcp token add NAME`)")
@@ -108,7 +109,7 @@ def _serve_http(layout: Layout, options: DaemonOptions, address: str) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from .daemon.main import DaemonError, run_daemon
+    from .daemon.main import REFUSED, DaemonError, run_daemon
     from .daemon.unit import DaemonOptions, daemon_status, start_daemon, stop_daemon
 
     layout = Layout.from_env()
@@ -122,7 +123,7 @@ def _daemon(args: argparse.Namespace) -> int:
             run_daemon(_daemon_config(args))
         except DaemonError as exc:
             print(f"nspawn-mcp daemon: {exc}", file=sys.stderr)
-            return 1
+            return REFUSED
         return 0
     if args.action == "start":
         anyio.run(start_daemon, layout, DaemonOptions(_daemon_arguments(args)))

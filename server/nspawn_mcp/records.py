@@ -1,9 +1,10 @@
 """What the daemon keeps about each sandbox: its record in memory and ``<id>.json`` on disk.
 
 The records directory holds one file per sandbox, written atomically before the
-sandbox is started and removed after everything else of it is gone. It lets a
-restarted daemon adopt the sandboxes it made (their plan, owner and times); a
-sandbox running without one was half-made and is removed.
+sandbox is started, again once it is completely made, and removed after everything
+else of it is gone. It lets a restarted daemon adopt the sandboxes it made (their
+plan, owner and times); a sandbox running without one, or whose record says it was
+still being made, was half-made and is removed.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class _Meta(BaseModel):
     plan: SandboxPlan
     created_at: datetime
     expires_at: datetime
+    complete: bool = True
+    """False while the sandbox is being made (its binds, its network may be missing): a daemon that
+    died meanwhile left it half-made. Records written before this field existed count as complete."""
 
 
 _META = TypeAdapter(_Meta)
@@ -93,6 +97,7 @@ class MetaStore:
             plan=sandbox.plan,
             created_at=sandbox.created_at,
             expires_at=sandbox.expires_at,
+            complete=sandbox.state != "creating",
         )
         temporary = self._directory / f".{sandbox.sandbox_id}.json.tmp"
         with open(temporary, "wb") as file:
@@ -111,13 +116,20 @@ class MetaStore:
             plan=meta.plan,
             created_at=meta.created_at,
             expires_at=meta.expires_at,
-            state="running",
+            state="running" if meta.complete else "creating",
             owner=meta.owner,
             session=meta.session,
         )
 
     def remove(self, sandbox_id: str) -> None:
         self._path(sandbox_id).unlink(missing_ok=True)
+
+    def discard_unfinished(self) -> None:
+        """Remove the temporary files of saves a dead daemon did not finish (the daemon's lock says no
+        other one is saving)."""
+        if self._directory.is_dir():
+            for temporary in self._directory.glob(".sbx-*.json.tmp"):
+                temporary.unlink(missing_ok=True)
 
     def ids(self) -> set[str]:
         """The sandboxes that have a record (including ones whose making was interrupted)."""

@@ -139,18 +139,29 @@ class SandboxService:
         Run once, at start, before any client is served (the daemon is the only process
         that creates sandboxes, so nothing is half-made by anybody else meanwhile).
         """
+        self._store.discard_unfinished()
         running = await self._backend.running()
         grace_ends = self._clock() + RECONNECT_GRACE
         for sandbox_id in sorted(running):
             sandbox = self._store.load(sandbox_id)
-            if sandbox is None:
-                log.warning("removing sandbox %s: no record of how it was made", sandbox_id)
+            if sandbox is None or sandbox.state == "creating":
+                why = "no record of how it was made" if sandbox is None else "the daemon died while making it"
+                log.warning("removing half-made sandbox %s: %s", sandbox_id, why)
                 await self._backend.destroy(sandbox_id)
+                self._store.remove(sandbox_id)
+                continue
+            try:
+                await self._backend.adopt(sandbox_id, sandbox.plan)
+            except Exception as exc:  # one sandbox that cannot be served must not keep the daemon down
+                log.warning("removing sandbox %s: it cannot be adopted: %s", sandbox_id, exc)
+                await self._backend.destroy(sandbox_id)
+                self._store.remove(sandbox_id)
+                reason = "the restarted nspawn-mcp daemon could not take it over"
+                self._tombstones[sandbox_id] = _Tombstone(sandbox.owner, sandbox.plan.policy, reason)
                 continue
             self._sandboxes[sandbox_id] = sandbox
             if sandbox.session is not None:
                 self._orphans.setdefault(sandbox.session, grace_ends)
-            await self._backend.adopt(sandbox_id, sandbox.plan)
         for sandbox_id in sorted((await self._backend.leftovers() | self._store.ids()) - running):
             log.info("removing the remains of sandbox %s", sandbox_id)
             await self._backend.destroy(sandbox_id)
@@ -284,13 +295,14 @@ class SandboxService:
         )
         self._sandboxes[sandbox.sandbox_id] = sandbox
         try:
-            self._store.save(sandbox)
+            self._store.save(sandbox)  # "creating": a daemon that dies from here on leaves it half-made
             await self._backend.create(sandbox.sandbox_id, plan)
+            sandbox.state = "running"
+            self._store.save(sandbox)  # complete: a restarted daemon adopts it
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._destroy(sandbox, "its creation failed")
             raise
-        sandbox.state = "running"
         log.info(
             "created %s (policy %s) for %s",
             sandbox.sandbox_id,

@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
-import signal
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from mcp.client import Client
-from mcp.client.stdio import StdioServerParameters
 
-from nspawn_mcp.backend.nspawn import NspawnBackend
-from nspawn_mcp.layout import Layout
-from nspawn_mcp.runtime import find_daemons
-from tests.e2e.conftest import SERVER
+from tests.e2e.conftest import call, error_text, kill_daemon, serve
+from tests.e2e.leaks import machines_and_images
 from tests.netns import outside_hosts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
-
-
-async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    text = " ".join(getattr(part, "text", "") for part in result.content)
-    assert not result.is_error, text
-    assert result.structured_content is not None
-    return dict(result.structured_content)
-
-
-async def error_text(client: Client, tool: str, **arguments: Any) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error
-    return " ".join(getattr(part, "text", "") for part in result.content)
 
 
 async def test_create_exec_copy_destroy(client: Client, workdir: Path) -> None:
@@ -185,23 +165,6 @@ async def test_bad_input_gets_clear_errors_and_the_server_stays_up(client: Clien
     assert (await call(client, "list_sandboxes"))["sandboxes"] == []
 
 
-def _daemon_pids() -> list[int]:
-    """The daemon's process, found as the host sees it (it runs in the private systemd)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            if b"nspawn_mcp\0daemon\0run" in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-    return found
-
-
-def kill_daemon() -> None:
-    pids = _daemon_pids()
-    assert pids, "no daemon to kill"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-
-
 async def test_sandboxes_and_their_processes_survive_a_daemon_restart(client: Client) -> None:
     script = "for i in 1 2 3; do echo tick $i; sleep 0.3; done; echo done; sleep 1000"
     sandbox = (await call(client, "create_sandbox"))["sandbox_id"]
@@ -244,9 +207,7 @@ async def test_a_disconnect_destroys_the_clients_sandboxes_unless_its_policy_kee
     daemon_with_policies: Path, workdir: Path
 ) -> None:
     (daemon_with_policies / "kept.toml").write_text('[sandboxes]\non_disconnect = "keep"\n')
-    params = StdioServerParameters(
-        command=str(SERVER), args=["serve", "--policy-dir", str(daemon_with_policies)], cwd=str(workdir)
-    )
+    params = serve("--policy-dir", str(daemon_with_policies), cwd=workdir)
     async with Client(params) as first:
         dropped = (await call(first, "create_sandbox"))["sandbox_id"]
         kept = (await call(first, "create_sandbox", policy="kept"))["sandbox_id"]
@@ -254,7 +215,7 @@ async def test_a_disconnect_destroys_the_clients_sandboxes_unless_its_policy_kee
         assert [s["sandbox_id"] for s in (await call(second, "list_sandboxes"))["sandboxes"]] == [kept]
         gone = await error_text(second, "exec_in_sandbox", sandbox_id=dropped, command="true")
         assert "its client disconnected" in gone
-        machines, _ = await _our_machines_and_images()
+        machines, _ = await machines_and_images()
         assert machines == {kept}  # what machined reports, not what the daemon believes
         await call(second, "destroy_sandbox", sandbox_id=kept)
 
@@ -381,9 +342,7 @@ async def test_an_egress_policy_reaches_its_listed_hosts_only(
 ) -> None:
     policies = daemon_with_policies
     (policies / "lab.toml").write_text(EGRESS_POLICY)
-    params = StdioServerParameters(
-        command=str(SERVER), args=["serve", "--policy-dir", str(policies)], cwd=str(workdir)
-    )
+    params = serve("--policy-dir", str(policies), cwd=workdir)
     with outside_hosts(tmp_path_factory.mktemp("outside") / "seen.log") as seen:
         async with Client(params) as client:
             sandbox = (await call(client, "create_sandbox", policy="lab"))["sandbox_id"]
@@ -404,19 +363,6 @@ async def test_an_egress_policy_reaches_its_listed_hosts_only(
     assert table.returncode != 0  # the last egress sandbox took the host's rules with it
 
 
-async def _our_machines_and_images() -> tuple[set[str], set[str]]:
-    """What machined itself reports, asked directly rather than through the server under test."""
-    layout = Layout.from_env()
-    daemons = await anyio.to_thread.run_sync(find_daemons, layout)
-    backend = await NspawnBackend.connect(daemons.bus_address, layout)
-    try:
-        machines = {m.name for m in await backend.machined.list_machines() if m.name.startswith("sbx-")}
-        images = {i.name for i in await backend.machined.list_images() if i.name.startswith("sbx-")}
-    finally:
-        backend.close()
-    return machines, images
-
-
 async def test_a_daemon_killed_mid_create_leaves_nothing_half_made(client: Client) -> None:
     kept = (await call(client, "create_sandbox"))["sandbox_id"]
     async with anyio.create_task_group() as tasks:
@@ -426,7 +372,7 @@ async def test_a_daemon_killed_mid_create_leaves_nothing_half_made(client: Clien
     with anyio.fail_after(30):
         listed = {s["sandbox_id"] for s in (await call(client, "list_sandboxes"))["sandboxes"]}
     assert kept in listed
-    machines, images = await _our_machines_and_images()
+    machines, images = await machines_and_images()
     assert machines == listed  # adopted, or removed: nothing half-made runs
     assert images == listed
     for sandbox in listed:

@@ -58,6 +58,7 @@ class FakeBackend:
     leftover_ids: set[str] = field(default_factory=set)
     create_error: BaseException | None = None
     create_gate: anyio.Event | None = None
+    adopt_errors: dict[str, BaseException] = field(default_factory=dict)
     on_exec: Callable[[CommandSpec], CommandOutcome] = lambda spec: ok()
     oom_kill_counts: dict[str, int] = field(default_factory=dict)
     processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
@@ -78,6 +79,8 @@ class FakeBackend:
             raise self.create_error
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        if sandbox_id in self.adopt_errors:
+            raise self.adopt_errors[sandbox_id]
         self.adopted.append(sandbox_id)
         if plan.egress is not None and plan.egress.subnet is not None:
             self.subnets.claim(sandbox_id, plan.egress.subnet)

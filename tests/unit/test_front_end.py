@@ -220,6 +220,8 @@ def test_the_daemons_unit_in_the_private_systemd() -> None:
             "NotifyAccess": "main",
             "Restart": "on-failure",
             "RestartUSec": 500000,
+            "StartLimitIntervalUSec": 0,
+            "RestartPreventExitStatus": ([78], []),
             "TimeoutStartUSec": 90000000,
             "TimeoutStopUSec": 15000000,
             "KillMode": "mixed",
@@ -233,3 +235,46 @@ def test_the_daemons_unit_in_the_private_systemd() -> None:
             "SyslogIdentifier": "nspawn-mcp",
         }
     )
+
+
+@pytest.mark.parametrize(
+    ("state", "calls"),
+    [
+        ("active", []),
+        ("activating", []),  # starting, or waiting to restart after a crash
+        ("deactivating", []),  # a killed daemon's last processes going: systemd restarts it next
+        ("failed", ["reset_failed", "start"]),
+        (None, ["start"]),
+    ],
+)
+async def test_a_front_end_starts_the_daemon_only_when_systemd_will_not(
+    monkeypatch: pytest.MonkeyPatch, state: str | None, calls: list[str]
+) -> None:
+    # Resetting a unit that is still dying clears the failure its restart is for: systemd then
+    # counts it as stopped cleanly and does not restart it (seen: tests/e2e/test_faults.py).
+    from contextlib import asynccontextmanager
+
+    from nspawn_mcp.backend.systemd1 import UnitStatus
+    from nspawn_mcp.daemon import unit
+    from nspawn_mcp.layout import Layout
+    from nspawn_mcp.runtime import Daemons
+
+    made: list[str] = []
+
+    class FakeSystemd:
+        async def list_units(self, patterns: list[str]) -> list[UnitStatus]:
+            return [] if state is None else [UnitStatus(unit.DAEMON_UNIT, "loaded", state, "x")]
+
+        async def reset_failed(self, name: str) -> None:
+            made.append("reset_failed")
+
+        async def start_transient_unit(self, name: str, properties: object, *, timeout: float) -> None:
+            made.append("start")
+
+    @asynccontextmanager
+    async def fake_systemd(layout: Layout) -> AsyncIterator[tuple[FakeSystemd, Daemons]]:
+        yield FakeSystemd(), Daemons("unix:path=/nonexistent", box_pid=1)
+
+    monkeypatch.setattr(unit, "_systemd", fake_systemd)
+    await unit.start_daemon(Layout(), unit.DaemonOptions())
+    assert made == calls

@@ -27,6 +27,7 @@ from nspawn_mcp.policy import CreateRequest, PolicySet
 from nspawn_mcp.policy.loader import load_policy_text
 from nspawn_mcp.service import SandboxService
 from tests.unit.fake_backend import Clock, FakeBackend, ok
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -239,6 +240,51 @@ async def test_restart_adopts_recorded_sandboxes_and_removes_the_rest(
     await second.reconcile()
     assert [(s.sandbox_id, s.limits.memory_mb) for s in second.list()] == [(kept, 300)]
     assert sorted(backend.destroyed) == ["sbx-0badcafe", "sbx-feedf00d"]
+
+
+async def test_restart_removes_a_sandbox_the_dead_daemon_was_still_making(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    first = make_service(backend, workdir, clock)
+    made = (await first.create(CreateRequest())).sandbox_id
+    backend.create_gate = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(first.create, CreateRequest())
+        # running, with a record, but its binds and network are not made yet: the daemon dies here
+        await wait_until(lambda: len(backend.sandboxes) == 2, what="the second sandbox running")
+        (half_made,) = set(backend.sandboxes) - {made}
+        second = make_service(backend, workdir, clock)
+        await second.reconcile()
+        assert [s.sandbox_id for s in second.list()] == [made]
+        assert (backend.adopted, backend.destroyed) == ([made], [half_made])
+        assert sorted(p.name for p in (workdir / "state").iterdir()) == [f"{made}.json"]
+        tasks.cancel_scope.cancel()
+
+
+async def test_restart_removes_a_record_the_dead_daemon_was_still_writing(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    first = make_service(backend, workdir, clock)
+    made = (await first.create(CreateRequest())).sandbox_id
+    (workdir / "state" / ".sbx-0badcafe.json.tmp").write_text('{"owner": "uid:0", "pl')
+    second = make_service(backend, workdir, clock)
+    await second.reconcile()
+    assert sorted(p.name for p in (workdir / "state").iterdir()) == [f"{made}.json"]
+
+
+async def test_a_sandbox_that_cannot_be_adopted_is_removed_and_the_others_are_served(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    first = make_service(backend, workdir, clock)
+    lost, kept = [(await first.create(CreateRequest())).sandbox_id for _ in range(2)]
+    backend.adopt_errors[lost] = OSError(99, "Cannot assign requested address")
+    second = make_service(backend, workdir, clock)
+    await second.reconcile()  # does not raise: the daemon starts and serves the rest
+    assert [s.sandbox_id for s in second.list()] == [kept]
+    assert backend.destroyed == [lost]
+    assert sorted(p.name for p in (workdir / "state").iterdir()) == [f"{kept}.json"]
+    with pytest.raises(SandboxGone, match=r"could not take it over"):
+        await second.exec(lost, CommandRequest("true"))
 
 
 async def test_copies_go_through_staging_with_checksums(

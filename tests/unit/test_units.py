@@ -107,6 +107,9 @@ def test_every_property_is_in_the_signature_table() -> None:
     encoded = encode(UNITS.service_properties) + encode(UNITS.slice_properties)
     assert ("MemoryMax", "t", 256 << 20) in encoded
     assert ("CPUQuotaPerSecUSec", "t", 500_000) in encoded
+    assert encode({"RestartPreventExitStatus": ((78,), ())}) == [
+        ("RestartPreventExitStatus", "(aiai)", [[78], []])
+    ]
 
 
 @pytest.mark.parametrize(
@@ -117,6 +120,8 @@ def test_every_property_is_in_the_signature_table() -> None:
         ({"MemoryMax": -1}, "needs D-Bus type t"),
         ({"Delegate": 1}, "needs D-Bus type b"),
         ({"ExecStart": [("/bin/true", "true", False)]}, "needs D-Bus type a(sasb)"),
+        ({"RestartPreventExitStatus": [78]}, "needs D-Bus type (aiai)"),
+        ({"RestartPreventExitStatus": (["78"], [])}, "needs D-Bus type (aiai)"),
     ],
 )
 def test_bad_properties_fail_before_reaching_systemd(properties: dict[str, object], message: str) -> None:

@@ -21,6 +21,7 @@ SIGNATURES: Mapping[str, str] = {
     "DefaultDependencies": "b",
     "CollectMode": "s",
     "AddRef": "b",
+    "StartLimitIntervalUSec": "t",
     # service
     "Type": "s",
     "ExecStart": "a(sasb)",
@@ -33,6 +34,7 @@ SIGNATURES: Mapping[str, str] = {
     "RuntimeMaxUSec": "t",
     "Restart": "s",
     "RestartUSec": "t",
+    "RestartPreventExitStatus": "(aiai)",
     "Environment": "as",
     "WorkingDirectory": "s",
     "StandardInputFileDescriptor": "h",
@@ -79,6 +81,16 @@ def _conforms(value: object, signature: str) -> bool:
             and isinstance(value[1], list | tuple)
             and all(isinstance(v, str) for v in value[1])
         )
+    if signature == "(aiai)":  # exit statuses, signals
+        return (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and all(
+                isinstance(part, list | tuple)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in part)
+                for part in value
+            )
+        )
     if signature == "a(sasb)":
         return isinstance(value, list | tuple) and all(
             isinstance(v, tuple)
@@ -101,6 +113,9 @@ def _normalise(value: object, signature: str) -> object:
     if signature == "(bas)":
         allow, names = cast(tuple[bool, Sequence[str]], value)
         return [allow, list(names)]
+    if signature == "(aiai)":
+        statuses, signals = cast(tuple[Sequence[int], Sequence[int]], value)
+        return [list(statuses), list(signals)]
     return value
 
 

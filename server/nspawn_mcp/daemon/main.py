@@ -47,7 +47,15 @@ from ..service import SandboxService
 from ..throttle import Throttle
 from .sessions import SessionHooks, serve_connection
 
-__all__ = ["SYSTEMD_ROOT_ENV", "DaemonConfig", "DaemonError", "HttpAddress", "check_config", "run_daemon"]
+__all__ = [
+    "REFUSED",
+    "SYSTEMD_ROOT_ENV",
+    "DaemonConfig",
+    "DaemonError",
+    "HttpAddress",
+    "check_config",
+    "run_daemon",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,11 @@ def systemd_path(path: str) -> str:
     """A path of the systemd that runs us (its notification or journal socket), as we reach it."""
     root = os.environ.get(SYSTEMD_ROOT_ENV)
     return path if not root or not path.startswith("/") else root + path
+
+
+REFUSED = 78
+"""The exit status of a daemon that refused to start (``EX_CONFIG``): its unit does not restart it,
+since the next attempt would be refused alike (a bad policy, no tokens, the HTTP port taken)."""
 
 
 class DaemonError(RuntimeError):
@@ -216,7 +229,18 @@ def run_daemon(config: DaemonConfig) -> None:
     policies = check_config(config)  # fail fast, before any client connects
     _raise_open_file_limit()
     with _single_daemon(layout.daemon_lock):
-        anyio.run(_serve, config, policies, notifier)
+        try:
+            anyio.run(_serve, config, policies, notifier)
+        except BaseExceptionGroup as group:  # a refusal from inside a task group (HTTP's address)
+            refusals, others = group.split(DaemonError)
+            if refusals is None or others is not None:
+                raise
+            raise _first_leaf(refusals) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[DaemonError]) -> DaemonError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _serve(config: DaemonConfig, policies: PolicySet, notifier: _Notifier) -> None:

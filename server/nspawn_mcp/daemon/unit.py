@@ -26,14 +26,24 @@ from ..box import HOST_ANCHOR_FILE
 from ..errors import BackendError, NoSuchObject
 from ..layout import Layout
 from ..runtime import Daemons, find_daemons
-from .main import SYSTEMD_ROOT_ENV
+from .main import REFUSED, SYSTEMD_ROOT_ENV
 
 __all__ = ["DAEMON_UNIT", "DaemonOptions", "daemon_status", "start_daemon", "stop_daemon", "unit_properties"]
 
 DAEMON_UNIT = "nspawn-mcp.service"
 _USEC = 1_000_000
-_ACTIVE = frozenset({"active", "activating", "reloading"})
-_PASSED_ENVIRONMENT = ("NSPAWN_MCP_STATE_DIR", "NSPAWN_MCP_RUNTIME_DIR", "NSPAWN_MCP_BUS_ADDRESS")
+_IN_HAND = frozenset({"active", "activating", "reloading", "deactivating"})
+"""Unit states in which systemd has the daemon in hand: running it, starting or restarting it, or
+cleaning up after it (a daemon that died is "deactivating" until its last process is gone, then
+restarted). Only a "failed" or absent unit is the front end's to start."""
+_PASSED_ENVIRONMENT = (
+    "NSPAWN_MCP_STATE_DIR",
+    "NSPAWN_MCP_RUNTIME_DIR",
+    "NSPAWN_MCP_BUS_ADDRESS",
+    "PYTHONPATH",
+)
+"""What a front end that starts the daemon hands on to it. ``PYTHONPATH``: the daemon runs the code
+the front end runs (a checkout under test, not only what is installed in the virtualenv)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,11 @@ def unit_properties(
         "NotifyAccess": "main",
         "Restart": "on-failure",
         "RestartUSec": _USEC // 2,
+        # however often it dies: systemd's default start limit (5 in 10 s) would leave it dead, and
+        # its sandboxes unserved, until a stdio front end happened to start it again; but not when
+        # it refused to start, which it would do again every half second
+        "StartLimitIntervalUSec": 0,
+        "RestartPreventExitStatus": ([REFUSED], []),
         "TimeoutStartUSec": 90 * _USEC,
         "TimeoutStopUSec": 15 * _USEC,
         "KillMode": "mixed",
@@ -105,13 +120,15 @@ async def start_daemon(layout: Layout, options: DaemonOptions) -> None:
     """Start the daemon's unit unless it runs; returns once systemd reports it ready (or failed)."""
     async with _systemd(layout) as (systemd, daemons):
         units = await systemd.list_units([DAEMON_UNIT])
-        if units and units[0].active_state in _ACTIVE:
+        if units and units[0].active_state in _IN_HAND:
             return
         if not daemons.in_box:
             with contextlib.suppress(NoSuchObject):
                 await systemd.start_unit(DAEMON_UNIT)  # the operator installed the unit file
                 return
-        await systemd.reset_failed(DAEMON_UNIT)
+        if units and units[0].active_state == "failed":
+            # only then: resetting a unit also clears the failure that its pending restart is for
+            await systemd.reset_failed(DAEMON_UNIT)
         environment = {key: os.environ[key] for key in _PASSED_ENVIRONMENT if key in os.environ}
         box = None if daemons.box_pid is None else await anyio.to_thread.run_sync(_placement, daemons.box_pid)
         properties = unit_properties(options, python=sys.executable, environment=environment, box=box)
@@ -141,7 +158,7 @@ async def stop_daemon(layout: Layout) -> bool:
     """Stop the daemon (its sandboxes keep running; the next daemon adopts them)."""
     async with _systemd(layout) as (systemd, _):
         units = await systemd.list_units([DAEMON_UNIT])
-        if not units or units[0].active_state not in _ACTIVE:
+        if not units or units[0].active_state not in _IN_HAND:
             return False
         await systemd.stop_unit(DAEMON_UNIT)
         return True
