@@ -276,5 +276,6 @@ async def test_a_front_end_starts_the_daemon_only_when_systemd_will_not(
         yield FakeSystemd(), Daemons("unix:path=/nonexistent", box_pid=1)
 
     monkeypatch.setattr(unit, "_systemd", fake_systemd)
+    monkeypatch.setattr(unit, "_placement", lambda box_pid: unit.BoxPlacement(box_pid, anchor_pid=2))
     await unit.start_daemon(Layout(), unit.DaemonOptions())
     assert made == calls
