@@ -1,10 +1,11 @@
 """What the daemon keeps about each sandbox: its record in memory and ``<id>.json`` on disk.
 
 The records directory holds one file per sandbox, written atomically before the
-sandbox is started, again once it is completely made, and removed after everything
-else of it is gone. It lets a restarted daemon adopt the sandboxes it made (their
-plan, owner and times); a sandbox running without one, or whose record says it was
-still being made, was half-made and is removed.
+sandbox is started, again once it is completely made and when its destruction starts,
+and removed after everything else of it is gone. It lets a restarted daemon adopt the
+sandboxes it made (their plan, owner and times); a sandbox running without one, or
+whose record says it was still being made or already being destroyed, is half-made or
+half-destroyed and is removed.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from .models import Limits, Mount, SandboxInfo
 from .policy import SandboxPlan
 
-__all__ = ["MetaStore", "SandboxRecord", "State"]
+__all__ = ["MetaStore", "SandboxRecord", "Stage", "State"]
 
 _MiB = 1 << 20
 
 State = Literal["creating", "running", "destroying", "gone"]
+Stage = Literal["creating", "running", "destroying"]
+"""Where a sandbox's life stood when its record was last written ("gone" is known in memory only)."""
 
 
 @dataclass
@@ -71,9 +74,10 @@ class _Meta(BaseModel):
     plan: SandboxPlan
     created_at: datetime
     expires_at: datetime
-    complete: bool = True
-    """False while the sandbox is being made (its binds, its network may be missing): a daemon that
-    died meanwhile left it half-made. Records written before this field existed count as complete."""
+    stage: Stage = "running"
+    """"creating" until the sandbox is completely made (its binds, its network may be missing), and
+    "destroying" from when its destruction starts (they may be gone already): a daemon that died in
+    either left it half-made. Records written before this field existed count as "running"."""
 
 
 _META = TypeAdapter(_Meta)
@@ -97,7 +101,7 @@ class MetaStore:
             plan=sandbox.plan,
             created_at=sandbox.created_at,
             expires_at=sandbox.expires_at,
-            complete=sandbox.state != "creating",
+            stage="running" if sandbox.state == "gone" else sandbox.state,
         )
         temporary = self._directory / f".{sandbox.sandbox_id}.json.tmp"
         with open(temporary, "wb") as file:
@@ -116,7 +120,7 @@ class MetaStore:
             plan=meta.plan,
             created_at=meta.created_at,
             expires_at=meta.expires_at,
-            state="running" if meta.complete else "creating",
+            state=meta.stage,
             owner=meta.owner,
             session=meta.session,
         )

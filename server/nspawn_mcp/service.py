@@ -144,11 +144,18 @@ class SandboxService:
         grace_ends = self._clock() + RECONNECT_GRACE
         for sandbox_id in sorted(running):
             sandbox = self._store.load(sandbox_id)
-            if sandbox is None or sandbox.state == "creating":
-                why = "no record of how it was made" if sandbox is None else "the daemon died while making it"
-                log.warning("removing half-made sandbox %s: %s", sandbox_id, why)
+            if sandbox is None or sandbox.state != "running":
+                why = {
+                    None: "no record of how it was made",
+                    "creating": "the daemon died while making it",
+                    "destroying": "the daemon died while destroying it",
+                }[None if sandbox is None else sandbox.state]
+                log.warning("removing sandbox %s: %s", sandbox_id, why)
                 await self._backend.destroy(sandbox_id)
                 self._store.remove(sandbox_id)
+                if sandbox is not None and sandbox.state == "destroying":  # its owner asked for this
+                    reason = "it was being destroyed when the nspawn-mcp daemon restarted"
+                    self._tombstones[sandbox_id] = _Tombstone(sandbox.owner, sandbox.plan.policy, reason)
                 continue
             try:
                 await self._backend.adopt(sandbox_id, sandbox.plan)
@@ -341,6 +348,10 @@ class SandboxService:
     async def _destroy(self, sandbox: SandboxRecord, reason: str) -> None:
         sandbox.state = "destroying"
         with anyio.CancelScope(shield=True):
+            try:  # a daemon that dies from here on leaves it half-destroyed: the next one finishes
+                self._store.save(sandbox)
+            except OSError as exc:
+                log.warning("cannot mark sandbox %s as being destroyed: %s", sandbox.sandbox_id, exc)
             try:
                 await self._backend.destroy(sandbox.sandbox_id)
             except BaseException:

@@ -165,9 +165,10 @@ def http_daemon(token_names: Sequence[str], options: Sequence[str] = ()) -> Iter
             tokens[name] = add_token(f"{name}-{suffix}")
         stop_daemon()
         address = f"127.0.0.1:{free_port()}"
-        subprocess.run(
-            [str(SERVER), "serve", "--http", address, *options], check=True, capture_output=True, timeout=120
+        started = subprocess.run(
+            [str(SERVER), "serve", "--http", address, *options], capture_output=True, text=True, timeout=120
         )
+        assert started.returncode == 0, f"serve --http {address} failed: {started.stderr}"
         yield HttpDaemon(f"http://{address}/mcp", tokens)
     finally:
         stop_daemon()

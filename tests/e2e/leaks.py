@@ -26,7 +26,7 @@ from nspawn_mcp.backend.systemd1 import Systemd
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.runtime import find_daemons
 
-__all__ = ["Remains", "assert_no_leaks", "machines_and_images", "snapshot"]
+__all__ = ["Remains", "assert_no_leaks", "egress_rules", "machines_and_images", "nft_rules", "snapshot"]
 
 _SANDBOX = re.compile(r"sbx-[0-9a-f]{8}")
 _VETH = re.compile(r"^\d+:\s+(ve-sbx-[0-9a-f]{8})[@:]", re.MULTILINE)
@@ -99,7 +99,15 @@ async def _veths() -> set[str]:
     return set(_VETH.findall(listing.stdout.decode()))
 
 
-async def _nft() -> set[str]:
+def egress_rules(sandbox_id: str) -> set[str]:
+    """What a live egress sandbox has in the host's nftables table, as :func:`nft_rules` names it."""
+    suffix = sandbox_id.removeprefix("sbx-")
+    chains = {f"{kind}_{suffix}" for kind in ("egress", "sni", "input", "resolved")}
+    return chains | {f"map element ve-{sandbox_id}"}
+
+
+async def nft_rules() -> set[str]:
+    """The per-sandbox chains, sets and map elements in the host's nftables table ``inet nspawn_mcp``."""
     table = await anyio.run_process(["nft", "list", "table", "inet", "nspawn_mcp"], check=False)
     if table.returncode != 0:  # no table: nothing of any sandbox
         return set()
@@ -126,7 +134,7 @@ async def snapshot() -> Remains:
         units=frozenset(await _units(daemons.bus_address)),
         mounts=frozenset(mounts),
         veths=frozenset(await _veths()),
-        nft=frozenset(await _nft()),
+        nft=frozenset(await nft_rules()),
         records=frozenset(_entries(layout.records_dir)),
         staging=frozenset(_entries(layout.staging_dir)),
         sandbox_dirs=frozenset(_entries(layout.sandboxes_dir)),

@@ -41,7 +41,7 @@ from nspawn_mcp.daemon.unit import DAEMON_UNIT
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.runtime import find_daemons
 from tests.e2e.conftest import SERVER, add_token, call, kill_daemon, remove_token, serve, stop_daemon
-from tests.e2e.leaks import Remains, assert_no_leaks, machines_and_images, snapshot
+from tests.e2e.leaks import Remains, assert_no_leaks, egress_rules, machines_and_images, nft_rules, snapshot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -205,9 +205,13 @@ async def _check_nothing_half_made(client: Client, before: Remains) -> dict[str,
     machines, images = await machines_and_images()
     assert machines - before.machines == set(listed), "machined runs other sandboxes than the daemon lists"
     assert images - before.images == set(listed), "machined holds other images than the daemon lists"
+    rules = await nft_rules()
     for sandbox, policy in listed.items():
         command = "echo ok"
-        if policy == "faults-egress":  # the last step of making one: its resolver is in its resolv.conf
+        if policy == "faults-egress":
+            # its rules in the host's table, and (the last step of making it) its resolver in resolv.conf
+            missing = egress_rules(sandbox) - rules
+            assert not missing, f"{sandbox} lacks its egress rules: {', '.join(sorted(missing))}"
             command = "grep -q '^nameserver 10\\.213\\.' /etc/resolv.conf && echo ok"
         ran = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command=command)
         assert ran["stdout"] == "ok\n", f"{sandbox} ({policy}) is half-made: {ran}"

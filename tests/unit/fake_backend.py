@@ -59,6 +59,8 @@ class FakeBackend:
     create_error: BaseException | None = None
     create_gate: anyio.Event | None = None
     adopt_errors: dict[str, BaseException] = field(default_factory=dict)
+    destroy_gate: anyio.Event | None = None
+    """The next destroy waits for it (once)."""
     on_exec: Callable[[CommandSpec], CommandOutcome] = lambda spec: ok()
     oom_kill_counts: dict[str, int] = field(default_factory=dict)
     processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
@@ -86,6 +88,9 @@ class FakeBackend:
             self.subnets.claim(sandbox_id, plan.egress.subnet)
 
     async def destroy(self, sandbox_id: str) -> None:
+        gate, self.destroy_gate = self.destroy_gate, None
+        if gate is not None:
+            await gate.wait()
         self.destroyed.append(sandbox_id)
         self.sandboxes.pop(sandbox_id, None)
         self.subnets.release(sandbox_id)

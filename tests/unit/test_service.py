@@ -261,6 +261,28 @@ async def test_restart_removes_a_sandbox_the_dead_daemon_was_still_making(
         tasks.cancel_scope.cancel()
 
 
+async def test_restart_finishes_destroying_a_sandbox_the_dead_daemon_was_destroying(
+    backend: FakeBackend, workdir: Path, clock: Clock
+) -> None:
+    first = make_service(backend, workdir, clock)
+    doomed, kept = [(await first.create(CreateRequest())).sandbox_id for _ in range(2)]
+    backend.destroy_gate = gate = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(first.destroy, doomed)
+        try:
+            # still running, part of it (its network, say) gone already: the daemon dies here
+            await wait_until(lambda: backend.destroy_gate is None, what="the destroy under way")
+            second = make_service(backend, workdir, clock)
+            await second.reconcile()
+            assert [s.sandbox_id for s in second.list()] == [kept]
+            assert (backend.adopted, backend.destroyed) == ([kept], [doomed])
+            assert sorted(p.name for p in (workdir / "state").iterdir()) == [f"{kept}.json"]
+            with pytest.raises(SandboxGone, match=r"being destroyed when the nspawn-mcp daemon restarted"):
+                await second.exec(doomed, CommandRequest("true"))
+        finally:
+            gate.set()  # the first daemon's destroy is shielded: it must be let finish
+
+
 async def test_restart_removes_a_record_the_dead_daemon_was_still_writing(
     backend: FakeBackend, workdir: Path, clock: Clock
 ) -> None:
