@@ -352,7 +352,7 @@ def build_server(
         direction: Annotated[Literal["to_sandbox", "from_sandbox"], Field(description="which way to copy")],
     ) -> CopyResult:
         """Copy one regular file between the host and a sandbox. Host paths must lie in the policy's allowed
-        directories (by default the server's working directory); existing destinations are replaced."""
+        directories (by default your working directory and below); existing destinations are replaced."""
         service = _service(ctx)
         if direction == "to_sandbox":
             return await service.copy_to_sandbox(sandbox_id, source, destination)

@@ -94,7 +94,7 @@ class FilesPolicy(_Frozen):
     allowed_host_dirs: tuple[str, ...] = Field(
         default=(".",),
         description="host directories copy_file may read from or write to; relative ones are "
-        "relative to the server's working directory",
+        "relative to the client's working directory (a root stdio client's own; HTTP clients have none)",
     )
     max_copy_bytes: ByteCount = Field(default=1 * _GiB, ge=0)
 
