@@ -57,3 +57,14 @@ def outside_hosts(log: Path) -> Iterator[Path]:
             hosts.wait()
     finally:
         _remove()
+
+
+EGRESS_TO_OUTSIDE_HOSTS = """
+[network]
+mode = "egress"
+allow = [{ cidr = "198.18.0.4/32", ports = [8443] }]
+domains = ["allowed.test"]
+domain_ports = [8443]
+upstream_dns = "198.18.0.2"
+private_dns_answers = true
+"""

@@ -13,6 +13,7 @@ from mcp.client import Client
 
 from tests.e2e.conftest import call, error_text, kill_daemon, serve
 from tests.e2e.leaks import machines_and_images
+from tests.netns import EGRESS_TO_OUTSIDE_HOSTS as EGRESS_POLICY
 from tests.netns import outside_hosts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -301,16 +302,6 @@ async def test_the_dev_policy_binds_the_project_read_only_and_scratch_read_write
     assert "mounts.allowed" in message
     assert (await call(client, "list_sandboxes"))["sandboxes"] == []
 
-
-EGRESS_POLICY = """
-[network]
-mode = "egress"
-allow = [{ cidr = "198.18.0.4/32", ports = [8443] }]
-domains = ["allowed.test"]
-domain_ports = [8443]
-upstream_dns = "198.18.0.2"
-private_dns_answers = true
-"""
 
 FETCH = """
 import socket, ssl

@@ -17,6 +17,7 @@ from mcp.client import Client
 
 from tests.e2e.conftest import HttpDaemon, call, daemon_pids, http_client, http_daemon, serve
 from tests.e2e.leaks import assert_no_leaks, snapshot
+from tests.netns import EGRESS_TO_OUTSIDE_HOSTS
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -28,16 +29,6 @@ STDIO_FRONT_ENDS = 3
 PAYLOAD_BYTES = 256 << 10
 WHOLE_TEST = 90.0
 """Bound on the whole run; it takes 8-10 s on the project's machine (2 cores)."""
-
-EGRESS = """
-[network]
-mode = "egress"
-allow = [{ cidr = "198.18.0.4/32", ports = [8443] }]
-domains = ["allowed.test"]
-domain_ports = [8443]
-upstream_dns = "198.18.0.2"
-private_dns_answers = true
-"""
 
 
 def _policy(workdir: Path, network: str = "") -> str:
@@ -52,7 +43,7 @@ def stress_daemon(box_lifetime: None, tmp_path: Path, workdir: Path) -> Iterator
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "stress.toml").write_text(_policy(workdir))
-    (policies / "stress-egress.toml").write_text(_policy(workdir, EGRESS))
+    (policies / "stress-egress.toml").write_text(_policy(workdir, EGRESS_TO_OUTSIDE_HOSTS))
     options = ["--policy-dir", str(policies), "--max-calls-per-second", "0"]
     with http_daemon(["stress"], options) as daemon:
         yield daemon
