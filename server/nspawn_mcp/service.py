@@ -229,16 +229,15 @@ class SandboxService:
                 for owner in owners:
                     await self._release_session(owner, session)
         for sandbox in list(self._sandboxes.values()):
-            reason = self._why_reaped(sandbox, now)
-            if sandbox.state == "gone" and await self._oom_struck(sandbox):
-                limit = sandbox.plan.limits.memory_bytes // _MiB
-                reason = f"it was OOM-killed: it hit its memory cap of {limit} MiB"
+            reason = await self._why_reaped(sandbox, now)
             if reason is not None:
                 with self._audited("destroy_sandbox", sandbox.sandbox_id, reason=reason.split(" (")[0]):
                     await self._destroy_quietly(sandbox, reason)
 
-    def _why_reaped(self, sandbox: SandboxRecord, now: datetime) -> str | None:
+    async def _why_reaped(self, sandbox: SandboxRecord, now: datetime) -> str | None:
         if sandbox.state == "gone":
+            if await self._oom_struck(sandbox):
+                return f"it was {self._oom_killed(sandbox)}"
             return "it stopped on its own (it crashed, or its unit was stopped)"
         if sandbox.state != "running":
             return None
@@ -456,11 +455,12 @@ class SandboxService:
             yield self._backend.jail(sandbox.sandbox_id)
         except SandboxGone:
             if await self._oom_struck(sandbox):
-                limit = sandbox.plan.limits.memory_bytes // _MiB
-                raise SandboxGone(
-                    f"sandbox {sandbox.sandbox_id} was OOM-killed: it hit its memory cap of {limit} MiB"
-                ) from None
+                raise SandboxGone(f"sandbox {sandbox.sandbox_id} was {self._oom_killed(sandbox)}") from None
             raise
+
+    @staticmethod
+    def _oom_killed(sandbox: SandboxRecord) -> str:
+        return f"OOM-killed: it hit its memory cap of {sandbox.plan.limits.memory_bytes // _MiB} MiB"
 
     # -- background processes ------------------------------------------------------
 

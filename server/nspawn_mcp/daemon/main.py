@@ -117,7 +117,8 @@ class HttpAddress:
 
 
 class _Notifier:
-    """``sd_notify``: connected at start, so it still works after the mount namespace changes."""
+    """``sd_notify`` to the systemd that runs us (the private one's socket through its root, see
+    :func:`systemd_path`); a no-op when no systemd asked for notifications."""
 
     def __init__(self) -> None:
         self._socket: socket.socket | None = None
@@ -212,25 +213,25 @@ def _token_store(config: DaemonConfig) -> TokenStore | None:
     return store
 
 
-def check_config(config: DaemonConfig) -> PolicySet:
-    """What would stop the daemon from starting, found before it starts: policies, tokens, names."""
+def check_config(config: DaemonConfig) -> tuple[PolicySet, TokenStore | None]:
+    """What would stop the daemon from starting, found before it starts: policies, tokens, names.
+    Returns the policies and (where HTTP is served) the token store."""
     try:
         policies = config.server.load_policies()
     except PolicyError as exc:
         raise DaemonError(str(exc)) from None
-    _token_store(config)
-    return policies
+    return policies, _token_store(config)
 
 
 def run_daemon(config: DaemonConfig) -> None:
     """Run until SIGTERM or SIGINT; sandboxes outlive the daemon (the next one adopts them)."""
     notifier = _Notifier()
     layout = config.server.layout
-    policies = check_config(config)  # fail fast, before any client connects
+    policies, store = check_config(config)  # fail fast, before any client connects
     _raise_open_file_limit()
     with _single_daemon(layout.daemon_lock):
         try:
-            anyio.run(_serve, config, policies, notifier)
+            anyio.run(_serve, config, policies, store, notifier)
         except BaseExceptionGroup as group:  # a refusal from inside a task group (HTTP's address)
             refusals, others = group.split(DaemonError)
             if refusals is None or others is not None:
@@ -243,7 +244,9 @@ def _first_leaf(group: BaseExceptionGroup[DaemonError]) -> DaemonError:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _serve(config: DaemonConfig, policies: PolicySet, notifier: _Notifier) -> None:
+async def _serve(
+    config: DaemonConfig, policies: PolicySet, store: TokenStore | None, notifier: _Notifier
+) -> None:
     layout = config.server.layout
     throttle = Throttle(rate=config.max_calls_per_second, burst=config.max_calls_per_second * 4)
     async with open_service(config.server, policies) as service:
@@ -252,7 +255,6 @@ async def _serve(config: DaemonConfig, policies: PolicySet, notifier: _Notifier)
         async def shared_service() -> AsyncIterator[SandboxService]:
             yield service
 
-        store = _token_store(config)
         server = build_server(
             shared_service,
             policies,
