@@ -76,3 +76,8 @@ class Layout:
     @property
     def cache_dir(self) -> Path:
         return self.state_dir / "cache"
+
+    @property
+    def images_dir(self) -> Path:
+        """The image catalog (what set-up recorded about each image) and the build logs."""
+        return self.state_dir / "images"
