@@ -144,7 +144,19 @@ def _setup(args: argparse.Namespace) -> int:
     from .provision import QuotaMode, run_setup
 
     quotas = None if args.disk_quotas == "off" else QuotaMode(args.disk_quotas)
-    return anyio.run(run_setup, Layout.from_env(), quotas)
+    return anyio.run(run_setup, Layout.from_env(), quotas, _image_dirs(args))
+
+
+def _image_dirs(args: argparse.Namespace) -> tuple[Path, ...]:
+    from .images.recipe import DEFAULT_IMAGE_DIR
+
+    return tuple(Path(d).absolute() for d in args.image_dir) or (DEFAULT_IMAGE_DIR,)
+
+
+def _image_build(args: argparse.Namespace) -> int:
+    from .images.build import run_image_build
+
+    return anyio.run(run_image_build, Layout.from_env(), args.name, _image_dirs(args))
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -288,7 +300,31 @@ def build_parser() -> argparse.ArgumentParser:
         "falls back to classic), classic (qgroups: slower create and destroy) or off (policies "
         "that cap disk are refused); quotas already on are left as they are",
     )
+    setup.add_argument(
+        "--image-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of image recipes (NAME.toml; default /etc/nspawn-mcp/images); a recipe there "
+        "wins over the shipped one of the same name",
+    )
     setup.set_defaults(func=_setup)
+
+    image = commands.add_parser("image", help="build the images sandboxes start from")
+    image_actions = image.add_subparsers(dest="action", required=True)
+    image_build = image_actions.add_parser(
+        "build", help="build NAME from its recipe and replace its template atomically"
+    )
+    image_build.add_argument("name", help="the recipe's name (default, python, node or one of yours)")
+    image_build.add_argument(
+        "--image-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of image recipes (NAME.toml; default /etc/nspawn-mcp/images), searched before "
+        "the shipped recipes",
+    )
+    image_build.set_defaults(func=_image_build)
 
     commands.add_parser("doctor", help="check every prerequisite").set_defaults(func=_doctor)
 

@@ -27,6 +27,8 @@ __all__ = [
     "MS_PRIVATE",
     "OPEN_TREE_CLOEXEC",
     "OPEN_TREE_CLONE",
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
     "RESOLVE_BENEATH",
     "RESOLVE_IN_ROOT",
     "RESOLVE_NO_MAGICLINKS",
@@ -35,6 +37,7 @@ __all__ = [
     "move_mount",
     "open_tree",
     "openat2",
+    "renameat2",
     "setfsid",
     "setns",
     "unshare",
@@ -124,6 +127,15 @@ def mount_setattr(
         ),
         "mount_setattr",
     )
+
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+
+
+def renameat2(dir_fd: int, old: str, new: str, flags: int) -> None:
+    """``renameat2(2)`` of two names in one directory: EXCHANGE swaps them atomically."""
+    _check(int(_libc.renameat2(dir_fd, old.encode(), dir_fd, new.encode(), flags)), f"renaming {old}")
 
 
 def setns(fd: int, nstype: int) -> None:

@@ -17,6 +17,7 @@ the slice with its caps         :func:`slice_unit`                  :func:`sandb
 the host end of its veth        :func:`host_interface`              :func:`sandbox_of_interface`
 its nftables chains and set     :func:`nft_object`                  (never parsed)
 a template image                :func:`template_image`              :func:`template_of_image`
+a template being built          :func:`template_staging`            (never parsed; hidden from machined)
 ==============================  ==================================  ==================================
 """
 
@@ -46,6 +47,7 @@ __all__ = [
     "slice_unit",
     "template_image",
     "template_of_image",
+    "template_staging",
 ]
 
 SANDBOX_ID = re.compile(r"sbx-[0-9a-f]{8}")
@@ -144,3 +146,8 @@ def template_of_image(name: str) -> str | None:
     if not name.startswith(_TEMPLATE_PREFIX) or name == _TEMPLATE_PREFIX:
         return None
     return name[len(_TEMPLATE_PREFIX) :]
+
+
+def template_staging(image: str) -> str:
+    """The subvolume a build of ``image`` happens in, next to its template; ``.#`` hides it from machined."""
+    return f".#{template_image(image)}.build"

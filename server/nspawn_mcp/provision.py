@@ -1,8 +1,8 @@
-"""Set-up of the host: the btrfs image pool and the template images.
+"""Set-up of the host: the btrfs image pool and the ``default`` image (built from its recipe).
 
 This is set-up code, run by ``nspawn-mcp setup`` (and so by ``make run`` / ``make
-test``), and it may use command-line tools (``mkfs.btrfs``, ``debootstrap``,
-``btrfs``, ``cp``). The server itself never shells out.
+test``), and it may use command-line tools (``mkfs.btrfs``, ``btrfs``; images are built by
+:mod:`.images.build`). The server itself never shells out.
 
 It never hides or removes machines or images the host already has: the pool is
 mounted only inside the private systemd's mount namespace, and on a host whose
@@ -17,7 +17,6 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import struct
 import subprocess
 import uuid
@@ -25,19 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .images.recipe import DEFAULT_IMAGE_DIR
 from .layout import Layout
 
 __all__ = [
-    "TEMPLATES",
     "PoolTooSmall",
     "QuotaMode",
-    "Template",
-    "build_rootfs",
     "choose_quotas",
     "disable_quotas",
     "enable_quotas",
     "filesystem_type",
-    "install_template",
     "make_pool",
     "pool_size",
     "quota_mode",
@@ -53,61 +49,6 @@ POOL_MIN_BYTES = 2 * _GiB
 RESERVE_FRACTION = 10
 """The pool leaves the larger of 1/RESERVE_FRACTION of the host filesystem and RESERVE_MIN_BYTES free."""
 RESERVE_MIN_BYTES = 5 * _GiB
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
-
-
-@dataclass(frozen=True)
-class Template:
-    name: str
-    suite: str
-    packages: tuple[str, ...]
-
-
-TEMPLATES = {
-    "default": Template(name="default", suite="bookworm", packages=("python3",)),
-}
-
-TEMPLATE_REVISION = 2
-"""Bumped whenever what set-up puts into a template changes; older images are rebuilt.
-
-1: debootstrap minbase + python3. 2: an unprivileged user ``sandbox`` (uid 1000).
-"""
-MARKER = "etc/nspawn-mcp-template"
-UNPRIVILEGED_USER = "sandbox"
-
-
-def marker_text(template: Template) -> str:
-    return f"{template.name} {TEMPLATE_REVISION}\n"
-
-
-def is_current(root: Path, template: Template) -> bool:
-    try:
-        return (root / MARKER).read_text() == marker_text(template)
-    except OSError:
-        return False
-
-
-def customise(rootfs: Path, template: Template) -> None:
-    """What set-up adds to a debootstrapped tree, idempotently."""
-    if is_current(rootfs, template):
-        return
-    passwd = (rootfs / "etc/passwd").read_text()
-    if not any(line.startswith(f"{UNPRIVILEGED_USER}:") for line in passwd.splitlines()):
-        _run(
-            [
-                "chroot",
-                str(rootfs),
-                "useradd",
-                "--create-home",
-                "--uid",
-                "1000",
-                "--user-group",
-                "--shell",
-                "/bin/sh",
-                UNPRIVILEGED_USER,
-            ]
-        )
-    (rootfs / MARKER).write_text(marker_text(template))
 
 
 def filesystem_type(path: str, mountinfo: str) -> str:
@@ -188,55 +129,6 @@ def make_pool(layout: Layout) -> str | None:
     _run(["mkfs.btrfs", "-q", "--nodiscard", str(temporary)])
     temporary.rename(layout.pool_image)
     return size.reason
-
-
-def rootfs_dir(layout: Layout, template: Template) -> Path:
-    return layout.cache_dir / template.name / "rootfs"
-
-
-def build_rootfs(layout: Layout, template: Template) -> Path:
-    """debootstrap the template's root filesystem once; later runs reuse it."""
-    target = rootfs_dir(layout, template)
-    if (target / "usr/bin/python3").exists():
-        customise(target, template)
-        return target
-    temporary = target.with_name("rootfs.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.parent.mkdir(parents=True, exist_ok=True)
-    _run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            "--include=" + ",".join(template.packages),
-            template.suite,
-            str(temporary),
-            DEBIAN_MIRROR,
-        ]
-    )
-    # Debian images ship no hostname and a machine-id that must be empty.
-    (temporary / "etc/machine-id").write_text("")
-    shutil.rmtree(temporary / "var/cache/apt/archives", ignore_errors=True)
-    (temporary / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
-    customise(temporary, template)
-    shutil.rmtree(target, ignore_errors=True)
-    temporary.rename(target)
-    return target
-
-
-def install_template(rootfs: Path, image_name: str, machines_dir: Path, enter_pid: int | None) -> None:
-    """Copy ``rootfs`` into a new btrfs subvolume ``machines_dir/image_name``.
-
-    ``enter_pid``: run the commands in that process's mount namespace (the box's),
-    where the pool is mounted.
-    """
-    prefix = ["nsenter", "-t", str(enter_pid), "-m", "--"] if enter_pid else []
-    staging = machines_dir / f".{image_name}.tmp"
-    final = machines_dir / image_name
-    _run([*prefix, "sh", "-c", 'if [ -e "$1" ]; then btrfs subvolume delete "$1"; fi', "sh", str(staging)])
-    _run([*prefix, "btrfs", "subvolume", "create", str(staging)])
-    _run([*prefix, "cp", "-a", "--reflink=auto", f"{rootfs}/.", f"{staging}/"])
-    _run([*prefix, "mv", "-T", str(staging), str(final)])
-    os.sync()
 
 
 def sparse_bytes(path: Path) -> int:
@@ -339,16 +231,33 @@ def choose_quotas(machines_view: Path, wanted: QuotaMode | None, own_filesystem:
     return f"enabled disk quotas ({wanted.value}) on the pool: policies' limits.*.disk hold"
 
 
-async def run_setup(layout: Layout, disk_quotas: QuotaMode | None = QuotaMode.SIMPLE) -> int:
+DEFAULT_IMAGE = "default"
+"""The image set-up builds (when missing or when its recipe changed); the others build on demand."""
+
+
+async def run_setup(
+    layout: Layout,
+    disk_quotas: QuotaMode | None = QuotaMode.SIMPLE,
+    image_dirs: tuple[Path, ...] = (DEFAULT_IMAGE_DIR,),
+) -> int:
     """Everything ``make setup`` needs beyond Debian packages and the virtualenv."""
     import anyio.to_thread
 
     from .backend.bus import Bus
     from .backend.machine1 import Machined
     from .box import find_box, host_runs_systemd, stop_box
+    from .images.build import BuildFailed, Progress, build_image, installed_digest
+    from .images.catalog import Catalog
+    from .images.recipe import RecipeError, find_recipe
+    from .images.templates import Pool
     from .naming import template_image
     from .runtime import find_daemons
 
+    try:
+        source = find_recipe(DEFAULT_IMAGE, image_dirs)
+    except RecipeError as exc:
+        print(exc)
+        return 1
     in_box = not host_runs_systemd()
     if in_box:
         try:
@@ -383,32 +292,20 @@ async def run_setup(layout: Layout, disk_quotas: QuotaMode | None = QuotaMode.SI
     try:
         machined = Machined(bus)
         installed = {image.name for image in await machined.list_images()}
-        machines_view = (
-            Path(f"/proc/{box.pid}/root") / str(layout.machines_dir).lstrip("/")
-            if box
-            else layout.machines_dir
-        )
-        for template in TEMPLATES.values():
-            image = template_image(template.name)
-            if image in installed and is_current(machines_view / image, template):
-                print(f"image {template.name!r} is installed ({image})")
-                continue
-            if image in installed:
-                print(
-                    f"image {template.name!r} is out of date; rebuilding it (running sandboxes keep theirs)"
-                )
-                await machined.mark_image_read_only(image, False)
-                await machined.remove_image(image)
-
-            print(f"building image {template.name!r} ({template.suite} + {', '.join(template.packages)}) ...")
-            rootfs = await anyio.to_thread.run_sync(build_rootfs, layout, template)
-            await anyio.to_thread.run_sync(
-                install_template, rootfs, image, layout.machines_dir, box.pid if box else None
-            )
-            await machined.mark_image_read_only(image)
-            print(f"image {template.name!r} is installed ({image})")
+        pool = Pool.of(layout, box.pid if box else None)
+        template = template_image(DEFAULT_IMAGE)
+        if template in installed and installed_digest(pool, DEFAULT_IMAGE) == source.digest:
+            print(f"image {DEFAULT_IMAGE!r} is installed ({template}), as its recipe says")
+        else:
+            why = "its recipe changed" if template in installed else "it is not installed"
+            print(f"building image {DEFAULT_IMAGE!r} from {source.path} ({why}) ...")
+            try:
+                await build_image(source, pool, machined, Catalog(layout.images_dir), Progress())
+            except BuildFailed as exc:
+                print(exc)
+                return 1
         own_filesystem = in_box or await anyio.Path(layout.machines_dir).is_mount()
-        print(await anyio.to_thread.run_sync(choose_quotas, machines_view, disk_quotas, own_filesystem))
+        print(await anyio.to_thread.run_sync(choose_quotas, pool.view, disk_quotas, own_filesystem))
     finally:
         bus.disconnect()
         if in_box and not box_was_running:
