@@ -101,9 +101,27 @@ class BuildFailed(Exception):
     """A build step failed; the message names the step and the log."""
 
 
+_PRIVATE_MOUNTS = ("unshare", "--mount", "--propagation", "private", "--")
+
+# $1 the tree, $2 the suite, $3 the mirror, then debootstrap's options. debootstrap evals its
+# target unquoted (so the '#' of the staging name would start a comment): it gets a bind mount.
+# The pool refuses device nodes (mknod's chmod fails): container=lxc makes debootstrap fall back
+# to bind-mounting the host's /dev nodes while it runs (sandboxes get their own /dev from nspawn).
+_DEBOOTSTRAP = r"""set -e
+root=$1 suite=$2 mirror=$3
+shift 3
+target=$(mktemp -d /tmp/nspawn-mcp-debootstrap.XXXXXX)
+mount --bind "$root" "$target" || { rmdir "$target"; exit 1; }
+status=0
+container=lxc debootstrap --variant=minbase "$@" "$suite" "$target" "$mirror" || status=$?
+umount -R "$target" 2>/dev/null || umount -l "$target" 2>/dev/null || true
+rmdir "$target" 2>/dev/null || true
+exit $status
+"""
+
+
 def _in_chroot(root: PurePosixPath, command: str, stdin: bytes = b"") -> Command:
-    argv = ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _IN_CHROOT, "sh")
-    return Command((*argv, str(root), command), stdin)
+    return Command((*_PRIVATE_MOUNTS, "sh", "-c", _IN_CHROOT, "sh", str(root), command), stdin)
 
 
 def image_marker(name: str, version: str, digest: str) -> str:
@@ -146,17 +164,15 @@ def plan_build(source: RecipeSource, pool_path: PurePosixPath, version: str) -> 
                     Command(("btrfs", "subvolume", "create", str(staging))),
                     Command(
                         (
-                            "unshare",
-                            "--mount",
-                            "--propagation",
-                            "private",
-                            "--",
-                            "debootstrap",
-                            "--variant=minbase",
-                            *include,
-                            recipe.suite,
+                            *_PRIVATE_MOUNTS,
+                            "sh",
+                            "-c",
+                            _DEBOOTSTRAP,
+                            "sh",
                             str(staging),
+                            recipe.suite,
                             recipe.mirror,
+                            *include,
                         )
                     ),
                 ),
@@ -186,9 +202,10 @@ def plan_build(source: RecipeSource, pool_path: PurePosixPath, version: str) -> 
     return tuple(steps)
 
 
+_NAME = r"([a-z0-9][a-z0-9+.-]*[a-z0-9+])"
 _PACKAGE_LINE = re.compile(
-    r"^(?:I: (?:Retrieving|Validating|Extracting|Unpacking|Configuring|Installing) ([a-z0-9][a-z0-9+.-]+)"
-    r"|(?:Unpacking|Setting up) ([a-z0-9][a-z0-9+.-]+)(?::[a-z0-9]+)? )"
+    rf"^(?:I: (?:Retrieving|Validating|Extracting|Unpacking|Configuring) {_NAME}"
+    rf"|(?:Unpacking|Setting up) {_NAME}(?::[a-z0-9]+)? )"
 )
 
 
@@ -244,9 +261,19 @@ class Progress:
             self._status = False
 
 
+def _logged(command: Command) -> str:
+    if len(command.argv) > 4 and command.argv[-4] == _IN_CHROOT:
+        return f"(in the new tree) {command.argv[-1]}"
+    if _DEBOOTSTRAP in command.argv:
+        return "debootstrap: tree, suite, mirror, options: " + shlex.join(
+            command.argv[len(_PRIVATE_MOUNTS) + 4 :]
+        )
+    return shlex.join(command.argv)
+
+
 def _run(command: Command, pool: Pool, log: IO[str], progress: Progress) -> int:
     argv = pool.enter(command.argv)
-    log.write(f"$ {shlex.join(command.argv[-2:] if command.argv[0] == 'unshare' else command.argv)}\n")
+    log.write(f"$ {_logged(command)}\n")
     log.flush()
     with subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
