@@ -99,7 +99,8 @@ async def test_a_rebuild_replaces_the_template_atomically_and_a_failed_one_chang
     with anyio.fail_after(60), pytest.raises(BuildFailed) as failed:
         await build_image(failing, pool, backend.machined, catalog, quiet)
 
-    assert f"failed at step 4/6 (run: exit 3); the log is {catalog.log_path(image_name)}" in str(failed.value)
+    assert "failed at step 5/7 (run: exit 3); the old image is unchanged" in str(failed.value)
+    assert str(failed.value).endswith(f"the log is {catalog.log_path(image_name)}")
     assert "about to fail\n[exit status 0]" in catalog.log_path(image_name).read_text()
     assert not pool.exists(template_staging(image_name))
     assert catalog.get(image_name) == second

@@ -181,7 +181,7 @@ def test_a_suite_build_debootstraps_into_a_new_subvolume_with_its_packages() -> 
         "http://deb.debian.org/debian",
         "--include=python3,curl",
     )
-    assert "debootstrap --variant=minbase \"$@\" \"$suite\" \"$target\" \"$mirror\"" in first.commands[1].argv[-6]
+    assert 'debootstrap --variant=minbase "$@" "$suite" "$target" "$mirror"' in first.commands[1].argv[-6]
 
 
 def test_a_command_with_quotes_reaches_the_chroot_shell_unchanged() -> None:

@@ -68,10 +68,21 @@ mount --rbind /dev "$root/dev"
 if [ -f "$root/etc/resolv.conf" ] && [ ! -L "$root/etc/resolv.conf" ] && [ -e /etc/resolv.conf ]; then
     mount --bind /etc/resolv.conf "$root/etc/resolv.conf"
 fi
+command=$2
+shift 2
+# The host's CA bundle for apt, curl, git and pip while the command runs (a host behind a
+# TLS-inspecting proxy needs its own CA for https mirrors), on a tmpfs /run: the image keeps its own.
+if [ -d "$root/run" ] && [ ! -L "$root/run" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    mount -t tmpfs -o mode=755 tmpfs "$root/run"
+    cp /etc/ssl/certs/ca-certificates.crt "$root/run/host-ca.crt"
+    echo 'Acquire::https::CaInfo "/run/host-ca.crt";' > "$root/run/host-apt.conf"
+    set -- APT_CONFIG=/run/host-apt.conf SSL_CERT_FILE=/run/host-ca.crt CURL_CA_BUNDLE=/run/host-ca.crt \
+        GIT_SSL_CAINFO=/run/host-ca.crt REQUESTS_CA_BUNDLE=/run/host-ca.crt
+fi
 exec chroot "$root" /usr/bin/env -i PATH="""
     + _CHROOT_PATH
     + r""" HOME=/root LC_ALL=C.UTF-8 \
-    DEBIAN_FRONTEND=noninteractive /bin/sh -c "$2"
+    DEBIAN_FRONTEND=noninteractive "$@" /bin/sh -c "$command"
 """
 )
 

@@ -126,8 +126,10 @@ def load_recipe(text: str, source: str) -> Recipe:
     return load_toml_model(Recipe, text, source, what="image recipe", error=RecipeError)
 
 
-BUILD_REVISION = 1
-"""Bumped when what the builder does beyond a recipe changes; images built before are out of date."""
+BUILD_REVISION = 2
+"""Bumped when what the builder does beyond a recipe changes; images built before are out of date.
+
+2: chroot commands see the host's CA bundle (apt over https behind a TLS-inspecting proxy)."""
 
 
 def recipe_digest(recipe: Recipe) -> str:
