@@ -3,7 +3,7 @@
 Thin ``ctypes`` wrappers that raise :class:`OSError` like ``os`` does. Standard
 library only, so the bind helper (:mod:`nspawn_mcp.backend.attach`) that imports it
 starts in a few milliseconds. The syscall numbers are those of the unified table
-(the same on x86_64 and aarch64).
+(the same on x86_64 and aarch64); ``renameat2`` is glibc's (2.28+).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ __all__ = [
     "MS_PRIVATE",
     "OPEN_TREE_CLOEXEC",
     "OPEN_TREE_CLONE",
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
     "RESOLVE_BENEATH",
     "RESOLVE_IN_ROOT",
     "RESOLVE_NO_MAGICLINKS",
@@ -35,6 +37,7 @@ __all__ = [
     "move_mount",
     "open_tree",
     "openat2",
+    "renameat2",
     "setfsid",
     "setns",
     "unshare",
@@ -49,6 +52,9 @@ RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
+
+RENAME_NOREPLACE = 0x1
+RENAME_EXCHANGE = 0x2
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -98,6 +104,14 @@ def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> 
     return _check(
         int(_libc.syscall(_SYS_OPENAT2, dir_fd, path.encode(), ctypes.byref(how), ctypes.sizeof(how))),
         path,
+    )
+
+
+def renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
+    """``renameat2(2)``: ``RENAME_EXCHANGE`` swaps two names atomically; ``RENAME_NOREPLACE``."""
+    _check(
+        int(_libc.renameat2(old_dir_fd, old.encode(), new_dir_fd, new.encode(), flags)),
+        f"renameat2 {old} {new}",
     )
 
 
