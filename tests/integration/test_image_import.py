@@ -232,3 +232,26 @@ async def test_a_directory_imports_through_import_file_system(
     assert entry is not None
     assert entry.os_release == {"ID": "dir"}
     assert "(directory)" in pool.lines[0]
+
+
+def _disk_image(tree: Path, target: Path) -> Path:
+    """A raw disk image of ``tree``: one ext4 file system, as a VM tool might export it."""
+    subprocess.run(["truncate", "-s", "64M", str(target)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(target)], check=True)
+    return target
+
+
+async def test_a_disk_image_imports_through_import_raw_and_becomes_a_tree(
+    pool: Pool, tmp_path: Path, image_name: str
+) -> None:
+    tree = _tree(tmp_path / "tree", {"etc/os-release": "ID=disk\n"} | _SH | _PYTHON)
+    disk = await anyio.to_thread.run_sync(_disk_image, tree, tmp_path / "disk.raw")
+    await pool.import_(disk, image_name)
+
+    entry = pool.catalog.get(image_name)
+    assert entry is not None
+    assert entry.os_release == {"ID": "disk"}
+    images = {image.name: image for image in await pool.machined.list_images()}
+    assert images[template_image(image_name)].image_type == "subvolume"  # a tree, not the disk image
+    assert await pool.images_of(image_name) == {template_image(image_name)}
+    assert "nspawn-mcp-import-" not in Path("/proc/self/mountinfo").read_text()  # detached again

@@ -346,7 +346,7 @@ async def import_image(
         )
         catalog.put(entry)
         what = "replaced the older one" if replaced else "new"
-        pretty = os_release.get("PRETTY_NAME", "unknown system")
+        pretty = os_release.get("PRETTY_NAME") or os_release.get("ID") or "no name in its os-release"
         steps.step(f"image {name!r} is installed ({pretty}; {what}) in {steps.elapsed:.1f} s")
     return entry
 
