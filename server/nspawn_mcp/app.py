@@ -28,6 +28,7 @@ from .models import (
     CopyResult,
     DestroyResult,
     ExecResult,
+    ImageList,
     PolicyDocument,
     ProcessInfo,
     ProcessList,
@@ -387,6 +388,13 @@ def build_server(
         """Let a sandbox live longer before it is destroyed automatically, up to its policy's longest
         lifetime (get_policy: limits.max.ttl_seconds, counted from its creation). Returns the new expiry."""
         return await _service(ctx).extend(sandbox_id, seconds)
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @agent_errors
+    async def list_images(ctx: ServiceContext) -> ImageList:
+        """List the images sandboxes can start from: description, size, os-release, what each contains, and
+        which of your policies allow it (create_sandbox(image=NAME, policy=...))."""
+        return await _service(ctx).list_images()
 
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
     @agent_errors

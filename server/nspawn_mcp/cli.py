@@ -159,6 +159,25 @@ def _image_build(args: argparse.Namespace) -> int:
     return anyio.run(run_image_build, Layout.from_env(), args.name, _image_dirs(args))
 
 
+def _image_import(args: argparse.Namespace) -> int:
+    from .errors import InvalidRequest
+    from .images.catalog import Catalog
+    from .images.imports import ImportRefused, ImportRequest, import_into_pool
+
+    layout = Layout.from_env()
+    request = ImportRequest(source=Path(args.file), name=args.name, description=args.description)
+    try:
+        anyio.run(import_into_pool, layout, request)
+    except InvalidRequest as exc:  # the name
+        print(f"nspawn-mcp: {exc}", file=sys.stderr)
+        return 1
+    except ImportRefused as exc:
+        print(f"nspawn-mcp: {args.file} is refused: {exc}", file=sys.stderr)
+        print(f"(the log: {Catalog(layout.images_dir).log_path(args.name)})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import print_report, run_checks
 
@@ -325,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
         "the shipped recipes",
     )
     image_build.set_defaults(func=_image_build)
+    image_import = image_actions.add_parser(
+        "import",
+        help="make a root filesystem (a tarball such as `podman export` writes, a disk image or a "
+        "directory) the image NAME, replacing an older one",
+    )
+    image_import.add_argument(
+        "file", help="a .tar (.gz, .xz, .bz2), a disk image (.raw, .qcow2) or a directory"
+    )
+    image_import.add_argument("name", help="the image name policies and create_sandbox(image=...) use")
+    image_import.add_argument("--description", default="", help="what list_images shows about it")
+    image_import.set_defaults(func=_image_import)
 
     commands.add_parser("doctor", help="check every prerequisite").set_defaults(func=_doctor)
 

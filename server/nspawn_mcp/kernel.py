@@ -3,7 +3,7 @@
 Thin ``ctypes`` wrappers that raise :class:`OSError` like ``os`` does. Standard
 library only, so the bind helper (:mod:`nspawn_mcp.backend.attach`) that imports it
 starts in a few milliseconds. The syscall numbers are those of the unified table
-(the same on x86_64 and aarch64).
+(the same on x86_64 and aarch64); ``renameat2`` is glibc's (2.28+).
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
+
+RENAME_NOREPLACE = 0x1
+RENAME_EXCHANGE = 0x2
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -104,6 +107,14 @@ def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> 
     )
 
 
+def renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
+    """``renameat2(2)``: ``RENAME_EXCHANGE`` swaps two names atomically; ``RENAME_NOREPLACE``."""
+    _check(
+        int(_libc.renameat2(old_dir_fd, old.encode(), new_dir_fd, new.encode(), flags)),
+        f"renameat2 {old} {new}",
+    )
+
+
 def open_tree(dir_fd: int, path: str, flags: int) -> int:
     return _check(int(_libc.syscall(_SYS_OPEN_TREE, dir_fd, path.encode(), flags)), "open_tree")
 
@@ -127,15 +138,6 @@ def mount_setattr(
         ),
         "mount_setattr",
     )
-
-
-RENAME_NOREPLACE = 1 << 0
-RENAME_EXCHANGE = 1 << 1
-
-
-def renameat2(dir_fd: int, old: str, new: str, flags: int) -> None:
-    """``renameat2(2)`` of two names in one directory: EXCHANGE swaps them atomically."""
-    _check(int(_libc.renameat2(dir_fd, old.encode(), dir_fd, new.encode(), flags)), f"renaming {old}")
 
 
 def setns(fd: int, nstype: int) -> None:

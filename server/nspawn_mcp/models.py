@@ -10,8 +10,11 @@ __all__ = [
     "CopyResult",
     "DestroyResult",
     "ExecResult",
+    "ImageList",
+    "ImageSummary",
     "Limits",
     "Mount",
+    "OsRelease",
     "PolicyDocument",
     "ProcessInfo",
     "ProcessList",
@@ -125,3 +128,35 @@ class PolicyDocument(_Result):
 class DestroyResult(_Result):
     sandbox_id: str
     destroyed: bool
+
+
+class OsRelease(_Result):
+    """From the image's os-release, as set-up read it."""
+
+    pretty_name: str | None = Field(default=None, description="e.g. 'Debian GNU/Linux 12 (bookworm)'")
+    id: str | None = Field(default=None, description="e.g. 'debian'")
+    version: str | None = Field(default=None, description="e.g. '12'")
+
+
+class ImageSummary(_Result):
+    name: str = Field(description="what create_sandbox(image=...) takes")
+    description: str = ""
+    size_mb: float | None = Field(default=None, description="disk use as the image pool counts it, if known")
+    created_at: str | None = Field(default=None, description="ISO 8601, UTC: when this version was made")
+    os_release: OsRelease | None = None
+    packages: list[str] = Field(default_factory=list, description="packages its recipe added to the base")
+    source: Literal["recipe", "import"] | None = Field(
+        default=None, description="built from a recipe or imported by the operator; null if not recorded"
+    )
+    policies: list[str] = Field(description="the policies you may use that allow this image")
+    default_policy_allows: bool = Field(
+        description="create_sandbox(image=NAME) works without naming a policy"
+    )
+
+
+class ImageList(_Result):
+    images: list[ImageSummary]
+    not_installed: list[str] = Field(
+        default_factory=list,
+        description="images a policy you may use allows but this host does not have (yet)",
+    )

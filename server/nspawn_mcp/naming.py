@@ -18,7 +18,13 @@ the host end of its veth        :func:`host_interface`              :func:`sandb
 its nftables chains and set     :func:`nft_object`                  (never parsed)
 a template image                :func:`template_image`              :func:`template_of_image`
 a template being built          :func:`template_staging`            (never parsed; hidden from machined)
+an image being imported         :func:`import_staging_image`        :func:`image_of_import_staging`
 ==============================  ==================================  ==================================
+
+An image being imported is never a template (machined lists it, so it must not parse
+as one): it becomes one only once it has been checked. An imported disk image
+(``ImportRaw``; machined lists it without its ``.raw`` suffix) is staged under the
+``raw`` kind of staging name, then copied into a tree under the ``tree`` kind.
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ __all__ = [
     "SANDBOX_ID",
     "UNIT_PATTERNS",
     "NftObject",
+    "StagingKind",
     "host_interface",
+    "image_of_import_staging",
+    "import_staging_image",
     "machine_name",
     "new_sandbox_id",
     "nft_object",
@@ -60,6 +69,7 @@ _SERVICE = re.compile(r"nspawn-mcp-(sbx-[0-9a-f]{8})\.service")
 _SLICE = re.compile(r"nspawnmcp-([0-9a-f]{8})\.slice")
 _INTERFACE = re.compile(r"ve-(sbx-[0-9a-f]{8})")
 _TEMPLATE_PREFIX = "nspawn-mcp-"
+_IMPORT_STAGING = re.compile(r"nspawnmcp-import-(tree|raw)-([a-z0-9][a-z0-9-]{0,31})")
 
 INTERFACE_PATTERN = "ve-sbx-*"
 """An nftables wildcard that matches every interface :func:`sandbox_of_interface` may claim."""
@@ -151,3 +161,20 @@ def template_of_image(name: str) -> str | None:
 def template_staging(image: str) -> str:
     """The subvolume a build of ``image`` happens in, next to its template; ``.#`` hides it from machined."""
     return f".#{template_image(image)}.build"
+
+
+StagingKind = Literal["tree", "raw"]
+
+
+def import_staging_image(image: str, kind: StagingKind = "tree") -> str:
+    """The machined image an import of ``image`` is staged as until it is checked (a valid host name)."""
+    return f"nspawnmcp-import-{kind}-{image}"
+
+
+def image_of_import_staging(name: str) -> tuple[str, StagingKind] | None:
+    """The image an import staging name stands for, and its kind; None for any other name."""
+    found = _IMPORT_STAGING.fullmatch(name)
+    if found is None:
+        return None
+    kind: StagingKind = "raw" if found[1] == "raw" else "tree"
+    return found[2], kind

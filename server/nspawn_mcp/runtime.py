@@ -17,6 +17,7 @@ from .audit import AuditLog
 from .backend.network import EgressNetwork
 from .backend.nspawn import NspawnBackend
 from .box import host_runs_systemd, start_box, system_bus_address
+from .images import Catalog
 from .layout import Layout
 from .policy import PolicySet
 from .policy.loader import shipped_policy_dir
@@ -101,6 +102,7 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
                 records_dir=config.layout.records_dir,
                 max_sandboxes=config.max_sandboxes,
                 audit=audit,
+                catalog=Catalog(config.layout.images_dir),
             )
             service_box.append(service)
             await service.reconcile()

@@ -34,9 +34,14 @@ from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState
 from .commands import CommandRequest
 from .errors import InvalidRequest, NotFound, PolicyRefused, QuotaExceeded, SandboxError, SandboxGone
 from .identity import Client, current_client
+from .images import Catalog, ImageEntry
+from .images.hints import not_installed
 from .models import (
     CopyResult,
     ExecResult,
+    ImageList,
+    ImageSummary,
+    OsRelease,
     ProcessInfo,
     ProcessList,
     ProcessOutputResult,
@@ -100,8 +105,10 @@ class SandboxService:
         max_sandboxes: int = 64,
         clock: Callable[[], datetime] = _now,
         audit: AuditLog | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self._backend = backend
+        self._catalog = catalog
         self._policies = policies
         self._store = MetaStore(records_dir)
         self._cwd = cwd or os.getcwd()
@@ -261,6 +268,30 @@ class SandboxService:
 
     # -- tools -----------------------------------------------------------------
 
+    async def list_images(self) -> ImageList:
+        """The installed images, what set-up recorded of each, and which of the caller's policies allow it."""
+        client = current_client.get()
+        usable = [name for name in self._policies.names if client.policies is None or name in client.policies]
+        allowing = {name: self._policies.get(name).sandboxes.images for name in usable}
+        recorded: dict[str, ImageEntry] = {}
+        if self._catalog is not None:
+            entries = await anyio.to_thread.run_sync(self._catalog.entries)
+            recorded = {entry.name: entry for entry in entries}
+        installed = await self._backend.images()
+        summaries = [
+            _image_summary(
+                image.name,
+                recorded.get(image.name),
+                size=image.usage_bytes,
+                created=image.created,
+                policies=[name for name in usable if image.name in allowing[name]],
+                default_allows="default" in allowing and image.name in allowing["default"],
+            )
+            for image in installed
+        ]
+        wanted = {image for images in allowing.values() for image in images}
+        return ImageList(images=summaries, not_installed=sorted(wanted - {i.name for i in installed}))
+
     async def create(self, request: CreateRequest) -> SandboxInfo:
         with self._audited("create_sandbox", request=asdict(request)) as audit:
             info = await self._create(request)
@@ -279,7 +310,7 @@ class SandboxService:
         workdir = self._workdir(client, naming_host_paths=bool(request.mounts))
         plan = resolve_create(request.policy, policy, request, cwd=workdir)
         if plan.image not in await self._backend.available_images():
-            raise NotFound(f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`")
+            raise NotFound(not_installed(plan.image))
         if plan.mounts:
             plan = replace(plan, mounts=await anyio.to_thread.run_sync(_resolve_binds, plan.mounts))
         # From the quota checks to registering the sandbox nothing awaits, so concurrent
@@ -663,4 +694,33 @@ def _process_info(state: ProcessState) -> ProcessInfo:
         signal=state.signal,
         timed_out=state.timed_out,
         truncated=state.stdout_truncated or state.stderr_truncated,
+    )
+
+
+def _image_summary(
+    name: str,
+    entry: ImageEntry | None,
+    *,
+    size: int | None,
+    created: datetime | None,
+    policies: list[str],
+    default_allows: bool,
+) -> ImageSummary:
+    os_release = None
+    if entry is not None and entry.os_release:
+        fields = entry.os_release
+        os_release = OsRelease(
+            pretty_name=fields.get("PRETTY_NAME"), id=fields.get("ID"), version=fields.get("VERSION_ID")
+        )
+    when = entry.built_at if entry is not None else created
+    return ImageSummary(
+        name=name,
+        description=entry.description if entry is not None else "",
+        size_mb=round(size / _MiB, 1) if size is not None else None,
+        created_at=_stamp(when.astimezone(UTC)) if when is not None else None,
+        os_release=os_release,
+        packages=list(entry.packages) if entry is not None else [],
+        source=entry.source if entry is not None else None,
+        policies=policies,
+        default_policy_allows=default_allows,
     )

@@ -166,6 +166,15 @@ async def test_bad_input_gets_clear_errors_and_the_server_stays_up(client: Clien
     assert (await call(client, "list_sandboxes"))["sandboxes"] == []
 
 
+async def test_list_images_shows_the_installed_default_image_and_who_may_use_it(client: Client) -> None:
+    listed = await call(client, "list_images")
+    default = next(image for image in listed["images"] if image["name"] == "default")
+    assert default["default_policy_allows"] is True
+    assert "default" in default["policies"]
+    assert default["created_at"] is not None
+    assert "/var/lib" not in str(listed)  # no host paths
+
+
 async def test_sandboxes_and_their_processes_survive_a_daemon_restart(client: Client) -> None:
     script = "for i in 1 2 3; do echo tick $i; sleep 0.3; done; echo done; sleep 1000"
     sandbox = (await call(client, "create_sandbox"))["sandbox_id"]

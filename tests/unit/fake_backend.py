@@ -16,6 +16,7 @@ from nspawn_mcp.backend.api import (
     OutputChunk,
     ProcessOutput,
     ProcessState,
+    TemplateImage,
 )
 from nspawn_mcp.backend.egress import SubnetPool
 from nspawn_mcp.errors import CopyRefused, NotFound, SandboxGone
@@ -48,7 +49,9 @@ def ok(stdout: bytes = b"", stderr: bytes = b"", exit_code: int = 0) -> CommandO
 @dataclass
 class FakeBackend:
     staging_dir: Path
-    images: set[str] = field(default_factory=lambda: {"default"})
+    installed: set[str] = field(default_factory=lambda: {"default"})
+    """The images sandboxes can be created from."""
+    image_sizes: dict[str, int] = field(default_factory=dict)
     sandboxes: dict[str, SandboxPlan] = field(default_factory=dict)
     files: dict[tuple[str, str], bytes] = field(default_factory=dict)
     destroyed: list[str] = field(default_factory=list)
@@ -68,7 +71,13 @@ class FakeBackend:
     """The real bookkeeping the real backend's network keeps."""
 
     async def available_images(self) -> set[str]:
-        return set(self.images)
+        return set(self.installed)
+
+    async def images(self) -> list[TemplateImage]:
+        return [
+            TemplateImage(name=name, usage_bytes=self.image_sizes.get(name), created=None)
+            for name in sorted(self.installed)
+        ]
 
     def reserve_subnet(self, sandbox_id: str) -> str:
         return self.subnets.reserve(sandbox_id)

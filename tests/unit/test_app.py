@@ -52,6 +52,7 @@ async def test_the_tools_are_offered(client: Client) -> None:
         "kill_process",
         "list_processes",
         "get_policy",
+        "list_images",
     }
 
     exec_schema = tools["exec_in_sandbox"].input_schema

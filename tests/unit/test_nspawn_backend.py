@@ -9,11 +9,13 @@ mapped by the real :mod:`~nspawn_mcp.backend.dbus_errors`, read by the real clie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from nspawn_mcp.backend.api import TemplateImage
 from nspawn_mcp.backend.bus import Bus
 from nspawn_mcp.backend.dbus_errors import map_dbus_error
 from nspawn_mcp.backend.machine1 import ImageInfo, Machined, MachineInfo
@@ -37,8 +39,12 @@ class Listings:
     units: list[str] = field(default_factory=list)
     patterns: list[list[str]] = field(default_factory=list)
 
+    usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """image name -> (usage, creation in µs) as ListImages reports them; default: unknown (UINT64_MAX, 0)"""
+
     async def list_images(self) -> list[ImageInfo]:
-        return [ImageInfo(name, "subvolume", False, 0) for name in self.images]
+        unknown = ((1 << 64) - 1, 0)
+        return [ImageInfo(name, "subvolume", False, *self.usage.get(name, unknown)) for name in self.images]
 
     async def list_machines(self) -> list[MachineInfo]:
         return [MachineInfo(name, "container", "systemd-nspawn") for name in self.machines]
@@ -60,6 +66,29 @@ def backend(listings: Listings, tmp_path: Path) -> NspawnBackend:
 async def test_images_offered_are_the_templates_by_their_image_name(tmp_path: Path) -> None:
     listings = Listings(images=["nspawn-mcp-default", "nspawn-mcp-python", A, "debian", ".host"])
     assert await backend(listings, tmp_path).available_images() == {"default", "python"}
+
+
+async def test_images_report_size_and_creation_without_paths_and_leave_imports_in_progress_out(
+    tmp_path: Path,
+) -> None:
+    listings = Listings(
+        images=[
+            "nspawn-mcp-python",
+            "nspawn-mcp-default",
+            "nspawnmcp-import-tree-default",  # being imported: not an image yet
+            "nspawnmcp-import-raw-tools",
+            A,
+            ".host",
+        ],
+        usage={"nspawn-mcp-default": (300 << 20, 1_700_000_000_000_000)},
+    )
+    images = await backend(listings, tmp_path).images()
+    assert images == [
+        TemplateImage(
+            "default", usage_bytes=300 << 20, created=datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+        ),
+        TemplateImage("python", usage_bytes=None, created=None),
+    ]
 
 
 async def test_running_sandboxes_are_our_machines_run_by_our_service(tmp_path: Path) -> None:
@@ -134,11 +163,9 @@ def test_a_daemons_missing_object_is_a_backend_error_never_a_missing_sandbox(nam
     assert "sandbox" not in str(error).removeprefix("removing image sbx-0000000a")
 
 
-async def test_a_missing_template_image_tells_the_agent_to_run_setup(tmp_path: Path) -> None:
+async def test_a_missing_template_image_tells_the_agent_how_the_operator_makes_it(tmp_path: Path) -> None:
     bus = ScriptedBus(errors={"CloneImage": "org.freedesktop.machine1.NoSuchImage"})
-    with pytest.raises(
-        BackendError, match=r"image 'default' is not installed on this host; run `nspawn-mcp setup`"
-    ):
+    with pytest.raises(BackendError, match=r"image 'default' is allowed but not installed on this host; .*"):
         await real_clients(bus, tmp_path).create(A, PLAN)
     assert bus.calls == ["CloneImage"]
 

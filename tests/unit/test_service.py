@@ -101,8 +101,11 @@ async def test_refusals_happen_before_the_backend_is_touched(
         await service.create(CreateRequest(memory_mb=1 << 20))
     with pytest.raises(PolicyRefused, match=r"unknown policy"):
         await service.create(CreateRequest(policy="nope"))
-    backend.images.clear()
-    with pytest.raises(NotFound, match=r"nspawn-mcp setup"):
+    backend.installed.clear()
+    with pytest.raises(
+        NotFound,
+        match=r"not installed on this host; the operator can build it \(`nspawn-mcp image build default`\)",
+    ):
         await service.create(CreateRequest())
     assert backend.sandboxes == {}
     assert backend.destroyed == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +24,7 @@ __all__ = [
     "OutputChunk",
     "ProcessOutput",
     "ProcessState",
+    "TemplateImage",
 ]
 
 
@@ -36,6 +38,17 @@ class CommandSpec:
     timeout_seconds: float
     max_output_bytes: int
     user: str = "root"
+
+
+@dataclass(frozen=True)
+class TemplateImage:
+    """An image sandboxes can be created from, as the image pool reports it (no host paths)."""
+
+    name: str
+    """The name policies and ``create_sandbox(image=...)`` use (``"default"``)."""
+    usage_bytes: int | None
+    """Disk use as the pool counts it; None when it cannot tell (no quotas)."""
+    created: datetime | None
 
 
 class Jail(Protocol):
@@ -72,6 +85,10 @@ class Backend(Protocol):
 
     async def available_images(self) -> set[str]:
         """Names of the images sandboxes can be created from (``"default"``, ...)."""
+        ...
+
+    async def images(self) -> list[TemplateImage]:
+        """The images sandboxes can be created from, with what the pool knows of each, by name."""
         ...
 
     def reserve_subnet(self, sandbox_id: str) -> str:

@@ -20,6 +20,7 @@ _NO_SUCH_OBJECT = frozenset(
     {
         "org.freedesktop.machine1.NoSuchMachine",
         "org.freedesktop.machine1.NoSuchImage",
+        "org.freedesktop.import1.NoSuchTransfer",
         "org.freedesktop.systemd1.NoSuchUnit",
         "org.freedesktop.systemd1.LoadFailed",
         "org.freedesktop.DBus.Error.FileNotFound",
@@ -54,6 +55,10 @@ def map_dbus_error(name: str | None, text: str, operation: str) -> SandboxError:
             return BackendError(f"{operation} failed: {os.strerror(code)}")
     if name == "org.freedesktop.systemd1.UnitExists":
         return BackendError(f"{operation}: a unit with that name already exists")
+    if name == "org.freedesktop.import1.TransferInProgress":
+        return BackendError(f"{operation}: another transfer of that image is under way", retryable=True)
+    if name == "org.freedesktop.DBus.Error.InvalidArgs":
+        return BackendError(f"{operation}: the system service refused the arguments")
     if name == "org.freedesktop.DBus.Error.AccessDenied":
         return BackendError(f"{operation}: access denied by the system service")
     if name == "org.freedesktop.DBus.Error.NoMemory":

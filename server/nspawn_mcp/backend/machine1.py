@@ -31,6 +31,9 @@ class ImageInfo:
     image_type: str
     read_only: bool
     usage_bytes: int
+    """What machined counts as the image's disk use; ``2**64 - 1`` when it cannot tell."""
+    created_usec: int = 0
+    """When the image was made, microseconds since the epoch; 0 when unknown."""
 
 
 class Machined:
@@ -86,7 +89,10 @@ class Machined:
 
     async def list_images(self) -> list[ImageInfo]:
         (rows,) = await self._call("ListImages", "", operation="listing images")
-        return [ImageInfo(name=r[0], image_type=r[1], read_only=r[2], usage_bytes=r[5]) for r in rows]
+        return [
+            ImageInfo(name=r[0], image_type=r[1], read_only=r[2], usage_bytes=r[5], created_usec=r[3])
+            for r in rows
+        ]
 
     async def clone_image(self, source: str, new_name: str) -> None:
         await self._call("CloneImage", "ssb", source, new_name, False, operation=f"cloning image {source}")

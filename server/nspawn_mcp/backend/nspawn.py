@@ -23,6 +23,7 @@ import py_compile
 import shutil
 import socket
 from collections.abc import Callable
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import BackendError, NoSuchObject, SandboxGone
+from ..images.hints import not_installed
 from ..layout import Layout
 from ..naming import (
     SANDBOX_ID,
@@ -43,6 +45,7 @@ from ..naming import (
     template_of_image,
 )
 from ..policy import EgressPlan, SandboxPlan
+from .api import TemplateImage
 from .binds import attach_binds
 from .bus import Bus
 from .cgroups import oom_kill_count
@@ -57,6 +60,8 @@ __all__ = ["NspawnBackend", "install_supervisor"]
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT = 15.0
+_UNKNOWN_SIZE = (1 << 64) - 1
+"""machined's "no idea" for a size (``UINT64_MAX``)."""
 _SUPERVISOR_FILES = ("supervisor.py", "protocol.py")
 
 
@@ -150,8 +155,20 @@ class NspawnBackend:
         return self._layout.staging_dir
 
     async def available_images(self) -> set[str]:
-        names = (template_of_image(image.name) for image in await self._machined.list_images())
-        return {name for name in names if name is not None}
+        return {image.name for image in await self.images()}
+
+    async def images(self) -> list[TemplateImage]:
+        found = []
+        for image in await self._machined.list_images():
+            name = template_of_image(image.name)
+            if name is None:
+                continue
+            usage = image.usage_bytes if image.usage_bytes < _UNKNOWN_SIZE else None
+            created = (
+                datetime.fromtimestamp(image.created_usec / 1e6, UTC) if image.created_usec > 0 else None
+            )
+            found.append(TemplateImage(name=name, usage_bytes=usage, created=created))
+        return sorted(found, key=lambda image: image.name)
 
     def _paths(self, sandbox_id: str) -> SandboxPaths:
         root = self._layout.machines_dir / machine_name(sandbox_id)
@@ -162,9 +179,7 @@ class NspawnBackend:
         try:
             await self._machined.clone_image(template_image(plan.image), machine_name(sandbox_id))
         except NoSuchObject:
-            raise BackendError(
-                f"image {plan.image!r} is not installed on this host; run `nspawn-mcp setup`"
-            ) from None
+            raise BackendError(not_installed(plan.image)) from None
         if plan.limits.disk_bytes is not None:
             try:
                 await self._machined.set_image_limit(machine_name(sandbox_id), plan.limits.disk_bytes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shlex
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,11 +86,11 @@ def install_template(pool: Pool, staging: str, image: str) -> None:
     directory = os.open(pool.view, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            kernel.renameat2(directory, staging, template, kernel.RENAME_EXCHANGE)
+            kernel.renameat2(directory, staging, directory, template, kernel.RENAME_EXCHANGE)
         except FileNotFoundError:
             if pool.exists(template) or not pool.exists(staging):
                 raise
-            kernel.renameat2(directory, staging, template, kernel.RENAME_NOREPLACE)
+            kernel.renameat2(directory, staging, directory, template, kernel.RENAME_NOREPLACE)
             log.info("installed %s", template)
         else:
             log.info("replaced %s; deleting the previous tree", template)
@@ -100,18 +101,17 @@ def install_template(pool: Pool, staging: str, image: str) -> None:
 
 
 def parse_os_release(text: str) -> dict[str, str]:
-    """``os-release(5)`` text as a mapping (quotes and escapes removed; other lines ignored)."""
+    """``os-release(5)``: KEY=value lines, values quoted shell-style; anything else is skipped (bounded)."""
     found: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")
         if not sep or not key.isidentifier() or key.startswith("#"):
             continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-            for escaped in ("\\", '"', "'", "$", "`"):
-                value = value.replace("\\" + escaped, escaped)
-        found[key] = value[:1024]
+        try:
+            words = shlex.split(value, posix=True)
+        except ValueError:
+            continue
+        found[key] = " ".join(words)[:1024]
         if len(found) >= 64:
             break
     return found

@@ -139,7 +139,8 @@ def resolve_create(policy_name: str, policy: Policy, request: CreateRequest, *, 
     """Resolve a create request against ``policy``."""
     if request.image not in policy.sandboxes.images:
         raise PolicyRefused(
-            f"image {request.image!r} is not allowed; allowed images: {', '.join(policy.sandboxes.images)}",
+            f"image {request.image!r} is not allowed by policy {policy_name!r}; it allows: "
+            f"{', '.join(policy.sandboxes.images)} (list_images shows which are installed)",
             rule="sandboxes.images",
         )
     default, maximum = policy.limits.default, policy.limits.max
