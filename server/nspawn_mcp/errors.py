@@ -12,7 +12,7 @@ text. The MCP layer turns each of these into a tool result with ``isError``.
     ├── QuotaExceeded                 too many sandboxes, or a cap would be exceeded
     ├── NotFound                      no such sandbox (or it is not ours); never a daemon's missing object
     ├── SandboxGone                   the sandbox died underneath a request
-    ├── CopyRefused                   a file copy was refused (type, size, path)
+    ├── CopyRefused                   a file operation was refused (type, size, path, no match)
     ├── ExecFailed                    the command could not be run at all (not the same as exit != 0)
     └── BackendError                  systemd/machined failed; ``retryable`` says if trying again may help
         ├── BackendUnavailable        the bus or a daemon is not reachable (retryable)
@@ -74,7 +74,7 @@ class SandboxGone(SandboxError):
 
 
 class CopyRefused(SandboxError):
-    """A copy_file request was refused."""
+    """A file operation (copy_file or a file tool) was refused."""
 
 
 class ExecFailed(SandboxError):

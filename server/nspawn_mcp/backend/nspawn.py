@@ -57,7 +57,7 @@ __all__ = ["NspawnBackend", "install_supervisor"]
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT = 15.0
-_SUPERVISOR_FILES = ("supervisor.py", "protocol.py")
+_SUPERVISOR_FILES = ("supervisor.py", "protocol.py", "fileops.py")
 
 
 def install_supervisor(layout: Layout) -> None:
