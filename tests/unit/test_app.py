@@ -52,6 +52,10 @@ async def test_the_tools_are_offered(client: Client) -> None:
         "kill_process",
         "list_processes",
         "get_policy",
+        "read_file",
+        "write_file",
+        "edit_file",
+        "list_files",
     }
 
     exec_schema = tools["exec_in_sandbox"].input_schema

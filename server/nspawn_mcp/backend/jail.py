@@ -25,7 +25,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ..errors import CopyRefused, ExecFailed, InvalidRequest, NotFound, SandboxGone
+from ..errors import CopyRefused, ExecFailed, InvalidRequest, NotFound, SandboxGone, TooLarge
 from ..sandbox import protocol
 from .api import CommandOutcome, CommandSpec, OutputChunk, ProcessOutput, ProcessState
 
@@ -75,6 +75,8 @@ def _raise_for(failure: protocol.Failure) -> None:
         raise NotFound(f"{failure.message}; list_processes shows this sandbox's background processes")
     if failure.kind == "bad_user":
         raise InvalidRequest(failure.message)
+    if failure.kind == "too_large":
+        raise TooLarge(failure.message)
     if failure.kind in _FILE_FAILURES:
         raise CopyRefused(failure.message)
     raise ExecFailed(failure.message)
@@ -309,7 +311,9 @@ class JailClient:
         )
         return self._decoded(protocol.FileWritten.from_wire, reply, len(data))
 
-    async def edit_file(self, path: str, old: str, new: str, count: int, max_bytes: int) -> protocol.FileEdited:
+    async def edit_file(
+        self, path: str, old: str, new: str, count: int, max_bytes: int
+    ) -> protocol.FileEdited:
         """Replace exactly ``count`` occurrences of ``old``; any other number of matches is refused."""
         reply = await self._request(
             {"op": "edit_file", "path": path, "old": old, "new": new, "count": count, "max_bytes": max_bytes},
@@ -323,7 +327,13 @@ class JailClient:
     ) -> protocol.FileListing:
         """Entries under a directory, never following a symlink below it."""
         reply = await self._request(
-            {"op": "list_files", "path": path, "pattern": pattern, "depth": depth, "max_entries": max_entries},
+            {
+                "op": "list_files",
+                "path": path,
+                "pattern": pattern,
+                "depth": depth,
+                "max_entries": max_entries,
+            },
             timeout=_FILE_TIMEOUT,
             limit=_LIST_LINE_LIMIT,
         )
@@ -379,7 +389,7 @@ class JailClient:
         return done
 
     async def extract_tar(self, archive: str, destination: str, max_bytes: int) -> protocol.TreeWritten:
-        """Unpack an archive already copied into the sandbox under ``destination`` (the archive is removed)."""
+        """Unpack an archive copied into the sandbox under ``destination`` (the archive is removed)."""
         reply = await self._request(
             {"op": "extract_tar", "archive": archive, "destination": destination, "max_bytes": max_bytes},
             timeout=_COPY_TIMEOUT,

@@ -181,17 +181,17 @@ def op_read_slice(request: dict[str, Any]) -> dict[str, Any]:
                 mtime=info.st_mtime,
             ).to_wire()
         skipped, start, pending = _skip_lines(fd, offset)
-        data = bytearray(pending)
+        buffer = bytearray(pending)
         lines_wanted = limit if limit is not None else 1 << 62
         exhausted = skipped < offset
-        while not exhausted and len(data) <= max_bytes and data.count(b"\n") < lines_wanted:
+        while not exhausted and len(buffer) <= max_bytes and buffer.count(b"\n") < lines_wanted:
             chunk = os.read(fd, _CHUNK)
             if not chunk:
                 exhausted = True
                 break
-            data += chunk
+            buffer += chunk
         # whole lines only: up to the limit of lines, and within max_bytes
-        window = bytes(data[:max_bytes])
+        window = bytes(buffer[:max_bytes])
         if limit is None:
             cut = window.rfind(b"\n") + 1
         else:
@@ -202,14 +202,14 @@ def op_read_slice(request: dict[str, Any]) -> dict[str, Any]:
                     break
                 cut = newline + 1
         line_cut = False
-        lines = data.count(b"\n", 0, cut)
-        if lines < lines_wanted and cut < len(data):
-            rest = len(data) - cut
-            if exhausted and rest <= max_bytes - cut and b"\n" not in data[cut:]:
-                cut = len(data)  # the last line, without a newline
+        lines = buffer.count(b"\n", 0, cut)
+        if lines < lines_wanted and cut < len(buffer):
+            rest = len(buffer) - cut
+            if exhausted and rest <= max_bytes - cut and b"\n" not in buffer[cut:]:
+                cut = len(buffer)  # the last line, without a newline
             elif cut == 0:
                 cut, line_cut = max_bytes, True  # one line longer than max_bytes: its start
-        piece = bytes(data[:cut])
+        piece = bytes(buffer[:cut])
         end = start + len(piece)
         size = max(info.st_size, end)
         eof = not line_cut and end >= size
@@ -291,7 +291,9 @@ def op_write_file(request: dict[str, Any]) -> dict[str, Any]:
         raise RequestError("bad_request", "mode must be between 0 and 0o7777")
     if path.endswith("/"):
         raise RequestError("bad_request", f"{path} names a directory; give a file name")
-    target = os.path.realpath(path)  # symlinks followed inside the jail: they lead only to the sandbox's files
+    target = os.path.realpath(
+        path
+    )  # symlinks followed inside the jail: they lead only to the sandbox's files
     try:
         if request.get("make_parents"):
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -327,7 +329,9 @@ def op_edit_file(request: dict[str, Any]) -> dict[str, Any]:
         )
     edited = content.replace(before, after)
     if len(edited) > max_bytes:
-        raise RequestError("too_large", f"{path} would be {len(edited)} bytes, more than the limit of {max_bytes}")
+        raise RequestError(
+            "too_large", f"{path} would be {len(edited)} bytes, more than the limit of {max_bytes}"
+        )
     try:
         _replace_atomically(target, edited, None, info)
     except OSError as exc:
@@ -475,7 +479,9 @@ def op_read_tree(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]
     found, skipped, skipped_count = _tree(path, max_entries)
     total = sum(info.st_size for _, _, info in found if stat.S_ISREG(info.st_mode))
     if total > max_bytes:
-        raise RequestError("too_large", f"{path} holds {total} bytes of files, more than the limit of {max_bytes}")
+        raise RequestError(
+            "too_large", f"{path} holds {total} bytes of files, more than the limit of {max_bytes}"
+        )
     files = directories = sent = 0
     for relative, absolute, info in found:
         name = relative  # names that are not UTF-8 travel as surrogate escapes
@@ -499,7 +505,9 @@ def op_read_tree(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]
         files += 1
         sent += size
         if sent > max_bytes:
-            raise RequestError("too_large", f"{path} grew past the limit of {max_bytes} bytes while it was read")
+            raise RequestError(
+                "too_large", f"{path} grew past the limit of {max_bytes} bytes while it was read"
+            )
     return protocol.TreeRead(files, directories, sent, skipped_count, tuple(skipped)).to_wire()
 
 
@@ -526,7 +534,9 @@ def op_extract_tar(request: dict[str, Any]) -> dict[str, Any]:
                     if not (member.isreg() or member.isdir()):
                         continue
                     if member.name.startswith("/") or ".." in member.name.split("/"):
-                        raise RequestError("bad_request", f"archive member {member.name[:256]!r} leaves the tree")
+                        raise RequestError(
+                            "bad_request", f"archive member {member.name[:256]!r} leaves the tree"
+                        )
                     total += member.size if member.isreg() else 0
                     if total > max_bytes:
                         raise RequestError("too_large", f"the files add up to more than {max_bytes} bytes")

@@ -59,8 +59,12 @@ __all__ = [
     "ARGV_SHOWN",
     "FAILURE_KINDS",
     "FILE_CHUNK",
+    "LIST_REPLY_BYTES",
+    "MAX_LIST_ENTRIES",
+    "MAX_PATH_CHARS",
     "MAX_PROCESSES",
     "MAX_REQUEST_BYTES",
+    "MAX_TREE_ENTRIES",
     "Command",
     "CommandOutcome",
     "Failure",
@@ -71,24 +75,20 @@ __all__ = [
     "FileRead",
     "FileSlice",
     "FileWritten",
-    "MAX_LIST_ENTRIES",
-    "MAX_PATH_CHARS",
-    "MAX_TREE_ENTRIES",
-    "TreeEntry",
-    "TreeRead",
-    "TreeWritten",
-    "LIST_REPLY_BYTES",
     "OutputChunk",
     "ProcessOutput",
     "ProcessState",
     "ProtocolError",
+    "TreeEntry",
+    "TreeRead",
+    "TreeWritten",
     "data_to_wire",
     "decode_line",
     "encode",
     "line_limit",
     "relative_path",
-    "text_lines",
     "spawned_from_wire",
+    "text_lines",
     "written_from_wire",
 ]
 
@@ -608,7 +608,9 @@ class FileWritten:
 
     @classmethod
     def from_wire(cls, message: dict[str, Any], sent: int) -> FileWritten:
-        return cls(size=_int(message, "size", sent, sent), mode=_mode(message), created=_bool(message, "created"))
+        return cls(
+            size=_int(message, "size", sent, sent), mode=_mode(message), created=_bool(message, "created")
+        )
 
 
 @dataclass(frozen=True)
@@ -684,7 +686,8 @@ class FileListing:
         if not all(isinstance(item, dict) for item in entries):
             raise ProtocolError("field 'entries' holds something that is not an object")
         return cls(
-            entries=tuple(FileEntry.from_wire(item) for item in entries), truncated=_bool(message, "truncated")
+            entries=tuple(FileEntry.from_wire(item) for item in entries),
+            truncated=_bool(message, "truncated"),
         )
 
 
@@ -703,7 +706,7 @@ def relative_path(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class TreeEntry:
-    """An entry of a tree being read (an event of ``read_tree``): a directory, or a file whose bytes follow."""
+    """An entry of a tree being read (an event of ``read_tree``): a directory, or a file (bytes follow)."""
 
     path: str
     directory: bool
