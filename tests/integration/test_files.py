@@ -82,7 +82,8 @@ async def read_all(files: SandboxFiles, sandbox: str, path: str, encoding: str =
             lines = piece.content.splitlines(keepends=True)
             pieces.append("".join(line.split("\t", 1)[1] for line in lines).encode())
         if piece.next_offset is None:
-            assert not piece.truncated and piece.remaining_bytes == 0
+            assert not piece.truncated
+            assert piece.remaining_bytes == 0
             return b"".join(pieces), calls
         assert piece.truncated
         offset = piece.next_offset
@@ -106,7 +107,8 @@ async def test_text_and_binary_round_trip(
     assert inside.split()[0].decode() == hashlib.sha256(blob).hexdigest()
     assert inside.split()[-1] == b"600:0"
     piece = await files.read(sandbox, "/root/blob")
-    assert piece.encoding == "base64" and base64.b64decode(piece.content) == blob
+    assert piece.encoding == "base64"
+    assert base64.b64decode(piece.content) == blob
 
     edited = await files.edit(sandbox, "/root/app/hello.py", "print('hi')", "print('hello')")
     assert edited.replaced == 1
@@ -129,9 +131,11 @@ async def test_large_files_are_read_in_pieces_and_edits_refuse_ambiguity(
     assert hashlib.sha256(text).hexdigest() == digests[0].decode()
     assert calls == 4  # 3.9 MB in pieces of at most 1 MiB of whole lines
     data, calls = await read_all(files, sandbox, "/root/random")
-    assert hashlib.sha256(data).hexdigest() == digests[2].decode() and calls == 4
+    assert hashlib.sha256(data).hexdigest() == digests[2].decode()
+    assert calls == 4
     window = await files.read(sandbox, "/root/numbers", offset=99, limit=2)
-    assert window.content == "   100\t100\n   101\t101\n" and window.next_offset == 101
+    assert window.content == "   100\t100\n   101\t101\n"
+    assert window.next_offset == 101
 
     with pytest.raises(CopyRefused, match=r"occurs 60000 times in /root/numbers, not 1.*count=60000"):
         await files.edit(sandbox, "/root/numbers", "7\n", "seven\n")
@@ -146,8 +150,8 @@ async def test_errors_name_the_path_and_the_limit(service: SandboxService, files
     with pytest.raises(PolicyRefused) as refused:
         await files.read_whole(sandbox, "/root/big")
     assert str(refused.value) == (
-        "sandbox file /root/big is 3.2 MiB, more than this policy's files.max_read_bytes of 1 MiB; read it in "
-        "pieces with the read_file tool (offset/limit) (policy rule: files.max_read_bytes)"
+        "sandbox file /root/big is 3.2 MiB, more than this policy's files.max_read_bytes of 1 MiB; "
+        "read it in pieces with the read_file tool (offset/limit) (policy rule: files.max_read_bytes)"
     )
     with pytest.raises(
         PolicyRefused, match=r"/root/huge is 17 MiB, more than .*files.max_write_bytes of 16 MiB"
@@ -201,7 +205,8 @@ async def test_symlinks_inside_lead_only_to_the_sandboxs_own_files(
     # a listing shows links with their targets and never walks through them
     listing = await files.list(sandbox, "/root", depth=5)
     links = {e.path: e.target for e in listing.entries if e.type == "symlink"}
-    assert links["root-link"] == "/" and links["via-pid1"] == "/proc/1/root/etc/hostname"
+    assert links["root-link"] == "/"
+    assert links["via-pid1"] == "/proc/1/root/etc/hostname"
     assert not any(e.path.startswith("root-link/") for e in listing.entries)
 
 
@@ -233,7 +238,8 @@ async def test_a_reader_never_sees_half_a_file_while_big_writes_happen(
                 await files.write(sandbox, "/root/data", letter * size)
             await files.write(sandbox, "/root/stop", "")
     seen, bad = map(int, result[0].split())
-    assert seen > 5 and bad == 0
+    assert seen > 5
+    assert bad == 0
     assert (
         await sh(backend, sandbox, "ls -A /root | grep -c nspawn-mcp || true") == b"0\n"
     )  # no temporary left

@@ -120,11 +120,12 @@ def _read_all(fd: int, limit: int, path: str) -> bytes:
 # -- read_slice --------------------------------------------------------------------
 
 
-def _looks_binary(head: bytes) -> bool:
+def _looks_binary(head: bytes, whole: bool) -> bool:
+    """NUL bytes or invalid UTF-8 in the first bytes (a character cut at their end is fine)."""
     if b"\x00" in head:
         return True
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
     except UnicodeDecodeError:
         return True
     return False
@@ -162,7 +163,7 @@ def op_read_slice(request: dict[str, Any]) -> dict[str, Any]:
     fd, info = _open_regular(path)
     try:
         head = os.pread(fd, _SNIFF, 0)
-        binary = encoding == "base64" or (encoding == "auto" and _looks_binary(head))
+        binary = encoding == "base64" or (encoding == "auto" and _looks_binary(head, len(head) < _SNIFF))
         if binary:
             want = max_bytes if limit is None else min(limit, max_bytes)
             data = os.pread(fd, want, offset)
