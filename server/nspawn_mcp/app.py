@@ -355,15 +355,20 @@ def build_server(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         source: Annotated[
-            str, Field(description="file to copy: a host path for to_sandbox, a sandbox path otherwise")
+            str,
+            Field(
+                description="file or directory to copy: a host path for to_sandbox, a sandbox path otherwise"
+            ),
         ],
         destination: Annotated[
             str, Field(description="where to put it: a sandbox path for to_sandbox, a host path otherwise")
         ],
         direction: Annotated[Literal["to_sandbox", "from_sandbox"], Field(description="which way to copy")],
     ) -> CopyResult:
-        """Copy one regular file between the host and a sandbox. Host paths must lie in the policy's allowed
-        directories (by default your working directory and below); existing destinations are replaced."""
+        """Copy a regular file or a directory between the host and a sandbox. Host paths must lie in the
+        policy's allowed directories (by default your working directory and below). An existing file is
+        replaced; a directory is copied to a new name (regular files and directories only: symlinks,
+        devices, FIFOs and sockets are left out and counted in `skipped`)."""
         service = _service(ctx)
         if direction == "to_sandbox":
             return await service.copy_to_sandbox(sandbox_id, source, destination)
