@@ -16,6 +16,7 @@ from mcp.server.auth.provider import TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.server.mcpserver.resources.templates import ResourceSecurity
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -23,11 +24,16 @@ from . import __version__
 from .backend.api import OutputChunk
 from .commands import CommandRequest
 from .errors import InvalidRequest, SandboxError
+from .files import SandboxFiles
 from .identity import LOCAL, Client, current_client
 from .models import (
     CopyResult,
     DestroyResult,
     ExecResult,
+    FileContent,
+    FileEditResult,
+    FileList,
+    FileWriteResult,
     ImageList,
     PolicyDocument,
     ProcessInfo,
@@ -52,9 +58,11 @@ ServiceContext = Context[SandboxService]
 
 INSTRUCTIONS = """\
 Disposable Linux sandboxes (systemd-nspawn containers). Typical use: create_sandbox,
-then exec_in_sandbox as often as needed (a shell string or an argv list), copy_file to
-move files between the host's allowed directories and the sandbox, and destroy_sandbox
-when done. Long-running commands can run with background=true. Each sandbox runs as an
+then exec_in_sandbox as often as needed (a shell string or an argv list), read_file,
+write_file, edit_file and list_files to work on files inside it (no host access needed),
+copy_file to move files or directories between the host's allowed directories and the
+sandbox, and destroy_sandbox when done. Long-running commands can run with
+background=true. Each sandbox runs as an
 unprivileged user on the host, has only what its policy allows (get_policy shows it; by
 default no network), and is destroyed automatically after its ttl_seconds."""
 
@@ -124,6 +132,9 @@ def _service(ctx: ServiceContext) -> SandboxService:
 
 SandboxId = Annotated[
     str, Field(description="id returned by create_sandbox, like 'sbx-1a2b3c4d'", max_length=64)
+]
+SandboxPath = Annotated[
+    str, Field(description="absolute path inside the sandbox, e.g. /root/app/main.py", max_length=4096)
 ]
 ProcessId = Annotated[
     str, Field(description="id returned by exec_in_sandbox(background=true), like 'p1'", max_length=16)
@@ -345,21 +356,129 @@ def build_server(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         source: Annotated[
-            str, Field(description="file to copy: a host path for to_sandbox, a sandbox path otherwise")
+            str,
+            Field(
+                description="file or directory to copy: a host path for to_sandbox, a sandbox path otherwise"
+            ),
         ],
         destination: Annotated[
             str, Field(description="where to put it: a sandbox path for to_sandbox, a host path otherwise")
         ],
         direction: Annotated[Literal["to_sandbox", "from_sandbox"], Field(description="which way to copy")],
     ) -> CopyResult:
-        """Copy one regular file between the host and a sandbox. Host paths must lie in the policy's allowed
-        directories (by default your working directory and below); existing destinations are replaced."""
+        """Copy a regular file or a directory between the host and a sandbox. Host paths must lie in the
+        policy's allowed directories (by default your working directory and below). An existing file is
+        replaced; a directory is copied to a new name (regular files and directories only: symlinks,
+        devices, FIFOs and sockets are left out and counted in `skipped`)."""
         service = _service(ctx)
         if direction == "to_sandbox":
             return await service.copy_to_sandbox(sandbox_id, source, destination)
         if direction == "from_sandbox":
             return await service.copy_from_sandbox(sandbox_id, source, destination)
         raise InvalidRequest("direction must be 'to_sandbox' or 'from_sandbox'")
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @agent_errors
+    async def read_file(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        path: SandboxPath,
+        offset: Annotated[
+            int,
+            Field(
+                description="text: lines to skip (0 = from the first line); base64: byte offset",
+                ge=0,
+                le=_HUGE,
+            ),
+        ] = 0,
+        limit: Annotated[
+            int | None,
+            Field(
+                description="text: most lines to return; base64: most bytes (default: as many as fit)",
+                ge=1,
+                le=_HUGE,
+            ),
+        ] = None,
+        encoding: Annotated[
+            Literal["auto", "text", "base64"],
+            Field(description="auto: text unless the file's first 8 KiB hold NUL bytes or invalid UTF-8"),
+        ] = "auto",
+    ) -> FileContent:
+        """Read a file inside a sandbox, as root there may. Text comes as numbered lines (like `cat -n`),
+        binary as base64; each call returns at most the policy's files.max_read_bytes. When `truncated` is
+        true, call again with offset=next_offset (lines for text, bytes for base64) to read on."""
+        return await SandboxFiles(_service(ctx)).read(sandbox_id, path, offset, limit, encoding)
+
+    @mcp.tool(annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False))
+    @agent_errors
+    async def write_file(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        path: SandboxPath,
+        content: Annotated[str, Field(description="the whole new content of the file")],
+        encoding: Annotated[
+            Literal["utf-8", "base64"], Field(description="how `content` is given: text, or base64 of bytes")
+        ] = "utf-8",
+        mode: Annotated[
+            str | None,
+            Field(
+                description="permission bits in octal, e.g. '755' (default: the old file's, or 644)",
+                max_length=8,
+            ),
+        ] = None,
+        make_parents: Annotated[bool, Field(description="create missing parent directories")] = False,
+    ) -> FileWriteResult:
+        """Create or replace a file inside a sandbox, atomically: readers see the old file or the new one,
+        never a part, and a failed write leaves the old file as it was. Capped by files.max_write_bytes."""
+        return await SandboxFiles(_service(ctx)).write(
+            sandbox_id, path, content, encoding, mode, make_parents
+        )
+
+    @mcp.tool(
+        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False)
+    )
+    @agent_errors
+    async def edit_file(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        path: SandboxPath,
+        old: Annotated[
+            str, Field(description="the exact text to replace (whitespace and newlines included)")
+        ],
+        new: Annotated[str, Field(description="the text to put in its place")],
+        count: Annotated[
+            int,
+            Field(
+                description="how many occurrences of `old` there must be; all of them are replaced",
+                ge=1,
+                le=_HUGE,
+            ),
+        ] = 1,
+    ) -> FileEditResult:
+        """Replace exact text in a file inside a sandbox, atomically. Refused, changing nothing, when `old`
+        is not found or occurs a different number of times than `count` (the error says how many)."""
+        return await SandboxFiles(_service(ctx)).edit(sandbox_id, path, old, new, count)
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @agent_errors
+    async def list_files(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        path: SandboxPath = "/",
+        pattern: Annotated[
+            str | None, Field(description="only names matching this glob, e.g. '*.py'", max_length=256)
+        ] = None,
+        depth: Annotated[
+            int, Field(description="1: the directory's own entries; more: descend", ge=1, le=32)
+        ] = 1,
+        max_entries: Annotated[
+            int | None,
+            Field(description="at most this many (capped by files.max_list_entries)", ge=1, le=_HUGE),
+        ] = None,
+    ) -> FileList:
+        """List a directory inside a sandbox: type, size, permissions and modification time of each entry;
+        symlinks show their target and are never followed."""
+        return await SandboxFiles(_service(ctx)).list(sandbox_id, path, pattern, depth, max_entries)
 
     @mcp.tool(
         annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False)
@@ -415,6 +534,20 @@ def build_server(
         try:
             return _policy_document(policies, name).model_dump_json(indent=2)
         except SandboxError as exc:
+            raise ResourceError(str(exc)) from None
+
+    @mcp.resource(
+        "sandbox://{sandbox_id}/files/{+path}",
+        name="sandbox_file",
+        description="A whole file inside a sandbox (text, or a blob for binary files), up to the policy's "
+        "files.max_read_bytes; e.g. sandbox://sbx-1a2b3c4d/files/etc/os-release",
+        security=ResourceSecurity(exempt_params=frozenset({"path"})),  # resolved inside the sandbox's jail
+    )
+    async def sandbox_file(ctx: ServiceContext, sandbox_id: str, path: str) -> str | bytes:
+        wrapped = agent_errors(SandboxFiles(_service(ctx)).read_whole)
+        try:
+            return await wrapped(sandbox_id, "/" + path.lstrip("/"))
+        except ToolError as exc:
             raise ResourceError(str(exc)) from None
 
     prompt_text = (resources.files("nspawn_mcp") / "data" / "prompts" / "sandbox-workflow.md").read_text()

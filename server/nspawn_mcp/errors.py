@@ -12,7 +12,8 @@ text. The MCP layer turns each of these into a tool result with ``isError``.
     ├── QuotaExceeded                 too many sandboxes, or a cap would be exceeded
     ├── NotFound                      no such sandbox (or it is not ours); never a daemon's missing object
     ├── SandboxGone                   the sandbox died underneath a request
-    ├── CopyRefused                   a file copy was refused (type, size, path)
+    ├── CopyRefused                   a file operation was refused (type, size, path, no match)
+    │   └── TooLarge                  a file is over a size cap (the caller names the policy rule)
     ├── ExecFailed                    the command could not be run at all (not the same as exit != 0)
     └── BackendError                  systemd/machined failed; ``retryable`` says if trying again may help
         ├── BackendUnavailable        the bus or a daemon is not reachable (retryable)
@@ -35,6 +36,7 @@ __all__ = [
     "QuotaExceeded",
     "SandboxError",
     "SandboxGone",
+    "TooLarge",
 ]
 
 
@@ -74,7 +76,11 @@ class SandboxGone(SandboxError):
 
 
 class CopyRefused(SandboxError):
-    """A copy_file request was refused."""
+    """A file operation (copy_file or a file tool) was refused."""
+
+
+class TooLarge(CopyRefused):
+    """A file is larger than a cap the request carried; the service names the policy rule."""
 
 
 class ExecFailed(SandboxError):

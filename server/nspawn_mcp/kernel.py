@@ -153,3 +153,14 @@ def setfsid(uid: int, gid: int) -> None:
     """Set the filesystem uid and gid (which decide who creates files) of the calling thread."""
     _libc.setfsgid(gid)
     _libc.setfsuid(uid)
+
+
+RENAME_NOREPLACE = 0x1
+
+
+def rename_noreplace(old_dir_fd: int, old: str, new_dir_fd: int, new: str) -> None:
+    """``renameat2(..., RENAME_NOREPLACE)``: fails with EEXIST rather than replace ``new``."""
+    _check(
+        int(_libc.renameat2(old_dir_fd, os.fsencode(old), new_dir_fd, os.fsencode(new), RENAME_NOREPLACE)),
+        "renameat2",
+    )

@@ -10,6 +10,11 @@ __all__ = [
     "CopyResult",
     "DestroyResult",
     "ExecResult",
+    "FileContent",
+    "FileEditResult",
+    "FileEntryInfo",
+    "FileList",
+    "FileWriteResult",
     "ImageList",
     "ImageSummary",
     "Limits",
@@ -113,8 +118,71 @@ class CopyResult(_Result):
     direction: Literal["to_sandbox", "from_sandbox"]
     source: str
     destination: str
+    bytes: int = Field(description="bytes of file content copied (a directory's files summed)")
+    sha256: str | None = Field(default=None, description="of the file copied; none for a directory")
+    files: int | None = Field(default=None, description="a directory: regular files copied")
+    directories: int | None = Field(
+        default=None, description="a directory: directories made, itself included"
+    )
+    skipped: int | None = Field(
+        default=None,
+        description="a directory: entries left out because they are not regular files or directories "
+        "(symlinks, devices, FIFOs, sockets): they are never followed or recreated",
+    )
+    skipped_examples: list[str] = Field(default_factory=list, description="some of the entries left out")
+
+
+class FileContent(_Result):
+    path: str
+    encoding: Literal["text", "base64"] = Field(
+        description="text: `content` is lines numbered like `cat -n` (number, tab, line), and offsets count "
+        "lines; base64: `content` is the bytes, base64-encoded, and offsets count bytes"
+    )
+    content: str
+    offset: int = Field(description="where this piece starts: lines skipped (text) or a byte offset (base64)")
+    next_offset: int | None = Field(description="pass as `offset` to read on; null at the end of the file")
+    truncated: bool = Field(description="the file goes on after this piece")
+    size_bytes: int = Field(description="the file's size")
+    remaining_bytes: int = Field(description="bytes of the file after this piece")
+    line_cut: bool = Field(
+        default=False,
+        description="text: one line was longer than the policy's files.max_read_bytes and only its start "
+        "is shown; read the rest with encoding='base64' from byte offset `end_byte`",
+    )
+    end_byte: int = Field(description="the byte offset just after this piece")
+    mode: str = Field(description="permission bits, octal, like '0644'")
+    mtime: str = Field(description="last modification, ISO 8601, UTC")
+
+
+class FileWriteResult(_Result):
+    path: str
     bytes: int
-    sha256: str
+    mode: str = Field(description="permission bits of the file now, octal")
+    created: bool = Field(description="the file did not exist before")
+
+
+class FileEditResult(_Result):
+    path: str
+    replaced: int = Field(description="occurrences replaced")
+    bytes: int = Field(description="the file's size now")
+
+
+class FileEntryInfo(_Result):
+    path: str = Field(description="relative to the directory listed")
+    type: Literal["file", "directory", "symlink", "fifo", "socket", "char_device", "block_device", "other"]
+    size: int
+    mode: str = Field(description="permission bits, octal")
+    mtime: str = Field(description="ISO 8601, UTC")
+    target: str | None = Field(default=None, description="a symlink's target as written (never followed)")
+
+
+class FileList(_Result):
+    path: str
+    entries: list[FileEntryInfo]
+    truncated: bool = Field(
+        description="more entries exist than were returned (the policy's files.max_list_entries, or "
+        "`max_entries`); narrow with `pattern` or `depth`, or list a subdirectory"
+    )
 
 
 class PolicyDocument(_Result):

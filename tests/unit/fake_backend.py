@@ -12,15 +12,23 @@ import anyio
 from nspawn_mcp.backend.api import (
     CommandOutcome,
     CommandSpec,
+    FileEdited,
+    FileListing,
     FileRead,
+    FileSlice,
+    FileWritten,
     OutputChunk,
     ProcessOutput,
     ProcessState,
     TemplateImage,
+    TreeEntry,
+    TreeRead,
+    TreeWritten,
 )
 from nspawn_mcp.backend.egress import SubnetPool
-from nspawn_mcp.errors import CopyRefused, NotFound, SandboxGone
+from nspawn_mcp.errors import CopyRefused, NotFound, SandboxGone, TooLarge
 from nspawn_mcp.policy import SandboxPlan
+from nspawn_mcp.sandbox.protocol import FileEntry, text_lines
 
 
 class Clock:
@@ -187,3 +195,127 @@ class FakeJail:
         for start in range(0, len(data), 4096):
             await sink(data[start : start + 4096])
         return FileRead(size=len(data), mode=0o644)
+
+    # -- file tools: a flat map of paths to bytes; a directory is any prefix of a stored path --
+
+    def _file(self, path: str) -> bytes:
+        self._check()
+        data = self.backend.files.get((self.sandbox_id, path))
+        if data is None:
+            raise CopyRefused(f"{path} does not exist in the sandbox")
+        return data
+
+    def _is_directory(self, path: str) -> bool:
+        prefix = path.rstrip("/") + "/"
+        return any(s == self.sandbox_id and p.startswith(prefix) for s, p in self.backend.files)
+
+    async def read_slice(
+        self, path: str, offset: int, limit: int | None, max_bytes: int, encoding: str
+    ) -> FileSlice:
+        data = self._file(path)
+        binary = encoding == "base64" or (encoding == "auto" and b"\x00" in data[:8192])
+        if binary:
+            piece = data[offset : offset + min(limit or max_bytes, max_bytes)]
+            end = offset + len(piece)
+            return FileSlice(True, piece, offset, end, end, len(data), end >= len(data), False, 0o644, 0.0)
+        lines = data.splitlines(keepends=True)[offset:]
+        chosen: list[bytes] = []
+        for line in lines[: limit or len(lines)]:
+            if sum(map(len, chosen)) + len(line) > max_bytes:
+                break
+            chosen.append(line)
+        piece = b"".join(chosen)
+        start = sum(map(len, data.splitlines(keepends=True)[:offset]))
+        end = start + len(piece)
+        return FileSlice(
+            False,
+            piece,
+            offset,
+            offset + text_lines(piece),
+            end,
+            len(data),
+            end >= len(data),
+            False,
+            0o644,
+            0.0,
+        )
+
+    async def write_file(self, path: str, data: bytes, mode: int | None, make_parents: bool) -> FileWritten:
+        self._check()
+        created = (self.sandbox_id, path) not in self.backend.files
+        self.backend.files[(self.sandbox_id, path)] = data
+        return FileWritten(size=len(data), mode=0o644 if mode is None else mode, created=created)
+
+    async def edit_file(self, path: str, old: str, new: str, count: int, max_bytes: int) -> FileEdited:
+        data = self._file(path)
+        if len(data) > max_bytes:
+            raise TooLarge(f"{path} is {len(data)} bytes, more than the limit of {max_bytes}")
+        found = data.count(old.encode())
+        if found == 0:
+            raise CopyRefused(f"the text to replace was not found in {path}")
+        if found != count:
+            raise CopyRefused(f"the text to replace occurs {found} times in {path}, not {count}")
+        edited = data.replace(old.encode(), new.encode())
+        self.backend.files[(self.sandbox_id, path)] = edited
+        return FileEdited(replaced=found, size=len(edited))
+
+    async def list_files(self, path: str, pattern: str | None, depth: int, max_entries: int) -> FileListing:
+        self._check()
+        if not self._is_directory(path):
+            raise CopyRefused(f"{path} is not a directory")
+        prefix = path.rstrip("/") + "/"
+        names = sorted(
+            p.removeprefix(prefix)
+            for s, p in self.backend.files
+            if s == self.sandbox_id and p.startswith(prefix)
+        )
+        entries = [
+            FileEntry(name, "file", len(self.backend.files[(self.sandbox_id, prefix + name)]), 0o644, 0.0)
+            for name in names
+            if name.count("/") < depth
+        ]
+        return FileListing(entries=tuple(entries[:max_entries]), truncated=len(entries) > max_entries)
+
+    async def read_tree(
+        self,
+        path: str,
+        max_bytes: int,
+        max_entries: int,
+        on_entry: Callable[[TreeEntry], Awaitable[None]],
+        on_data: Callable[[bytes], Awaitable[None]],
+    ) -> TreeRead:
+        listing = await self.list_files(path, None, 64, max_entries)
+        total = 0
+        made: set[str] = set()
+        for entry in listing.entries:
+            parts = entry.path.split("/")
+            for depth in range(1, len(parts)):
+                directory = "/".join(parts[:depth])
+                if directory not in made:
+                    made.add(directory)
+                    await on_entry(TreeEntry(directory, True, 0o755, 0))
+            data = self._file(path.rstrip("/") + "/" + entry.path)
+            total += len(data)
+            await on_entry(TreeEntry(entry.path, False, 0o644, len(data)))
+            if data:
+                await on_data(data)
+        return TreeRead(files=len(listing.entries), directories=len(made), bytes=total, skipped=0)
+
+    async def extract_tar(self, archive: str, destination: str, max_bytes: int) -> TreeWritten:
+        import io
+        import tarfile
+
+        data = self.backend.files.pop((self.sandbox_id, archive))
+        files = directories = total = 0
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar:
+                if member.isdir():
+                    directories += 1
+                    continue
+                source = tar.extractfile(member)
+                assert source is not None
+                content = source.read()
+                total += len(content)
+                self.backend.files[(self.sandbox_id, destination.rstrip("/") + "/" + member.name)] = content
+                files += 1
+        return TreeWritten(files=files, directories=directories, bytes=total)

@@ -53,6 +53,10 @@ async def test_the_tools_are_offered(client: Client) -> None:
         "list_processes",
         "get_policy",
         "list_images",
+        "read_file",
+        "write_file",
+        "edit_file",
+        "list_files",
     }
 
     exec_schema = tools["exec_in_sandbox"].input_schema
@@ -214,3 +218,29 @@ async def test_absurd_numbers_are_refused_with_a_message(client: Client) -> None
     assert "memory_mb" in result.content[0].text  # type: ignore[union-attr]
     result = await client.call_tool("create_sandbox", {"memory_mb": 1 << 40})
     assert "limits.max.memory" in result.content[0].text  # type: ignore[union-attr]
+
+
+async def test_file_tools_and_the_file_resource(client: Client, backend: FakeBackend) -> None:
+    created = await client.call_tool("create_sandbox", {})
+    assert created.structured_content is not None
+    sandbox = created.structured_content["sandbox_id"]
+    written = await client.call_tool(
+        "write_file", {"sandbox_id": sandbox, "path": "/root/notes.txt", "content": "one\ntwo\n"}
+    )
+    assert not written.is_error
+    read = await client.call_tool("read_file", {"sandbox_id": sandbox, "path": "/root/notes.txt"})
+    assert read.structured_content is not None
+    assert read.structured_content["content"] == "     1\tone\n     2\ttwo\n"
+    ambiguous = await client.call_tool(
+        "edit_file", {"sandbox_id": sandbox, "path": "/root/notes.txt", "old": "o", "new": "0"}
+    )
+    assert ambiguous.is_error
+    resource = await client.read_resource(f"sandbox://{sandbox}/files/root/notes.txt")
+    assert [getattr(c, "text", None) for c in resource.contents] == ["one\ntwo\n"]
+    backend.files[(sandbox, "/root/blob")] = b"\x00\xff"
+    blob = await client.read_resource(f"sandbox://{sandbox}/files/root/blob")
+    assert [getattr(c, "blob", None) for c in blob.contents] == ["AP8="]
+    with pytest.raises(Exception, match="does not exist"):
+        await client.read_resource(f"sandbox://{sandbox}/files/root/missing")
+    with pytest.raises(Exception, match="no sandbox sbx-00000000"):
+        await client.read_resource("sandbox://sbx-00000000/files/etc/hostname")

@@ -15,6 +15,7 @@ import pytest
 
 from nspawn_mcp.commands import CommandRequest
 from nspawn_mcp.errors import InvalidRequest, NotFound, PolicyRefused, QuotaExceeded, SandboxGone
+from nspawn_mcp.files import SandboxFiles
 from nspawn_mcp.identity import Client, current_client
 from nspawn_mcp.policy import CreateRequest, PolicySet
 from nspawn_mcp.policy.loader import load_policy_text
@@ -76,10 +77,16 @@ async def create(service: SandboxService, client: Client, policy: str = "default
 
 async def test_another_client_cannot_see_use_or_destroy_my_sandbox(service: SandboxService) -> None:
     mine = await create(service, ALICE)
+    files = SandboxFiles(service)
     for other in (BOB, CI, ALICE_2):
         with acting_as(other):
             assert service.list() == []
             for attempt in (
+                files.read(mine, "/etc/hostname"),
+                files.read_whole(mine, "/etc/hostname"),
+                files.write(mine, "/root/x", "x"),
+                files.edit(mine, "/root/x", "x", "y"),
+                files.list(mine, "/"),
                 service.exec(mine, CommandRequest("true")),
                 service.list_processes(mine),
                 service.copy_from_sandbox(mine, "/etc/hostname", "out"),

@@ -13,18 +13,38 @@ from pathlib import Path
 from typing import Protocol
 
 from ..policy import SandboxPlan
-from ..sandbox.protocol import CommandOutcome, FileRead, OutputChunk, ProcessOutput, ProcessState
+from ..sandbox.protocol import (
+    CommandOutcome,
+    FileEdited,
+    FileListing,
+    FileRead,
+    FileSlice,
+    FileWritten,
+    OutputChunk,
+    ProcessOutput,
+    ProcessState,
+    TreeEntry,
+    TreeRead,
+    TreeWritten,
+)
 
 __all__ = [
     "Backend",
     "CommandOutcome",
     "CommandSpec",
+    "FileEdited",
+    "FileListing",
     "FileRead",
+    "FileSlice",
+    "FileWritten",
     "Jail",
     "OutputChunk",
     "ProcessOutput",
     "ProcessState",
     "TemplateImage",
+    "TreeEntry",
+    "TreeRead",
+    "TreeWritten",
 ]
 
 
@@ -75,6 +95,33 @@ class Jail(Protocol):
     ) -> FileRead:
         """Stream a regular file to ``sink`` as root in the sandbox may read it (not beyond ``max_bytes``)."""
         ...
+
+    # File tools: paths are resolved inside the jail (see nspawn_mcp.sandbox.fileops).
+
+    async def read_slice(
+        self, path: str, offset: int, limit: int | None, max_bytes: int, encoding: str
+    ) -> FileSlice: ...
+
+    async def write_file(
+        self, path: str, data: bytes, mode: int | None, make_parents: bool
+    ) -> FileWritten: ...
+
+    async def edit_file(self, path: str, old: str, new: str, count: int, max_bytes: int) -> FileEdited: ...
+
+    async def list_files(
+        self, path: str, pattern: str | None, depth: int, max_entries: int
+    ) -> FileListing: ...
+
+    async def read_tree(
+        self,
+        path: str,
+        max_bytes: int,
+        max_entries: int,
+        on_entry: Callable[[TreeEntry], Awaitable[None]],
+        on_data: Callable[[bytes], Awaitable[None]],
+    ) -> TreeRead: ...
+
+    async def extract_tar(self, archive: str, destination: str, max_bytes: int) -> TreeWritten: ...
 
 
 class Backend(Protocol):

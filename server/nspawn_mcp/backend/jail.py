@@ -25,7 +25,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ..errors import CopyRefused, ExecFailed, InvalidRequest, NotFound, SandboxGone
+from ..errors import CopyRefused, ExecFailed, InvalidRequest, NotFound, SandboxGone, TooLarge
 from ..sandbox import protocol
 from .api import CommandOutcome, CommandSpec, OutputChunk, ProcessOutput, ProcessState
 
@@ -39,6 +39,8 @@ _CONTROL_LINE_LIMIT = protocol.line_limit(0) + protocol.MAX_PROCESSES * 20_000
 """Control replies carry no output: a list of processes (each argv cut to its bound) at most."""
 _PARSE_IN_THREAD = 1 << 20
 _COPY_TIMEOUT = 3600.0
+_FILE_TIMEOUT = 300.0
+_LIST_LINE_LIMIT = protocol.LIST_REPLY_BYTES + protocol.line_limit(0)
 
 T = TypeVar("T")
 OutputHandler = Callable[[OutputChunk], Awaitable[None]]
@@ -57,12 +59,25 @@ def _command(spec: CommandSpec, timeout: float | None) -> dict[str, Any]:
     ).to_wire()
 
 
+_FILE_FAILURES = (
+    "no_such_file",
+    "permission_denied",
+    "not_regular",
+    "too_large",
+    "no_match",
+    "ambiguous",
+    "io_error",
+)
+
+
 def _raise_for(failure: protocol.Failure) -> None:
     if failure.kind == "no_such_process":
         raise NotFound(f"{failure.message}; list_processes shows this sandbox's background processes")
     if failure.kind == "bad_user":
         raise InvalidRequest(failure.message)
-    if failure.kind in ("no_such_file", "permission_denied", "not_regular", "too_large"):
+    if failure.kind == "too_large":
+        raise TooLarge(failure.message)
+    if failure.kind in _FILE_FAILURES:
         raise CopyRefused(failure.message)
     raise ExecFailed(failure.message)
 
@@ -258,3 +273,126 @@ class JailClient:
         if done.size != received[0]:
             raise self._invalid(protocol.ProtocolError("the size does not match the data sent"))
         return done
+
+    # -- file tools -------------------------------------------------------------------
+
+    async def read_slice(
+        self, path: str, offset: int, limit: int | None, max_bytes: int, encoding: str
+    ) -> protocol.FileSlice:
+        """A piece of a file: whole lines of text from line ``offset``, or bytes of a binary file."""
+        reply = await self._request(
+            {
+                "op": "read_slice",
+                "path": path,
+                "offset": offset,
+                "limit": limit,
+                "max_bytes": max_bytes,
+                "encoding": encoding,
+            },
+            timeout=_FILE_TIMEOUT,
+            limit=protocol.line_limit(max_bytes),
+        )
+        return self._decoded(protocol.FileSlice.from_wire, reply, max_bytes, offset)
+
+    async def write_file(
+        self, path: str, data: bytes, mode: int | None, make_parents: bool
+    ) -> protocol.FileWritten:
+        """Replace (or create) a file atomically, as root in the sandbox may."""
+        reply = await self._request(
+            {
+                "op": "write_file",
+                "path": path,
+                "data_b64": protocol.data_to_wire(data),
+                "mode": mode,
+                "make_parents": make_parents,
+            },
+            timeout=_FILE_TIMEOUT,
+            limit=_CONTROL_LINE_LIMIT,
+        )
+        return self._decoded(protocol.FileWritten.from_wire, reply, len(data))
+
+    async def edit_file(
+        self, path: str, old: str, new: str, count: int, max_bytes: int
+    ) -> protocol.FileEdited:
+        """Replace exactly ``count`` occurrences of ``old``; any other number of matches is refused."""
+        reply = await self._request(
+            {"op": "edit_file", "path": path, "old": old, "new": new, "count": count, "max_bytes": max_bytes},
+            timeout=_FILE_TIMEOUT,
+            limit=_CONTROL_LINE_LIMIT,
+        )
+        return self._decoded(protocol.FileEdited.from_wire, reply, count, max_bytes)
+
+    async def list_files(
+        self, path: str, pattern: str | None, depth: int, max_entries: int
+    ) -> protocol.FileListing:
+        """Entries under a directory, never following a symlink below it."""
+        reply = await self._request(
+            {
+                "op": "list_files",
+                "path": path,
+                "pattern": pattern,
+                "depth": depth,
+                "max_entries": max_entries,
+            },
+            timeout=_FILE_TIMEOUT,
+            limit=_LIST_LINE_LIMIT,
+        )
+        return self._decoded(protocol.FileListing.from_wire, reply, max_entries)
+
+    async def read_tree(
+        self,
+        path: str,
+        max_bytes: int,
+        max_entries: int,
+        on_entry: Callable[[protocol.TreeEntry], Awaitable[None]],
+        on_data: Callable[[bytes], Awaitable[None]],
+    ) -> protocol.TreeRead:
+        """Stream a directory of the sandbox: each entry to ``on_entry``, a file's bytes to ``on_data``.
+
+        The stream is checked as it comes: a file's bytes must add up to its declared
+        size before the next entry, and the total stays within ``max_bytes``.
+        """
+        state = {"left": 0, "total": 0, "entries": 0}
+
+        async def event(message: dict[str, Any]) -> None:
+            kind = message.get("event")
+            if kind == "entry":
+                if state["left"]:
+                    raise protocol.ProtocolError("an entry before the previous file's bytes were all sent")
+                state["entries"] += 1
+                if state["entries"] > max_entries:
+                    raise protocol.ProtocolError(f"more than {max_entries} entries")
+                entry = protocol.TreeEntry.from_wire(message, max_bytes)
+                state["left"] = entry.size
+                state["total"] += entry.size
+                if state["total"] > max_bytes:
+                    raise protocol.ProtocolError(f"more than the cap of {max_bytes} bytes")
+                await on_entry(entry)
+            elif kind == "data":
+                chunk = protocol.FileChunk.from_wire(message)
+                if len(chunk.data) > state["left"]:
+                    raise protocol.ProtocolError("more bytes than the file's declared size")
+                state["left"] -= len(chunk.data)
+                await on_data(chunk.data)
+            else:
+                raise protocol.ProtocolError("an unexpected event")
+
+        reply = await self._request(
+            {"op": "read_tree", "path": path, "max_bytes": max_bytes, "max_entries": max_entries},
+            timeout=_COPY_TIMEOUT,
+            limit=protocol.line_limit(protocol.FILE_CHUNK),
+            on_event=event,
+        )
+        done = self._decoded(protocol.TreeRead.from_wire, reply, max_bytes)
+        if state["left"] or done.bytes != state["total"]:
+            raise self._invalid(protocol.ProtocolError("the sizes do not match the data sent"))
+        return done
+
+    async def extract_tar(self, archive: str, destination: str, max_bytes: int) -> protocol.TreeWritten:
+        """Unpack an archive copied into the sandbox under ``destination`` (the archive is removed)."""
+        reply = await self._request(
+            {"op": "extract_tar", "archive": archive, "destination": destination, "max_bytes": max_bytes},
+            timeout=_COPY_TIMEOUT,
+            limit=_CONTROL_LINE_LIMIT,
+        )
+        return self._decoded(protocol.TreeWritten.from_wire, reply, max_bytes)

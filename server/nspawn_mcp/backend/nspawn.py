@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 _READY_TIMEOUT = 15.0
 _UNKNOWN_SIZE = (1 << 64) - 1
 """machined's "no idea" for a size (``UINT64_MAX``)."""
-_SUPERVISOR_FILES = ("supervisor.py", "protocol.py")
+_SUPERVISOR_FILES = ("supervisor.py", "protocol.py", "fileops.py")
 
 
 def install_supervisor(layout: Layout) -> None:

@@ -96,7 +96,20 @@ class FilesPolicy(_Frozen):
         description="host directories copy_file may read from or write to; relative ones are "
         "relative to the client's working directory (a root stdio client's own; HTTP clients have none)",
     )
-    max_copy_bytes: ByteCount = Field(default=1 * _GiB, ge=0)
+    max_copy_bytes: ByteCount = Field(
+        default=1 * _GiB, ge=0, description="per copy_file, a directory's files summed"
+    )
+    max_read_bytes: ByteCount = Field(
+        default=1 * _MiB,
+        ge=1024,
+        le=64 * _MiB,
+        description="read_file: bytes per call (larger files are read in pieces); the resource "
+        "sandbox://{id}/files/{path} reads whole files up to this",
+    )
+    max_write_bytes: ByteCount = Field(
+        default=8 * _MiB, ge=0, le=64 * _MiB, description="write_file and edit_file: size of the file written"
+    )
+    max_list_entries: int = Field(default=1000, ge=1, le=10_000, description="list_files: entries per call")
 
 
 class MountRoot(_Frozen):

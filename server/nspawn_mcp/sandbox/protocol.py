@@ -30,7 +30,19 @@ op              fields                                                reply
 ``kill``        ``process_id``, ``signal``                            :class:`ProcessState`
 ``list``        -                                                     ``{"processes": [...]}``
 ``read_file``   ``path``, ``max_bytes``                               :class:`FileRead`
+``read_slice``  ``path``, ``offset``, ``limit``, ``max_bytes``,         :class:`FileSlice`
+                ``encoding``
+``write_file``  ``path``, ``data_b64``, ``mode``, ``make_parents``     :class:`FileWritten`
+``edit_file``   ``path``, ``old``, ``new``, ``count``, ``max_bytes``   :class:`FileEdited`
+``list_files``  ``path``, ``pattern``, ``depth``, ``max_entries``      :class:`FileListing`
+``read_tree``   ``path``, ``max_bytes``, ``max_entries``               :class:`TreeRead`
+``extract_tar`` ``archive``, ``destination``, ``max_bytes``            :class:`TreeWritten`
 ==============  ====================================================  ======================
+
+Paths in these requests are resolved by the supervisor, inside the jail: a symlink
+the sandbox planted can only lead to another of the sandbox's own files.
+``read_tree`` streams a :class:`TreeEntry` event before each entry, and after a
+file's entry the file's bytes as ``FileChunk`` events (exactly its ``size``).
 
 Hanging up on an ``exec`` or ``read_file`` stops it (the command is killed).
 """
@@ -47,22 +59,36 @@ __all__ = [
     "ARGV_SHOWN",
     "FAILURE_KINDS",
     "FILE_CHUNK",
+    "LIST_REPLY_BYTES",
+    "MAX_LIST_ENTRIES",
+    "MAX_PATH_CHARS",
     "MAX_PROCESSES",
     "MAX_REQUEST_BYTES",
+    "MAX_TREE_ENTRIES",
     "Command",
     "CommandOutcome",
     "Failure",
     "FileChunk",
+    "FileEdited",
+    "FileEntry",
+    "FileListing",
     "FileRead",
+    "FileSlice",
+    "FileWritten",
     "OutputChunk",
     "ProcessOutput",
     "ProcessState",
     "ProtocolError",
+    "TreeEntry",
+    "TreeRead",
+    "TreeWritten",
     "data_to_wire",
     "decode_line",
     "encode",
     "line_limit",
+    "relative_path",
     "spawned_from_wire",
+    "text_lines",
     "written_from_wire",
 ]
 
@@ -89,6 +115,9 @@ FAILURE_KINDS = (
     "permission_denied",
     "not_regular",
     "too_large",
+    "no_match",
+    "ambiguous",
+    "io_error",
 )
 
 
@@ -469,3 +498,295 @@ class FileRead:
     @classmethod
     def from_wire(cls, message: dict[str, Any], max_bytes: int) -> FileRead:
         return cls(size=_int(message, "size", 0, max_bytes), mode=_int(message, "mode", 0, 0o7777))
+
+
+# -- file tools ---------------------------------------------------------------------
+
+MAX_PATH_CHARS = 4096
+"""The longest path (or symlink target) a reply may name."""
+MAX_LIST_ENTRIES = 10_000
+"""The most entries one ``list_files`` reply may carry."""
+LIST_REPLY_BYTES = 8 << 20
+"""The supervisor stops adding entries to a ``list_files`` reply before its line reaches this."""
+MAX_TREE_ENTRIES = 100_000
+"""The most entries one ``read_tree`` may stream."""
+FILE_TYPES = ("file", "directory", "symlink", "fifo", "socket", "char_device", "block_device", "other")
+_MAX_SIZE = 1 << 62
+_MAX_MTIME = 1e12
+
+
+def _shown(text: str) -> str:
+    """A name from the sandbox as it may be shown: no control characters, no lone surrogates."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _path_text(message: dict[str, Any], name: str) -> str:
+    return _shown(_text(message, name, MAX_PATH_CHARS))
+
+
+def _mode(message: dict[str, Any]) -> int:
+    return _int(message, "mode", 0, 0o7777)
+
+
+def text_lines(data: bytes) -> int:
+    """How many lines ``data`` holds: its newlines, plus one for a last line without a newline."""
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A piece of a regular file (the reply of ``read_slice``).
+
+    Text: ``offset`` and ``next_offset`` count lines, and ``data`` holds whole lines
+    (the last one cut only when a single line is longer than ``max_bytes``:
+    ``line_cut``). Binary: they count bytes. ``end`` is the byte position just
+    after ``data``; ``size`` the file's size in bytes.
+    """
+
+    binary: bool
+    data: bytes
+    offset: int
+    next_offset: int
+    end: int
+    size: int
+    eof: bool
+    line_cut: bool
+    mode: int
+    mtime: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "binary": self.binary,
+            "data_b64": _b64(self.data),
+            "offset": self.offset,
+            "next_offset": self.next_offset,
+            "end": self.end,
+            "size": self.size,
+            "eof": self.eof,
+            "line_cut": self.line_cut,
+            "mode": self.mode,
+            "mtime": self.mtime,
+        }
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any], max_bytes: int, offset: int) -> FileSlice:
+        binary = _bool(message, "binary")
+        data = _data(message, "data_b64", max_bytes)
+        piece = cls(
+            binary=binary,
+            data=data,
+            offset=_int(message, "offset", offset, offset),
+            next_offset=_int(message, "next_offset", 0, _MAX_SIZE),
+            end=_int(message, "end", len(data), _MAX_SIZE),
+            size=_int(message, "size", 0, _MAX_SIZE),
+            eof=_bool(message, "eof"),
+            line_cut=_bool(message, "line_cut"),
+            mode=_mode(message),
+            mtime=_number(message, "mtime", -_MAX_MTIME, _MAX_MTIME),
+        )
+        counted = len(data) if binary else text_lines(data)
+        if piece.next_offset != offset + counted:
+            raise ProtocolError("the next offset does not follow from the data")
+        if piece.end > piece.size or (binary and piece.end != offset + len(data)):
+            raise ProtocolError("the end of the data lies beyond the file")
+        if piece.line_cut and (binary or piece.eof):
+            raise ProtocolError("a cut line in binary data or at the end of the file")
+        return piece
+
+
+@dataclass(frozen=True)
+class FileWritten:
+    """A file written whole and put in place (the reply of ``write_file``)."""
+
+    size: int
+    mode: int
+    created: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"size": self.size, "mode": self.mode, "created": self.created}
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any], sent: int) -> FileWritten:
+        return cls(
+            size=_int(message, "size", sent, sent), mode=_mode(message), created=_bool(message, "created")
+        )
+
+
+@dataclass(frozen=True)
+class FileEdited:
+    """An exact replacement done and put in place (the reply of ``edit_file``)."""
+
+    replaced: int
+    size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"replaced": self.replaced, "size": self.size}
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any], count: int, max_bytes: int) -> FileEdited:
+        return cls(replaced=_int(message, "replaced", count, count), size=_int(message, "size", 0, max_bytes))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One entry of a listing: its path relative to the listed directory, never followed."""
+
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    target: str | None = None
+    """A symlink's target, as written (not resolved)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "type": self.type,
+            "size": self.size,
+            "mode": self.mode,
+            "mtime": self.mtime,
+            "target": self.target,
+        }
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any]) -> FileEntry:
+        kind = _text(message, "type", 16)
+        if kind not in FILE_TYPES:
+            raise ProtocolError(f"unknown file type {kind!r}")
+        target = message.get("target")
+        if target is not None and kind != "symlink":
+            raise ProtocolError("a target on something that is not a symlink")
+        return cls(
+            path=_path_text(message, "path"),
+            type=kind,
+            size=_int(message, "size", 0, _MAX_SIZE),
+            mode=_mode(message),
+            mtime=_number(message, "mtime", -_MAX_MTIME, _MAX_MTIME),
+            target=None if target is None else _path_text(message, "target"),
+        )
+
+
+@dataclass(frozen=True)
+class FileListing:
+    """The reply of ``list_files``: at most ``max_entries`` entries; ``truncated`` if there were more."""
+
+    entries: tuple[FileEntry, ...]
+    truncated: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"entries": [entry.to_wire() for entry in self.entries], "truncated": self.truncated}
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any], max_entries: int) -> FileListing:
+        entries = _field(message, "entries")
+        if not isinstance(entries, list) or len(entries) > max_entries:
+            raise ProtocolError(f"field 'entries' is not a list of at most {max_entries}")
+        if not all(isinstance(item, dict) for item in entries):
+            raise ProtocolError("field 'entries' holds something that is not an object")
+        return cls(
+            entries=tuple(FileEntry.from_wire(item) for item in entries),
+            truncated=_bool(message, "truncated"),
+        )
+
+
+def relative_path(text: str) -> tuple[str, ...]:
+    """The components of a relative path inside a copied tree; anything that could leave it is refused."""
+    parts = tuple(text.split("/"))
+    if (
+        not text
+        or len(text) > MAX_PATH_CHARS
+        or "\x00" in text
+        or any(part in ("", ".", "..") or len(part.encode("utf-8", "surrogatepass")) > 255 for part in parts)
+    ):
+        raise ProtocolError("a tree entry whose path is not a plain relative path")
+    return parts
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """An entry of a tree being read (an event of ``read_tree``): a directory, or a file (bytes follow)."""
+
+    path: str
+    directory: bool
+    mode: int
+    size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        kind = "directory" if self.directory else "file"
+        return {"event": "entry", "path": self.path, "type": kind, "mode": self.mode, "size": self.size}
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.path.split("/"))
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any], max_bytes: int) -> TreeEntry:
+        path = _text(message, "path", MAX_PATH_CHARS)
+        relative_path(path)
+        kind = _text(message, "type", 16)
+        if kind not in ("file", "directory"):
+            raise ProtocolError("a tree entry that is neither a file nor a directory")
+        size = _int(message, "size", 0, max_bytes)
+        if kind == "directory" and size:
+            raise ProtocolError("a directory entry with a size")
+        return cls(path=path, directory=kind == "directory", mode=_mode(message), size=size)
+
+
+@dataclass(frozen=True)
+class TreeRead:
+    """The end of ``read_tree``: what was sent, and what was left out (symlinks, devices, ...)."""
+
+    files: int
+    directories: int
+    bytes: int
+    skipped: int
+    skipped_examples: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "directories": self.directories,
+            "bytes": self.bytes,
+            "skipped": self.skipped,
+            "skipped_examples": list(self.skipped_examples[:_SKIPPED_SHOWN]),
+        }
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any], max_bytes: int) -> TreeRead:
+        examples = _field(message, "skipped_examples")
+        if not isinstance(examples, list) or len(examples) > _SKIPPED_SHOWN:
+            raise ProtocolError(f"field 'skipped_examples' is not a list of at most {_SKIPPED_SHOWN}")
+        if not all(isinstance(item, str) and len(item) <= MAX_PATH_CHARS for item in examples):
+            raise ProtocolError("field 'skipped_examples' holds something that is not a short string")
+        return cls(
+            files=_int(message, "files", 0, MAX_TREE_ENTRIES),
+            directories=_int(message, "directories", 0, MAX_TREE_ENTRIES),
+            bytes=_int(message, "bytes", 0, max_bytes),
+            skipped=_int(message, "skipped", 0, _MAX_SIZE),
+            skipped_examples=tuple(_shown(item) for item in examples),
+        )
+
+
+_SKIPPED_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class TreeWritten:
+    """The reply of ``extract_tar``: what was put in place inside the sandbox."""
+
+    files: int
+    directories: int
+    bytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"files": self.files, "directories": self.directories, "bytes": self.bytes}
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any], max_bytes: int) -> TreeWritten:
+        return cls(
+            files=_int(message, "files", 0, MAX_TREE_ENTRIES),
+            directories=_int(message, "directories", 0, MAX_TREE_ENTRIES),
+            bytes=_int(message, "bytes", 0, max_bytes),
+        )

@@ -46,11 +46,12 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import subprocess
 
-    from . import protocol
+    from . import fileops, protocol
 else:
     try:  # imported from the package (tests, type checking)
-        from . import protocol
-    except ImportError:  # inside a sandbox: protocol.py lies next to this file
+        from . import fileops, protocol
+    except ImportError:  # inside a sandbox: protocol.py and fileops.py lie next to this file
+        import fileops
         import protocol
 
 
@@ -65,10 +66,7 @@ _CHUNK = 65536
 COMMAND_OOM_SCORE_ADJ = b"1000"
 
 
-class RequestError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+RequestError = fileops.RequestError
 
 
 # -- cgroups -------------------------------------------------------------------
@@ -591,10 +589,12 @@ OPERATIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "write": REGISTRY.write,
     "kill": REGISTRY.kill,
     "list": REGISTRY.list,
+    **fileops.OPERATIONS,
 }
 STREAMING: dict[str, Callable[[socket.socket, dict[str, Any]], dict[str, Any]]] = {
     "exec": op_exec,
     "read_file": op_read_file,
+    **fileops.STREAMING,
 }
 
 
