@@ -17,6 +17,7 @@ from .audit import AuditLog
 from .backend.network import EgressNetwork
 from .backend.nspawn import NspawnBackend
 from .box import host_runs_systemd, start_box, system_bus_address
+from .forwards import PortForwards
 from .layout import Layout
 from .policy import PolicySet
 from .policy.loader import shipped_policy_dir
@@ -95,12 +96,15 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
         )
 
         try:
+            # each forward has an error boundary of its own; all end with the task group
+            forwards = PortForwards(tasks, lambda sandbox_id, port: backend.jail(sandbox_id).connect(port))
             service = SandboxService(
                 backend,
                 policies,
                 records_dir=config.layout.records_dir,
                 max_sandboxes=config.max_sandboxes,
                 audit=audit,
+                forwards=forwards,
             )
             service_box.append(service)
             await service.reconcile()

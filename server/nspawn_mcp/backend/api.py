@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import anyio.abc
+
 from ..policy import SandboxPlan
 from ..sandbox.protocol import CommandOutcome, FileRead, OutputChunk, ProcessOutput, ProcessState
 
@@ -61,6 +63,11 @@ class Jail(Protocol):
         self, path: str, max_bytes: int, sink: Callable[[bytes], Awaitable[None]]
     ) -> FileRead:
         """Stream a regular file to ``sink`` as root in the sandbox may read it (not beyond ``max_bytes``)."""
+        ...
+
+    async def connect(self, port: int) -> anyio.abc.ByteStream:
+        """A byte stream to ``port`` on the sandbox's own loopback (what a port forward carries);
+        raises SandboxGone, or ExecFailed when nothing listens there."""
         ...
 
 

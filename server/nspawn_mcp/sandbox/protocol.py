@@ -30,9 +30,16 @@ op              fields                                                reply
 ``kill``        ``process_id``, ``signal``                            :class:`ProcessState`
 ``list``        -                                                     ``{"processes": [...]}``
 ``read_file``   ``path``, ``max_bytes``                               :class:`FileRead`
+``connect``     ``port``                                              ``{"connected": true}``
 ==============  ====================================================  ======================
 
 Hanging up on an ``exec`` or ``read_file`` stops it (the command is killed).
+
+``connect`` takes the connection over: the supervisor connects to ``port`` on the
+sandbox's own loopback (127.0.0.1, then ::1), answers one line (:func:`connected_from_wire`
+or a ``not_listening`` :class:`Failure`, at most :data:`CONNECT_LINE_LIMIT` bytes), and
+from then on only raw bytes flow, both ways, until either side closes (a half-close is
+passed on). The server sends nothing after the request until it has read the reply.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from typing import Any
 
 __all__ = [
     "ARGV_SHOWN",
+    "CONNECT_LINE_LIMIT",
     "FAILURE_KINDS",
     "FILE_CHUNK",
     "MAX_PROCESSES",
@@ -58,6 +66,7 @@ __all__ = [
     "ProcessOutput",
     "ProcessState",
     "ProtocolError",
+    "connected_from_wire",
     "data_to_wire",
     "decode_line",
     "encode",
@@ -75,6 +84,8 @@ ARGV_SHOWN = (32, 512)
 FILE_CHUNK = 256 << 10
 """Bytes of a file per ``FileChunk`` event."""
 _MESSAGE_CHARS = 1000
+CONNECT_LINE_LIMIT = 8192
+"""The longest reply line of a ``connect`` (a short Failure at most): everything after it is raw bytes."""
 _OVERHEAD = 64 << 10
 """Room on a line for everything but the data fields."""
 
@@ -89,6 +100,7 @@ FAILURE_KINDS = (
     "permission_denied",
     "not_regular",
     "too_large",
+    "not_listening",
 )
 
 
@@ -191,6 +203,12 @@ def spawned_from_wire(message: dict[str, Any]) -> str:
 def written_from_wire(message: dict[str, Any], sent: int) -> int:
     """The ``written`` count of a ``write`` reply: no more than was sent."""
     return _int(message, "written", 0, sent)
+
+
+def connected_from_wire(message: dict[str, Any]) -> None:
+    """Check the reply of a ``connect``: ``{"connected": true}`` and nothing else."""
+    if message != {"connected": True}:
+        raise ProtocolError('a connect reply that is not {"connected": true}')
 
 
 def _argv_shown(argv: list[str]) -> tuple[str, ...]:
