@@ -83,6 +83,8 @@ class _Forward:
     max_connections: int
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     connections: int = 0
+    stopped: anyio.Event = field(default_factory=anyio.Event)
+    """Set once its listener and connections are closed."""
 
 
 class PortForwards:
@@ -113,19 +115,22 @@ class PortForwards:
         self._tasks.start_soon(self._serve, forward, listener)
         return bound
 
-    def close(self, sandbox_id: str, sandbox_port: int) -> bool:
-        """Stop forwarding ``sandbox_port`` (its open connections end too); False if it was not."""
+    async def close(self, sandbox_id: str, sandbox_port: int) -> bool:
+        """Stop forwarding ``sandbox_port`` and return once its listener and connections are closed;
+        False if it was not forwarded."""
         forward = self._forwards.pop((sandbox_id, sandbox_port), None)
         if forward is None:
             return False
         forward.scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await forward.stopped.wait()
         return True
 
-    def close_sandbox(self, sandbox_id: str) -> None:
+    async def close_sandbox(self, sandbox_id: str) -> None:
         """Stop every forward of the sandbox."""
         for owner, port in list(self._forwards):
             if owner == sandbox_id:
-                self.close(owner, port)
+                await self.close(owner, port)
 
     def connections(self, sandbox_id: str, sandbox_port: int) -> int:
         """Connections open now through one forward (0 if it does not exist)."""
@@ -134,18 +139,21 @@ class PortForwards:
 
     async def _serve(self, forward: _Forward, listener: anyio.abc.SocketListener) -> None:
         """Accept until closed, behind this forward's own error boundary."""
-        with forward.scope:
-            try:
-                async with listener, anyio.create_task_group() as tasks:
-                    await self._accept_forever(forward, listener, tasks)
-            except Exception:
-                log.exception(
-                    "sandbox %s: the forward of port %d failed and stopped",
-                    forward.sandbox_id,
-                    forward.sandbox_port,
-                )
-        if self._forwards.get((forward.sandbox_id, forward.sandbox_port)) is forward:
-            del self._forwards[(forward.sandbox_id, forward.sandbox_port)]
+        try:
+            with forward.scope:
+                try:
+                    async with listener, anyio.create_task_group() as tasks:
+                        await self._accept_forever(forward, listener, tasks)
+                except Exception:
+                    log.exception(
+                        "sandbox %s: the forward of port %d failed and stopped",
+                        forward.sandbox_id,
+                        forward.sandbox_port,
+                    )
+        finally:
+            if self._forwards.get((forward.sandbox_id, forward.sandbox_port)) is forward:
+                del self._forwards[(forward.sandbox_id, forward.sandbox_port)]
+            forward.stopped.set()
 
     async def _accept_forever(
         self, forward: _Forward, listener: anyio.abc.SocketListener, tasks: anyio.abc.TaskGroup

@@ -394,9 +394,9 @@ class SandboxService:
 
     async def _destroy(self, sandbox: SandboxRecord, reason: str) -> None:
         sandbox.state = "destroying"
-        if self._forwards is not None:
-            self._forwards.close_sandbox(sandbox.sandbox_id)
         with anyio.CancelScope(shield=True):
+            if self._forwards is not None:
+                await self._forwards.close_sandbox(sandbox.sandbox_id)
             try:  # a daemon that dies from here on leaves it half-destroyed: the next one finishes
                 self._store.save(sandbox)
             except OSError as exc:
@@ -544,7 +544,8 @@ class SandboxService:
                 self._store.save(sandbox)
             except BaseException:
                 del sandbox.ports[sandbox_port]
-                self._forwards.close(sandbox_id, sandbox_port)
+                with anyio.CancelScope(shield=True):
+                    await self._forwards.close(sandbox_id, sandbox_port)
                 raise
             audit["host_port"] = host_port
         return exposure.info()
@@ -560,7 +561,7 @@ class SandboxService:
                 )
             del sandbox.ports[sandbox_port]
             if self._forwards is not None:
-                self._forwards.close(sandbox_id, sandbox_port)
+                await self._forwards.close(sandbox_id, sandbox_port)
             self._store.save(sandbox)
 
     # -- background processes ------------------------------------------------------
