@@ -207,7 +207,7 @@ def written_from_wire(message: dict[str, Any], sent: int) -> int:
 
 def connected_from_wire(message: dict[str, Any]) -> None:
     """Check the reply of a ``connect``: ``{"connected": true}`` and nothing else."""
-    if message != {"connected": True}:
+    if set(message) != {"connected"} or message["connected"] is not True:
         raise ProtocolError('a connect reply that is not {"connected": true}')
 
 
