@@ -55,7 +55,8 @@ INSTRUCTIONS = """\
 Disposable Linux sandboxes (systemd-nspawn containers). Typical use: create_sandbox,
 then exec_in_sandbox as often as needed (a shell string or an argv list), copy_file to
 move files between the host's allowed directories and the sandbox, and destroy_sandbox
-when done. Long-running commands can run with background=true. Each sandbox runs as an
+when done. Long-running commands can run with background=true; expose_port makes a
+server started in a sandbox reachable from the host. Each sandbox runs as an
 unprivileged user on the host, has only what its policy allows (get_policy shows it; by
 default no network), and is destroyed automatically after its ttl_seconds."""
 
