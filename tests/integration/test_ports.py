@@ -209,23 +209,26 @@ async def test_a_restarted_daemon_keeps_env_and_listens_again_on_the_same_host_p
     backend: NspawnBackend, tmp_path: Path
 ) -> None:
     records = tmp_path / "records"
-    async with open_service(backend, records) as first:
-        sandbox = (await first.create(CreateRequest(), env={"GREETING": "still here"})).sandbox_id
-        await start_web_server(first, sandbox)
-        exposed = await first.expose_port(sandbox, 8000)
-        await answered(exposed)
-    # the first daemon is gone: so is its listener
-    assert await refused(exposed.host, exposed.host_port)
-    async with open_service(backend, records) as second:
-        try:
+    sandbox = None
+    try:
+        async with open_service(backend, records) as first:
+            sandbox = (await first.create(CreateRequest(), env={"GREETING": "still here"})).sandbox_id
+            await start_web_server(first, sandbox)
+            exposed = await first.expose_port(sandbox, 8000)
+            await answered(exposed)
+        # the first daemon is gone: so is its listener
+        assert await refused(exposed.host, exposed.host_port)
+        # (reconcile removes every sandbox without a record here: the test lock says only ours run)
+        async with open_service(backend, records) as second:
             await second.reconcile()
             assert exposed_ports(second, sandbox) == [8000]
             assert (await answered(exposed)).endswith(b"hello from the sandbox")
             greeting = await second.exec(sandbox, CommandRequest('printf "%s" "$GREETING"'))
             assert greeting.stdout == "still here"
-        finally:
+    finally:
+        if sandbox is not None:
             with anyio.CancelScope(shield=True):
-                await second.destroy(sandbox)
+                await backend.destroy(sandbox)
 
 
 async def test_forward_throughput_and_connection_latency(service: SandboxService) -> None:
