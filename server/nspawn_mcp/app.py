@@ -30,6 +30,7 @@ from .models import (
     CopyResult,
     DestroyResult,
     ExecResult,
+    ExposedPort,
     FileContent,
     FileEditResult,
     FileList,
@@ -42,6 +43,7 @@ from .models import (
     SandboxInfo,
     SandboxList,
     StdinWritten,
+    UnexposedPort,
 )
 from .policy import CreateRequest, MountRequest, PolicySet
 from .service import SandboxService
@@ -62,7 +64,8 @@ then exec_in_sandbox as often as needed (a shell string or an argv list), read_f
 write_file, edit_file and list_files to work on files inside it (no host access needed),
 copy_file to move files or directories between the host's allowed directories and the
 sandbox, and destroy_sandbox when done. Long-running commands can run with
-background=true. Each sandbox runs as an
+background=true; expose_port makes a server started in a sandbox reachable from the
+host. Each sandbox runs as an
 unprivileged user on the host, has only what its policy allows (get_policy shows it; by
 default no network), and is destroyed automatically after its ttl_seconds."""
 
@@ -241,8 +244,20 @@ def build_server(
             list[MountSpec] | None,
             Field(description="host directories to bind in, if the policy allows them", max_length=64),
         ] = None,
+        env: Annotated[
+            dict[str, str] | None,
+            Field(
+                description="environment variables for every command in this sandbox (a command's own env "
+                "wins); not for secrets: values are stored in the sandbox's record and visible to "
+                "everything in the sandbox",
+                max_length=64,
+            ),
+        ] = None,
     ) -> SandboxInfo:
-        """Create a fresh, isolated Linux sandbox (Debian with python3) and return its id and limits."""
+        """Create a fresh, isolated Linux sandbox (Debian with python3) and return its id and limits.
+
+        env sets variables for every command (at most 64; names of letters, digits and '_').
+        Secret handling is later work: do not pass credentials in env."""
         request = CreateRequest(
             image=image,
             policy=policy,
@@ -253,7 +268,7 @@ def build_server(
             mounts=tuple(MountRequest(m.host, m.sandbox, m.writable) for m in mounts or ()),
             disk_mb=disk_mb,
         )
-        return await _service(ctx).create(request)
+        return await _service(ctx).create(request, env)
 
     @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
     @agent_errors
@@ -488,6 +503,42 @@ def build_server(
         """Stop a sandbox and delete everything in it."""
         await _service(ctx).destroy(sandbox_id)
         return DestroyResult(sandbox_id=sandbox_id, destroyed=True)
+
+    @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    @agent_errors
+    async def expose_port(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        sandbox_port: Annotated[
+            int, Field(description="TCP port a server listens on inside the sandbox", ge=1, le=65535)
+        ],
+        host_address: Annotated[
+            str | None,
+            Field(
+                description="host address to listen on (default: the policy's first, normally 127.0.0.1)",
+                max_length=64,
+            ),
+        ] = None,
+    ) -> ExposedPort:
+        """Make a TCP port of the sandbox reachable from the host: returns the host address (host:port, a
+        free port) that forwards to the port on the sandbox's loopback (127.0.0.1 or ::1 inside).
+
+        Works under every network policy; it only leads in, never gives the sandbox a way out. Lasts
+        until unexpose_port or the sandbox's end. The server need not be running yet."""
+        return await _service(ctx).expose_port(sandbox_id, sandbox_port, host_address)
+
+    @mcp.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
+    @agent_errors
+    async def unexpose_port(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        sandbox_port: Annotated[
+            int, Field(description="the sandbox port given to expose_port", ge=1, le=65535)
+        ],
+    ) -> UnexposedPort:
+        """Stop forwarding a port exposed with expose_port; its open connections are closed."""
+        await _service(ctx).unexpose_port(sandbox_id, sandbox_port)
+        return UnexposedPort(sandbox_id=sandbox_id, sandbox_port=sandbox_port, unexposed=True)
 
     @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
     @agent_errors

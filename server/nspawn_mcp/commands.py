@@ -16,8 +16,10 @@ __all__ = [
     "argv",
     "environment",
     "killed_by_sigkill",
+    "merged_environment",
     "parse_cursor",
     "process_id",
+    "sandbox_environment",
     "signal_number",
     "summary",
     "user_name",
@@ -32,6 +34,9 @@ _SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT"
 _MAX_ARGV = 4096
 _MAX_COMMAND_BYTES = 1 << 20
 _MAX_ENV = 256
+SANDBOX_ENV_COUNT = 64
+SANDBOX_ENV_VALUE_BYTES = 32 << 10
+SANDBOX_ENV_TOTAL_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -121,3 +126,35 @@ def environment(env: Mapping[str, str]) -> dict[str, str]:
         if "\x00" in value:
             raise InvalidRequest(f"environment variable {name} contains a NUL byte")
     return dict(env)
+
+
+def sandbox_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """Check create_sandbox's ``env``: POSIX-style names, no NUL, bounded in count and size."""
+    if len(env) > SANDBOX_ENV_COUNT:
+        raise InvalidRequest(f"env has {len(env)} variables; at most {SANDBOX_ENV_COUNT} are allowed")
+    total = 0
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise InvalidRequest(
+                f"invalid environment variable name {name[:64]!r}: use letters, digits and '_', "
+                "not starting with a digit, at most 128 characters"
+            )
+        if "\x00" in value:
+            raise InvalidRequest(f"environment variable {name} contains a NUL byte")
+        size = len(value.encode("utf-8", errors="surrogatepass"))
+        if size > SANDBOX_ENV_VALUE_BYTES:
+            raise InvalidRequest(
+                f"environment variable {name} is {size} bytes long; "
+                f"at most {SANDBOX_ENV_VALUE_BYTES} are allowed"
+            )
+        total += len(name) + size
+    if total > SANDBOX_ENV_TOTAL_BYTES:
+        raise InvalidRequest(f"env is {total} bytes in all; at most {SANDBOX_ENV_TOTAL_BYTES} are allowed")
+    return dict(env)
+
+
+def merged_environment(
+    image: Mapping[str, str], sandbox: Mapping[str, str], command: Mapping[str, str]
+) -> dict[str, str]:
+    """A command's environment: the image's, under the sandbox's (create_sandbox), under the command's own."""
+    return {**image, **sandbox, **command}

@@ -10,6 +10,7 @@ __all__ = [
     "CopyResult",
     "DestroyResult",
     "ExecResult",
+    "ExposedPort",
     "FileContent",
     "FileEditResult",
     "FileEntryInfo",
@@ -27,6 +28,7 @@ __all__ = [
     "SandboxInfo",
     "SandboxList",
     "StdinWritten",
+    "UnexposedPort",
 ]
 
 
@@ -48,12 +50,31 @@ class Mount(_Result):
     writable: bool
 
 
+class ExposedPort(_Result):
+    sandbox_port: int = Field(description="the TCP port inside the sandbox (on its loopback)")
+    host: str = Field(description="the host address the forward listens on")
+    host_port: int = Field(description="the host port the forward listens on")
+    address: str = Field(description="where to connect: host:port ([host]:port for IPv6)")
+
+
+class UnexposedPort(_Result):
+    sandbox_id: str
+    sandbox_port: int
+    unexposed: bool
+
+
 class SandboxInfo(_Result):
     sandbox_id: str
     image: str
     policy: str
     limits: Limits
     mounts: list[Mount] = Field(default_factory=list)
+    ports: list[ExposedPort] = Field(
+        default_factory=list, description="ports exposed with expose_port, and where on the host"
+    )
+    env: list[str] = Field(
+        default_factory=list, description="names of the environment variables set at create for every command"
+    )
 
     created_at: str = Field(description="ISO 8601, UTC")
     expires_at: str = Field(description="ISO 8601, UTC")

@@ -11,23 +11,41 @@ half-destroyed and is removed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from .models import Limits, Mount, SandboxInfo
+from .models import ExposedPort, Limits, Mount, SandboxInfo
 from .policy import SandboxPlan
 
-__all__ = ["MetaStore", "SandboxRecord", "Stage", "State"]
+__all__ = ["Exposure", "MetaStore", "SandboxRecord", "Stage", "State"]
 
 _MiB = 1 << 20
 
 State = Literal["creating", "running", "destroying", "gone"]
 Stage = Literal["creating", "running", "destroying"]
 """Where a sandbox's life stood when its record was last written ("gone" is known in memory only)."""
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """A port of the sandbox forwarded from a host address (expose_port)."""
+
+    sandbox_port: int
+    host: str
+    host_port: int
+
+    def info(self) -> ExposedPort:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return ExposedPort(
+            sandbox_port=self.sandbox_port,
+            host=self.host,
+            host_port=self.host_port,
+            address=f"{shown}:{self.host_port}",
+        )
 
 
 @dataclass
@@ -44,6 +62,10 @@ class SandboxRecord:
     """The stdio connection it belongs to; None once kept past its client's disconnect (or for HTTP)."""
     last_used: datetime | None = None
     """When a tool call last used it (for the policy's idle timeout); None: at creation."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables of every command in it (create_sandbox's ``env``)."""
+    ports: dict[int, Exposure] = field(default_factory=dict)
+    """Its exposed ports, by sandbox port."""
 
     def info(self) -> SandboxInfo:
         limits = self.plan.limits
@@ -59,6 +81,8 @@ class SandboxRecord:
                 disk_mb=None if limits.disk_bytes is None else limits.disk_bytes // _MiB,
             ),
             mounts=[Mount(host=m.source, sandbox=m.target, writable=m.writable) for m in self.plan.mounts],
+            ports=[self.ports[port].info() for port in sorted(self.ports)],
+            env=sorted(self.env),
             created_at=self.created_at.isoformat(timespec="milliseconds"),
             expires_at=self.expires_at.isoformat(timespec="milliseconds"),
         )
@@ -78,6 +102,8 @@ class _Meta(BaseModel):
     """"creating" until the sandbox is completely made (its binds, its network may be missing), and
     "destroying" from when its destruction starts (they may be gone already): a daemon that died in
     either left it half-made. Records written before this field existed count as "running"."""
+    env: dict[str, str] = {}
+    ports: tuple[Exposure, ...] = ()
 
 
 _META = TypeAdapter(_Meta)
@@ -102,6 +128,8 @@ class MetaStore:
             created_at=sandbox.created_at,
             expires_at=sandbox.expires_at,
             stage="running" if sandbox.state == "gone" else sandbox.state,
+            env=sandbox.env,
+            ports=tuple(sandbox.ports[port] for port in sorted(sandbox.ports)),
         )
         temporary = self._directory / f".{sandbox.sandbox_id}.json.tmp"
         with open(temporary, "wb") as file:
@@ -123,6 +151,8 @@ class MetaStore:
             state=meta.stage,
             owner=meta.owner,
             session=meta.session,
+            env=dict(meta.env),
+            ports={exposure.sandbox_port: exposure for exposure in meta.ports},
         )
 
     def remove(self, sandbox_id: str) -> None:

@@ -17,6 +17,7 @@ from .audit import AuditLog
 from .backend.network import EgressNetwork
 from .backend.nspawn import NspawnBackend
 from .box import host_runs_systemd, start_box, system_bus_address
+from .forwards import PortForwards
 from .images import Catalog
 from .layout import Layout
 from .policy import PolicySet
@@ -96,6 +97,8 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
         )
 
         try:
+            # each forward has an error boundary of its own; all end with the task group
+            forwards = PortForwards(tasks, lambda sandbox_id, port: backend.jail(sandbox_id).connect(port))
             service = SandboxService(
                 backend,
                 policies,
@@ -103,6 +106,7 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
                 max_sandboxes=config.max_sandboxes,
                 audit=audit,
                 catalog=Catalog(config.layout.images_dir),
+                forwards=forwards,
             )
             service_box.append(service)
             await service.reconcile()

@@ -21,7 +21,7 @@ import os
 import posixpath
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +34,7 @@ from .audit import AuditLog
 from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState, TreeEntry
 from .commands import CommandRequest
 from .errors import (
+    BackendError,
     CopyRefused,
     InvalidRequest,
     NotFound,
@@ -42,12 +43,14 @@ from .errors import (
     SandboxError,
     SandboxGone,
 )
+from .forwards import PortForwards
 from .identity import Client, current_client
 from .images import Catalog, ImageEntry
 from .images.hints import not_installed
 from .models import (
     CopyResult,
     ExecResult,
+    ExposedPort,
     ImageList,
     ImageSummary,
     OsRelease,
@@ -70,9 +73,10 @@ from .policy import (
     confine_host_path,
     resolve_create,
     resolve_exec,
+    resolve_expose,
 )
 from .policy.models import FilesPolicy
-from .records import MetaStore, SandboxRecord
+from .records import Exposure, MetaStore, SandboxRecord
 from .sandbox.protocol import MAX_TREE_ENTRIES
 
 __all__ = ["SandboxService"]
@@ -117,9 +121,12 @@ class SandboxService:
         clock: Callable[[], datetime] = _now,
         audit: AuditLog | None = None,
         catalog: Catalog | None = None,
+        forwards: PortForwards | None = None,
     ) -> None:
         self._backend = backend
         self._catalog = catalog
+        self._forwards = forwards
+        """Where exposed ports listen; None: this server offers no port forwards."""
         self._policies = policies
         self._store = MetaStore(records_dir)
         self._cwd = cwd or os.getcwd()
@@ -185,12 +192,43 @@ class SandboxService:
                 self._tombstones[sandbox_id] = _Tombstone(sandbox.owner, sandbox.plan.policy, reason)
                 continue
             self._sandboxes[sandbox_id] = sandbox
+            await self._restore_ports(sandbox)
             if sandbox.session is not None:
                 self._orphans.setdefault(sandbox.session, grace_ends)
         for sandbox_id in sorted((await self._backend.leftovers() | self._store.ids()) - running):
             log.info("removing the remains of sandbox %s", sandbox_id)
             await self._backend.destroy(sandbox_id)
             self._store.remove(sandbox_id)
+
+    async def _restore_ports(self, sandbox: SandboxRecord) -> None:
+        """Listen again on the host ports an adopted sandbox's record names; drop (and log) the ones
+        that cannot be had again (taken meanwhile, or the policy no longer allows them)."""
+        if not sandbox.ports:
+            return
+        rules = self._policy_of(sandbox.plan.policy).ports
+        allowed = {str(address) for address in rules.addresses}
+        for port, exposure in sorted(sandbox.ports.items()):
+            why = None
+            if self._forwards is None or exposure.host not in allowed:
+                why = "port forwards are not offered, or the policy no longer allows that address"
+            else:
+                try:
+                    await self._forwards.open(
+                        sandbox.sandbox_id, port, exposure.host, exposure.host_port, rules.max_connections
+                    )
+                except OSError as exc:
+                    why = str(exc)
+            if why is not None:
+                log.warning(
+                    "sandbox %s: dropping the exposure of port %d at %s:%d: %s",
+                    sandbox.sandbox_id,
+                    port,
+                    exposure.host,
+                    exposure.host_port,
+                    why,
+                )
+                del sandbox.ports[port]
+        self._store.save(sandbox)
 
     def machine_removed(self, name: str) -> None:
         """The sandbox's machine went away (it crashed, hit its TTL in systemd, ...)."""
@@ -303,13 +341,15 @@ class SandboxService:
         wanted = {image for images in allowing.values() for image in images}
         return ImageList(images=summaries, not_installed=sorted(wanted - {i.name for i in installed}))
 
-    async def create(self, request: CreateRequest) -> SandboxInfo:
-        with self._audited("create_sandbox", request=asdict(request)) as audit:
-            info = await self._create(request)
+    async def create(self, request: CreateRequest, env: Mapping[str, str] | None = None) -> SandboxInfo:
+        """Create a sandbox; ``env`` is set for every command in it (a command's own env wins)."""
+        detail = asdict(request) | ({"env": sorted(env)} if env else {})  # names only, never values
+        with self._audited("create_sandbox", request=detail) as audit:
+            info = await self._create(request, commands.sandbox_environment(env or {}))
             audit["sandbox_id"] = info.sandbox_id
         return info
 
-    async def _create(self, request: CreateRequest) -> SandboxInfo:
+    async def _create(self, request: CreateRequest, env: dict[str, str]) -> SandboxInfo:
         client = current_client.get()
         if client.policies is not None and request.policy not in client.policies:
             raise PolicyRefused(
@@ -340,6 +380,7 @@ class SandboxService:
             expires_at=created + timedelta(seconds=plan.limits.ttl_seconds),
             owner=owner,
             session=client.session,
+            env=env,
         )
         self._sandboxes[sandbox.sandbox_id] = sandbox
         try:
@@ -389,6 +430,8 @@ class SandboxService:
     async def _destroy(self, sandbox: SandboxRecord, reason: str) -> None:
         sandbox.state = "destroying"
         with anyio.CancelScope(shield=True):
+            if self._forwards is not None:
+                await self._forwards.close_sandbox(sandbox.sandbox_id)
             try:  # a daemon that dies from here on leaves it half-destroyed: the next one finishes
                 self._store.save(sandbox)
             except OSError as exc:
@@ -447,7 +490,7 @@ class SandboxService:
         return CommandSpec(
             argv=commands.argv(request.command),
             cwd=check_container_path(request.cwd) if request.cwd is not None else None,
-            env=commands.environment(request.env or {}),
+            env=commands.merged_environment({}, sandbox.env, commands.environment(request.env or {})),
             stdin=stdin_bytes,
             timeout_seconds=plan.timeout_seconds,
             max_output_bytes=max_output_bytes or plan.max_output_bytes,
@@ -514,6 +557,58 @@ class SandboxService:
     @staticmethod
     def _oom_killed(sandbox: SandboxRecord) -> str:
         return f"OOM-killed: it hit its memory cap of {sandbox.plan.limits.memory_bytes // _MiB} MiB"
+
+    # -- ports -------------------------------------------------------------------------
+
+    async def expose_port(
+        self, sandbox_id: str, sandbox_port: int, host_address: str | None = None
+    ) -> ExposedPort:
+        """Forward a host address (a free port the kernel picks) to ``sandbox_port`` on the sandbox's
+        loopback, until unexpose_port or the sandbox's end."""
+        with self._audited("expose_port", sandbox_id, sandbox_port=sandbox_port, host=host_address) as audit:
+            sandbox = self._get(sandbox_id)
+            if sandbox_port in sandbox.ports:
+                shown = sandbox.ports[sandbox_port].info().address
+                raise InvalidRequest(
+                    f"port {sandbox_port} of {sandbox_id} is already exposed at {shown}; "
+                    "unexpose_port it first to expose it elsewhere"
+                )
+            policy = self._policy_of(sandbox.plan.policy)
+            host = resolve_expose(sandbox.plan.policy, policy, sandbox_port, host_address, len(sandbox.ports))
+            if self._forwards is None:
+                raise BackendError("this server does not offer port forwards")
+            try:
+                host_port = await self._forwards.open(
+                    sandbox_id, sandbox_port, host, 0, policy.ports.max_connections
+                )
+            except OSError as exc:
+                log.warning("cannot listen on %s for %s: %s", host, sandbox_id, exc)
+                raise BackendError(f"cannot listen on host address {host}; ask the operator") from None
+            exposure = Exposure(sandbox_port=sandbox_port, host=host, host_port=host_port)
+            sandbox.ports[sandbox_port] = exposure
+            try:
+                self._store.save(sandbox)
+            except BaseException:
+                del sandbox.ports[sandbox_port]
+                with anyio.CancelScope(shield=True):
+                    await self._forwards.close(sandbox_id, sandbox_port)
+                raise
+            audit["host_port"] = host_port
+        return exposure.info()
+
+    async def unexpose_port(self, sandbox_id: str, sandbox_port: int) -> None:
+        """Stop forwarding ``sandbox_port``; its open connections end too."""
+        with self._audited("unexpose_port", sandbox_id, sandbox_port=sandbox_port):
+            sandbox = self._get(sandbox_id)
+            if sandbox_port not in sandbox.ports:
+                exposed = ", ".join(str(port) for port in sorted(sandbox.ports)) or "none"
+                raise NotFound(
+                    f"port {sandbox_port} of {sandbox_id} is not exposed; exposed ports: {exposed}"
+                )
+            del sandbox.ports[sandbox_port]
+            if self._forwards is not None:
+                await self._forwards.close(sandbox_id, sandbox_port)
+            self._store.save(sandbox)
 
     # -- background processes ------------------------------------------------------
 

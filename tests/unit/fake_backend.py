@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import anyio.abc
 
 from nspawn_mcp.backend.api import (
     CommandOutcome,
@@ -26,7 +27,7 @@ from nspawn_mcp.backend.api import (
     TreeWritten,
 )
 from nspawn_mcp.backend.egress import SubnetPool
-from nspawn_mcp.errors import CopyRefused, NotFound, SandboxGone, TooLarge
+from nspawn_mcp.errors import CopyRefused, ExecFailed, NotFound, SandboxGone, TooLarge
 from nspawn_mcp.policy import SandboxPlan
 from nspawn_mcp.sandbox.protocol import FileEntry, text_lines
 
@@ -77,6 +78,8 @@ class FakeBackend:
     processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
     subnets: SubnetPool = field(default_factory=SubnetPool)
     """The real bookkeeping the real backend's network keeps."""
+    listening: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(sandbox, port inside) -> a port on the test's loopback that stands for it (connect goes there)."""
 
     async def available_images(self) -> set[str]:
         return set(self.installed)
@@ -319,3 +322,11 @@ class FakeJail:
                 self.backend.files[(self.sandbox_id, destination.rstrip("/") + "/" + member.name)] = content
                 files += 1
         return TreeWritten(files=files, directories=directories, bytes=total)
+
+    async def connect(self, port: int) -> anyio.abc.ByteStream:
+        """As the supervisor does: a stream to what listens on ``port``, or ExecFailed if nothing does."""
+        self._check()
+        stand_in = self.backend.listening.get((self.sandbox_id, port))
+        if stand_in is None:
+            raise ExecFailed(f"nothing listens on port {port} in the sandbox (127.0.0.1 or ::1)")
+        return await anyio.connect_tcp("127.0.0.1", stand_in)

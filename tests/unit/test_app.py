@@ -44,6 +44,8 @@ async def test_the_tools_are_offered(client: Client) -> None:
         "create_sandbox",
         "exec_in_sandbox",
         "copy_file",
+        "expose_port",
+        "unexpose_port",
         "destroy_sandbox",
         "list_sandboxes",
         "extend_sandbox",

@@ -12,6 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+import anyio.abc
+
 from ..policy import SandboxPlan
 from ..sandbox.protocol import (
     CommandOutcome,
@@ -122,6 +124,10 @@ class Jail(Protocol):
     ) -> TreeRead: ...
 
     async def extract_tar(self, archive: str, destination: str, max_bytes: int) -> TreeWritten: ...
+    async def connect(self, port: int) -> anyio.abc.ByteStream:
+        """A byte stream to ``port`` on the sandbox's own loopback (what a port forward carries);
+        raises SandboxGone, or ExecFailed when nothing listens there."""
+        ...
 
 
 class Backend(Protocol):

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 import anyio.to_thread
+from anyio.streams.buffered import BufferedByteStream
 
 from ..errors import CopyRefused, ExecFailed, InvalidRequest, NotFound, SandboxGone, TooLarge
 from ..sandbox import protocol
@@ -41,6 +42,8 @@ _PARSE_IN_THREAD = 1 << 20
 _COPY_TIMEOUT = 3600.0
 _FILE_TIMEOUT = 300.0
 _LIST_LINE_LIMIT = protocol.LIST_REPLY_BYTES + protocol.line_limit(0)
+_CONNECT_TIMEOUT = 15.0
+"""How long a ``connect`` may wait for its reply (the supervisor gives up connecting after 10 s)."""
 
 T = TypeVar("T")
 OutputHandler = Callable[[OutputChunk], Awaitable[None]]
@@ -396,3 +399,37 @@ class JailClient:
             limit=_CONTROL_LINE_LIMIT,
         )
         return self._decoded(protocol.TreeWritten.from_wire, reply, max_bytes)
+
+    async def connect(self, port: int) -> anyio.abc.ByteStream:
+        """A byte stream to ``port`` on the sandbox's own loopback, through its supervisor.
+
+        Only the reply line is decoded (bounded, by the protocol module); what follows
+        is the sandbox's raw bytes, for whoever connected to the forward. Raises
+        SandboxGone, or ExecFailed when nothing listens there or the reply is invalid.
+        """
+        try:
+            raw = await anyio.connect_unix(str(self._socket_path))
+        except OSError:
+            raise SandboxGone("the sandbox is not accepting connections (it may have stopped)") from None
+        stream = BufferedByteStream(raw)
+        try:
+            with anyio.fail_after(_CONNECT_TIMEOUT):
+                await stream.send(protocol.encode({"op": "connect", "port": port}))
+                line = await stream.receive_until(b"\n", protocol.CONNECT_LINE_LIMIT)
+            message = protocol.decode_line(line)
+            if "error" in message:
+                _raise_for(protocol.Failure.from_wire(message))
+            protocol.connected_from_wire(message)
+        except protocol.ProtocolError as exc:
+            await raw.aclose()
+            raise self._invalid(exc) from None
+        except anyio.DelimiterNotFound:
+            await raw.aclose()
+            raise self._invalid(protocol.ProtocolError("a connect reply that is too long")) from None
+        except (anyio.IncompleteRead, anyio.BrokenResourceError, OSError, TimeoutError):
+            await raw.aclose()
+            raise SandboxGone("the sandbox's supervisor did not answer the connection") from None
+        except BaseException:
+            await raw.aclose()
+            raise
+        return stream

@@ -3,6 +3,7 @@
 from .loader import PolicyError, PolicySet, load_policy_file
 from .models import Policy
 from .paths import HostTarget, check_container_path, confine_host_path
+from .ports import resolve_expose
 from .resolve import (
     BindMount,
     CreateRequest,
@@ -34,4 +35,5 @@ __all__ = [
     "load_policy_file",
     "resolve_create",
     "resolve_exec",
+    "resolve_expose",
 ]

@@ -8,6 +8,7 @@ errors: a typo must never silently widen (or narrow) what a sandbox may do.
 from __future__ import annotations
 
 import re
+from ipaddress import IPv4Address
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyNetwork, model_validator
@@ -24,6 +25,7 @@ __all__ = [
     "MountsPolicy",
     "NetworkPolicy",
     "Policy",
+    "PortsPolicy",
     "SandboxesPolicy",
 ]
 
@@ -203,6 +205,24 @@ class SandboxesPolicy(_Frozen):
     images: tuple[str, ...] = Field(default=("default",), min_length=1, description="images agents may use")
 
 
+class PortsPolicy(_Frozen):
+    """Ports of a sandbox that expose_port makes reachable from the host (forwards into the sandbox)."""
+
+    max_exposed: int = Field(
+        default=4, ge=0, le=64, description="ports one sandbox may have exposed at once; 0: none"
+    )
+    addresses: tuple[IPvAnyAddress, ...] = Field(
+        default=(IPv4Address("127.0.0.1"),),
+        min_length=1,
+        description="host addresses an exposed port may listen on; the first is the default. Loopback "
+        "reaches only this host's users; any other address makes the sandbox's port reachable from "
+        "wherever that address is",
+    )
+    max_connections: int = Field(
+        default=64, ge=1, le=4096, description="connections open at once through one exposed port"
+    )
+
+
 class Policy(_Frozen):
     """One operator policy."""
 
@@ -213,3 +233,4 @@ class Policy(_Frozen):
     mounts: MountsPolicy = MountsPolicy()
     network: NetworkPolicy = NetworkPolicy()
     sandboxes: SandboxesPolicy = SandboxesPolicy()
+    ports: PortsPolicy = PortsPolicy()

@@ -18,26 +18,27 @@ line; the supervisor answers with JSON lines. The last line is the reply (or a
 :class:`Failure`); lines before it are events: ``OutputChunk`` while a streaming
 ``exec`` runs, ``FileChunk`` while a file is read. The requests:
 
-==============  ====================================================  ======================
-op              fields                                                reply
-==============  ====================================================  ======================
-``ping``        -                                                     ``{"ok": true}``
-``exec``        a :class:`Command`, ``stream``                        :class:`CommandOutcome`
-``spawn``       a :class:`Command` (output kept in files)             ``{"process_id": ...}``
-``read``        ``process_id``, ``stdout_offset``, ``stderr_offset``,  :class:`ProcessOutput`
-                ``max_bytes``
-``write``       ``process_id``, ``data_b64``, ``close``               ``{"written": n}``
-``kill``        ``process_id``, ``signal``                            :class:`ProcessState`
-``list``        -                                                     ``{"processes": [...]}``
-``read_file``   ``path``, ``max_bytes``                               :class:`FileRead`
-``read_slice``  ``path``, ``offset``, ``limit``, ``max_bytes``,         :class:`FileSlice`
-                ``encoding``
-``write_file``  ``path``, ``data_b64``, ``mode``, ``make_parents``     :class:`FileWritten`
-``edit_file``   ``path``, ``old``, ``new``, ``count``, ``max_bytes``   :class:`FileEdited`
-``list_files``  ``path``, ``pattern``, ``depth``, ``max_entries``      :class:`FileListing`
-``read_tree``   ``path``, ``max_bytes``, ``max_entries``               :class:`TreeRead`
-``extract_tar`` ``archive``, ``destination``, ``max_bytes``            :class:`TreeWritten`
-==============  ====================================================  ======================
+===============  ===========================================================  ========================
+op               fields                                                       reply
+===============  ===========================================================  ========================
+``ping``         -                                                            ``{"ok": true}``
+``exec``         a :class:`Command`, ``stream``                               :class:`CommandOutcome`
+``spawn``        a :class:`Command` (output kept in files)                    ``{"process_id": ...}``
+``read``         ``process_id``, ``stdout_offset``, ``stderr_offset``,        :class:`ProcessOutput`
+                 ``max_bytes``
+``write``        ``process_id``, ``data_b64``, ``close``                      ``{"written": n}``
+``kill``         ``process_id``, ``signal``                                   :class:`ProcessState`
+``list``         -                                                            ``{"processes": [...]}``
+``read_file``    ``path``, ``max_bytes``                                      :class:`FileRead`
+``read_slice``   ``path``, ``offset``, ``limit``, ``max_bytes``,              :class:`FileSlice`
+                 ``encoding``
+``write_file``   ``path``, ``data_b64``, ``mode``, ``make_parents``           :class:`FileWritten`
+``edit_file``    ``path``, ``old``, ``new``, ``count``, ``max_bytes``         :class:`FileEdited`
+``list_files``   ``path``, ``pattern``, ``depth``, ``max_entries``            :class:`FileListing`
+``read_tree``    ``path``, ``max_bytes``, ``max_entries``                     :class:`TreeRead`
+``extract_tar``  ``archive``, ``destination``, ``max_bytes``                  :class:`TreeWritten`
+``connect``      ``port``                                                     ``{"connected": true}``
+===============  ===========================================================  ========================
 
 Paths in these requests are resolved by the supervisor, inside the jail: a symlink
 the sandbox planted can only lead to another of the sandbox's own files.
@@ -45,6 +46,12 @@ the sandbox planted can only lead to another of the sandbox's own files.
 file's entry the file's bytes as ``FileChunk`` events (exactly its ``size``).
 
 Hanging up on an ``exec`` or ``read_file`` stops it (the command is killed).
+
+``connect`` takes the connection over: the supervisor connects to ``port`` on the
+sandbox's own loopback (127.0.0.1, then ::1), answers one line (:func:`connected_from_wire`
+or a ``not_listening`` :class:`Failure`, at most :data:`CONNECT_LINE_LIMIT` bytes), and
+from then on only raw bytes flow, both ways, until either side closes (a half-close is
+passed on). The server sends nothing after the request until it has read the reply.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from typing import Any
 
 __all__ = [
     "ARGV_SHOWN",
+    "CONNECT_LINE_LIMIT",
     "FAILURE_KINDS",
     "FILE_CHUNK",
     "LIST_REPLY_BYTES",
@@ -82,6 +90,7 @@ __all__ = [
     "TreeEntry",
     "TreeRead",
     "TreeWritten",
+    "connected_from_wire",
     "data_to_wire",
     "decode_line",
     "encode",
@@ -101,6 +110,8 @@ ARGV_SHOWN = (32, 512)
 FILE_CHUNK = 256 << 10
 """Bytes of a file per ``FileChunk`` event."""
 _MESSAGE_CHARS = 1000
+CONNECT_LINE_LIMIT = 8192
+"""The longest reply line of a ``connect`` (a short Failure at most): everything after it is raw bytes."""
 _OVERHEAD = 64 << 10
 """Room on a line for everything but the data fields."""
 
@@ -118,6 +129,7 @@ FAILURE_KINDS = (
     "no_match",
     "ambiguous",
     "io_error",
+    "not_listening",
 )
 
 
@@ -220,6 +232,12 @@ def spawned_from_wire(message: dict[str, Any]) -> str:
 def written_from_wire(message: dict[str, Any], sent: int) -> int:
     """The ``written`` count of a ``write`` reply: no more than was sent."""
     return _int(message, "written", 0, sent)
+
+
+def connected_from_wire(message: dict[str, Any]) -> None:
+    """Check the reply of a ``connect``: ``{"connected": true}`` and nothing else."""
+    if set(message) != {"connected"} or message["connected"] is not True:
+        raise ProtocolError('a connect reply that is not {"connected": true}')
 
 
 def _argv_shown(argv: list[str]) -> tuple[str, ...]:

@@ -408,6 +408,60 @@ def op_read_file(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]
     return protocol.FileRead(size=sent, mode=stat.S_IMODE(info.st_mode)).to_wire()
 
 
+# -- port forwards ----------------------------------------------------------------
+
+CONNECT_TIMEOUT = 10.0
+_SPLICE_CHUNK = 256 << 10
+
+
+def _copy_stream(source: socket.socket, destination: socket.socket) -> None:
+    """Copy until ``source`` ends, then pass the end on (a half-close); an error ends both ways."""
+    try:
+        while True:
+            data = source.recv(_SPLICE_CHUNK)
+            if not data:
+                break
+            destination.sendall(data)
+        destination.shutdown(socket.SHUT_WR)
+    except OSError:
+        for either in (source, destination):
+            with contextlib.suppress(OSError):
+                either.shutdown(socket.SHUT_RDWR)
+
+
+def op_connect(conn: socket.socket, request: dict[str, Any]) -> None:
+    """Connect to ``port`` on this sandbox's own loopback and splice it with ``conn`` until both end.
+
+    Only the sandbox's own network namespace is reachable from here: a forward leads
+    in, never out.
+    """
+    port = request.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise RequestError("bad_request", "connect needs a port between 1 and 65535")
+    target = None
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        candidate = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        candidate.settimeout(CONNECT_TIMEOUT)
+        try:
+            candidate.connect((address, port))
+        except OSError:
+            candidate.close()
+            continue
+        target = candidate
+        break
+    if target is None:
+        raise RequestError(
+            "not_listening", f"nothing listens on port {port} in the sandbox (127.0.0.1 or ::1)"
+        )
+    with target:
+        target.settimeout(None)
+        _send(conn, {"connected": True})
+        backwards = threading.Thread(target=_copy_stream, args=(target, conn), daemon=True)
+        backwards.start()
+        _copy_stream(conn, target)
+        backwards.join()
+
+
 # -- background processes -----------------------------------------------------------
 
 
@@ -596,10 +650,18 @@ STREAMING: dict[str, Callable[[socket.socket, dict[str, Any]], dict[str, Any]]] 
     "read_file": op_read_file,
     **fileops.STREAMING,
 }
+TAKEOVER: dict[str, Callable[[socket.socket, dict[str, Any]], None]] = {
+    "connect": op_connect,
+}
+"""Operations that answer on their own and then use the connection for raw bytes."""
 
 
-def _handle(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+def _handle(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The reply to send; None when the operation took the connection over."""
     op = request.get("op", "exec")
+    if isinstance(op, str) and op in TAKEOVER:
+        TAKEOVER[op](conn, request)
+        return None
     if isinstance(op, str) and op in STREAMING:
         return STREAMING[op](conn, request)
     if isinstance(op, str) and op in OPERATIONS:
@@ -620,6 +682,8 @@ def _serve_connection(conn: socket.socket) -> None:
             reply = protocol.Failure("bad_request", str(exc)).to_wire()
         except (ValueError, TypeError, KeyError, OSError) as exc:
             reply = protocol.Failure("bad_request", f"{type(exc).__name__}: {exc}").to_wire()
+        if reply is None:
+            return
         with contextlib.suppress(OSError):
             _send(conn, reply)
 
