@@ -341,6 +341,13 @@ class SandboxService:
         wanted = {image for images in allowing.values() for image in images}
         return ImageList(images=summaries, not_installed=sorted(wanted - {i.name for i in installed}))
 
+    async def _image_environment(self, image: str) -> dict[str, str]:
+        """The environment the image's recipe sets for every command (none for an imported image)."""
+        if self._catalog is None:
+            return {}
+        entry = await anyio.to_thread.run_sync(self._catalog.get, image)
+        return dict(entry.env) if entry is not None else {}
+
     async def create(self, request: CreateRequest, env: Mapping[str, str] | None = None) -> SandboxInfo:
         """Create a sandbox; ``env`` is set for every command in it (a command's own env wins)."""
         detail = asdict(request) | ({"env": sorted(env)} if env else {})  # names only, never values
@@ -364,6 +371,9 @@ class SandboxService:
             raise NotFound(not_installed(plan.image))
         if plan.mounts:
             plan = replace(plan, mounts=await anyio.to_thread.run_sync(_resolve_binds, plan.mounts))
+        # The image's environment is taken now: a rebuild of the image later does not change
+        # what this sandbox's commands see (its files do not change either).
+        env = commands.merged_environment(await self._image_environment(plan.image), env, {})
         # From the quota checks to registering the sandbox nothing awaits, so concurrent
         # creates cannot both take the last slot or the same subnet.
         owner = client.identity

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -22,6 +23,7 @@ from nspawn_mcp.backend.units import supervisor_command
 from nspawn_mcp.commands import CommandRequest, merged_environment, sandbox_environment
 from nspawn_mcp.errors import BackendError, ExecFailed, InvalidRequest, NotFound, PolicyRefused, SandboxGone
 from nspawn_mcp.forwards import port_forwards
+from nspawn_mcp.images import Catalog, ImageEntry
 from nspawn_mcp.policy import CreateRequest, Policy, PolicySet, resolve_expose
 from nspawn_mcp.sandbox import protocol
 from nspawn_mcp.service import SandboxService
@@ -415,6 +417,31 @@ async def test_a_commands_own_env_wins_over_the_sandboxs(backend: FakeBackend, t
         assert spawned.env == {"A": "sandbox", "B": "sandbox"}
         with pytest.raises(InvalidRequest, match="invalid environment variable name"):
             await service.create(CreateRequest(), env={"NO-DASH": "x"})
+
+
+async def test_the_images_recipe_env_is_under_the_sandboxs_and_kept_across_a_rebuild(
+    backend: FakeBackend, tmp_path: Path
+) -> None:
+    catalog = Catalog(tmp_path / "images")
+    recorded = ImageEntry(
+        name="default",
+        source="recipe",
+        origin="default.toml",
+        version="1",
+        built_at=datetime(2026, 1, 1, tzinfo=UTC),
+        build_seconds=1.0,
+        env={"PIP_NO_CACHE_DIR": "1", "LANG": "C.UTF-8"},
+    )
+    catalog.put(recorded)
+    service = SandboxService(
+        backend, POLICIES, records_dir=tmp_path / "records", cwd=str(tmp_path), catalog=catalog
+    )
+    sandbox = (await service.create(CreateRequest(), env={"LANG": "en_GB.UTF-8"})).sandbox_id
+    catalog.put(recorded.model_copy(update={"version": "2", "env": {"PIP_NO_CACHE_DIR": "0"}}))
+
+    await service.exec(sandbox, CommandRequest("true"))
+
+    assert backend.commands[-1][1].env == {"PIP_NO_CACHE_DIR": "1", "LANG": "en_GB.UTF-8"}
 
 
 async def test_without_forwards_expose_port_says_the_server_offers_none(
