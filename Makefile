@@ -7,8 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NSPAWN_MCP := $(BIN)/nspawn-mcp
-DEBIAN_PACKAGES := systemd-container debootstrap btrfs-progs util-linux dbus nftables iproute2
-REQUIRED_BINARIES := /usr/bin/systemd-nspawn /lib/systemd/systemd-machined /usr/sbin/debootstrap /sbin/mkfs.btrfs /usr/bin/unshare /usr/bin/dbus-daemon /usr/sbin/nft /usr/sbin/ip
+DEBIAN_PACKAGES := systemd-container debootstrap btrfs-progs util-linux dbus nftables iproute2 openssl
+REQUIRED_BINARIES := /usr/bin/systemd-nspawn /lib/systemd/systemd-machined /usr/sbin/debootstrap /sbin/mkfs.btrfs /usr/bin/unshare /usr/bin/dbus-daemon /usr/sbin/nft /usr/sbin/ip /usr/bin/openssl
 
 
 .PHONY: run setup packages venv test unit integration e2e lint format bench doctor stop clean

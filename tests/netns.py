@@ -17,6 +17,7 @@ from pathlib import Path
 
 NETNS = "nsmcp-test-out"
 HOST_SCRIPT = Path(__file__).parent / "integration" / "probes" / "outside_host.py"
+HTTPS_SCRIPT = Path(__file__).parent / "integration" / "probes" / "https_host.py"
 
 
 def _sh(*argv: str) -> None:
@@ -57,6 +58,34 @@ def outside_hosts(log: Path) -> Iterator[Path]:
             hosts.wait()
     finally:
         _remove()
+
+
+@contextlib.contextmanager
+def https_host(cert: Path, key: Path, address: str, port: int) -> Iterator[None]:
+    """A web server over TLS at ``address:port`` among the test hosts (inside :func:`outside_hosts`)."""
+    server = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            NETNS,
+            sys.executable,
+            str(HTTPS_SCRIPT),
+            str(cert),
+            str(key),
+            address,
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline() != b"ready\n":
+            raise AssertionError("the https test host did not start")
+        yield
+    finally:
+        server.kill()
+        server.wait()
 
 
 EGRESS_TO_OUTSIDE_HOSTS = """

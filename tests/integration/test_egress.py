@@ -21,8 +21,10 @@ from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.policy import Policy
 from nspawn_mcp.runtime import Daemons
+from tests.certificates import make_server_certificate
 from tests.integration.conftest import Factory, sandbox_factory
-from tests.netns import outside_hosts
+from tests.integration.test_sandbox_lifecycle import command, run
+from tests.netns import https_host, outside_hosts
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -143,6 +145,32 @@ async def test_egress_reaches_only_what_the_policy_lists(
     assert seen.count("tcp 198.18.0.2:8443") == 1  # only the connection that named allowed.test
 
     assert "dns allowed.test." in seen
+
+
+async def test_curl_over_https_reaches_a_listed_name_with_a_certificate_the_sandbox_trusts(
+    egress_backend: NspawnBackend, make_egress_sandbox: Factory, outside: Path, tmp_path: Path
+) -> None:
+    """What an agent does under egress-web (curl https://...), against a test host with a test CA."""
+    made = make_server_certificate(tmp_path, "allowed.test")
+    sandbox = await make_egress_sandbox(policy=egress_policy(domain_ports=(8443, 8445)))
+    fetch = "curl --silent --show-error --max-time 10 https://allowed.test:8445/"
+    with https_host(made.cert, made.key, "198.18.0.2", 8445):
+        untrusted = await run(egress_backend, sandbox, fetch)
+        trust = await egress_backend.jail(sandbox).run(
+            command(
+                "/bin/sh",
+                "-c",
+                "cat > /usr/local/share/ca-certificates/nspawn-mcp-test.crt && update-ca-certificates",
+                stdin=made.ca.read_bytes(),
+            )
+        )
+        trusted = await run(egress_backend, sandbox, fetch)
+        unlisted_port = await run(egress_backend, sandbox, fetch.replace(":8445", ":8446"))
+
+    assert untrusted.exit_code == 60, untrusted.stderr  # reached, and the unknown issuer refused
+    assert trust.exit_code == 0, trust.stderr
+    assert (trusted.exit_code, trusted.stdout) == (0, b"hello over https\n"), trusted.stderr
+    assert unlisted_port.exit_code != 0
 
 
 async def test_listed_names_may_not_resolve_to_private_addresses_unless_allowed(
