@@ -63,29 +63,15 @@ def outside_hosts(log: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def https_host(cert: Path, key: Path, address: str, port: int) -> Iterator[None]:
     """A web server over TLS at ``address:port`` among the test hosts (inside :func:`outside_hosts`)."""
-    server = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            NETNS,
-            sys.executable,
-            str(HTTPS_SCRIPT),
-            str(cert),
-            str(key),
-            address,
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert server.stdout is not None
-        if server.stdout.readline() != b"ready\n":
-            raise AssertionError("the https test host did not start")
-        yield
-    finally:
-        server.kill()
-        server.wait()
+    serve = [sys.executable, str(HTTPS_SCRIPT), str(cert), str(key), address, str(port)]
+    with subprocess.Popen(["ip", "netns", "exec", NETNS, *serve], stdout=subprocess.PIPE) as server:
+        try:
+            assert server.stdout is not None
+            if server.stdout.readline() != b"ready\n":
+                raise AssertionError("the https test host did not start")
+            yield
+        finally:
+            server.kill()
 
 
 EGRESS_TO_OUTSIDE_HOSTS = """
