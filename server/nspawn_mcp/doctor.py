@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .box import find_box, host_runs_systemd
+from .images import Catalog
 from .layout import Layout
 
 __all__ = ["Check", "run_checks"]
@@ -66,10 +67,9 @@ def run_checks(layout: Layout) -> list[Check]:
                 "run `nspawn-mcp setup` (or `make setup`)",
             )
         )
-    rootfs = layout.cache_dir / "default" / "rootfs" / "usr/bin/python3"
-    checks.append(
-        Check("template", rootfs.exists(), str(rootfs.parent.parent.parent), "run `nspawn-mcp setup`")
-    )
+    built = Catalog(layout.images_dir).get("default")
+    detail = f"default, version {built.version}" if built else "set-up has not built the default image"
+    checks.append(Check("image", built is not None, detail, "run `nspawn-mcp setup` (or `make setup`)"))
     return checks
 
 

@@ -74,10 +74,6 @@ class Layout:
         return self.state_dir / "pool.img"
 
     @property
-    def cache_dir(self) -> Path:
-        return self.state_dir / "cache"
-
-    @property
     def images_dir(self) -> Path:
         """The image catalog (what set-up recorded about each image) and the build logs."""
         return self.state_dir / "images"
