@@ -215,7 +215,7 @@ def plan_build(source: RecipeSource, pool_path: PurePosixPath, version: str) -> 
 
 _NAME = r"([a-z0-9][a-z0-9+.-]*[a-z0-9+])"
 _PACKAGE_LINE = re.compile(
-    rf"^(?:I: (?:Retrieving|Validating|Extracting|Unpacking|Configuring) {_NAME}"
+    rf"^(?:I: (?:Retrieving|Validating|Extracting|Unpacking|Configuring) {_NAME}(?=\.\.\.| [0-9])"
     rf"|(?:Unpacking|Setting up) {_NAME}(?::[a-z0-9]+)? )"
 )
 
