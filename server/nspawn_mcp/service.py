@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import posixpath
-import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -29,13 +28,12 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from . import commands, hostfs, hosttree
+from . import commands, copies, hostfs
 from .audit import AuditLog
-from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState, TreeEntry
+from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState
 from .commands import CommandRequest
 from .errors import (
     BackendError,
-    CopyRefused,
     InvalidRequest,
     NotFound,
     PolicyRefused,
@@ -77,7 +75,6 @@ from .policy import (
 )
 from .policy.models import FilesPolicy
 from .records import Exposure, MetaStore, SandboxRecord
-from .sandbox.protocol import MAX_TREE_ENTRIES
 
 __all__ = ["SandboxService"]
 
@@ -700,18 +697,8 @@ class SandboxService:
             destination = check_container_path(sandbox_destination)
             target = self._host_target(sandbox, host_source)
             limit = self._policy_of(sandbox.plan.policy).files.max_copy_bytes
-            if await anyio.to_thread.run_sync(hosttree.is_directory, target):
-                return await self._copy_tree_in(sandbox, target, destination, limit)
-            with hostfs.staging_area(self._backend.staging_dir) as area:
-                staged, stats = await anyio.to_thread.run_sync(hostfs.stage_from_host, target, area, limit)
-                await self._backend.copy_in(sandbox_id, staged, destination)
-        return CopyResult(
-            direction="to_sandbox",
-            source=target.path,
-            destination=destination,
-            bytes=stats.bytes,
-            sha256=stats.sha256,
-        )
+            async with self._jail(sandbox) as jail:
+                return await copies.copy_in(self._backend, sandbox_id, jail, target, destination, limit)
 
     async def copy_from_sandbox(
         self, sandbox_id: str, sandbox_source: str, host_destination: str
@@ -723,81 +710,7 @@ class SandboxService:
             target = self._host_target(sandbox, host_destination)
             limit = self._policy_of(sandbox.plan.policy).files.max_copy_bytes
             async with self._jail(sandbox) as jail:
-                if await _is_directory(jail, source):
-                    return await self._copy_tree_out(sandbox, source, target, limit)
-            what = f"sandbox path {source}"
-            publication = await anyio.to_thread.run_sync(hostfs.Publication, target, limit, what)
-            try:
-
-                async def sink(data: bytes) -> None:
-                    await anyio.to_thread.run_sync(publication.write, data)
-
-                async with self._jail(sandbox) as jail:
-                    done = await jail.read_file(source, limit, sink)
-                stats = await anyio.to_thread.run_sync(publication.publish, done.mode)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(publication.discard)
-        return CopyResult(
-            direction="from_sandbox",
-            source=source,
-            destination=target.path,
-            bytes=stats.bytes,
-            sha256=stats.sha256,
-        )
-
-    async def _copy_tree_in(
-        self, sandbox: SandboxRecord, target: HostTarget, destination: str, limit: int
-    ) -> CopyResult:
-        """A host directory into the sandbox: archived on the host (confined, regular files and directories
-        only), copied in by machined, unpacked by the supervisor inside the jail."""
-        archive = f"/var/tmp/.nspawn-mcp-copy-{secrets.token_hex(8)}.tar"
-        with hostfs.staging_area(self._backend.staging_dir) as area:
-            staged, stats = await anyio.to_thread.run_sync(hosttree.stage_tree_from_host, target, area, limit)
-            await self._backend.copy_in(sandbox.sandbox_id, staged, archive)
-        async with self._jail(sandbox) as jail:
-            written = await jail.extract_tar(archive, destination, limit)
-        return CopyResult(
-            direction="to_sandbox",
-            source=target.path,
-            destination=destination,
-            bytes=written.bytes,
-            files=written.files,
-            directories=written.directories + 1,
-            skipped=stats.skipped,
-            skipped_examples=list(stats.skipped_examples),
-        )
-
-    async def _copy_tree_out(
-        self, sandbox: SandboxRecord, source: str, target: HostTarget, limit: int
-    ) -> CopyResult:
-        """A sandbox directory to the host: streamed by the supervisor as bounded entries, built by the
-        server under a hidden directory and renamed into place when complete (see hosttree)."""
-        publication = await anyio.to_thread.run_sync(hosttree.TreePublication, target, limit)
-        try:
-
-            async def on_entry(entry: TreeEntry) -> None:
-                await anyio.to_thread.run_sync(publication.add, entry)
-
-            async def on_data(data: bytes) -> None:
-                await anyio.to_thread.run_sync(publication.write, data)
-
-            async with self._jail(sandbox) as jail:
-                done = await jail.read_tree(source, limit, MAX_TREE_ENTRIES, on_entry, on_data)
-            await anyio.to_thread.run_sync(publication.publish)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(publication.discard)
-        return CopyResult(
-            direction="from_sandbox",
-            source=source,
-            destination=target.path,
-            bytes=done.bytes,
-            files=done.files,
-            directories=done.directories + 1,
-            skipped=done.skipped,
-            skipped_examples=list(done.skipped_examples),
-        )
+                return await copies.copy_out(jail, source, target, limit)
 
     # -- helpers -----------------------------------------------------------------
 
@@ -868,15 +781,6 @@ def _resolve_binds(mounts: tuple[BindMount, ...]) -> tuple[BindMount, ...]:
             replace(mount, root=source.root, source=source.path, device=source.device, inode=source.inode)
         )
     return tuple(resolved)
-
-
-async def _is_directory(jail: Jail, path: str) -> bool:
-    """Whether a sandbox path is a directory, as root inside sees it."""
-    try:
-        await jail.list_files(path, None, 1, 0)
-    except CopyRefused:
-        return False
-    return True
 
 
 def _process_info(state: ProcessState) -> ProcessInfo:
