@@ -48,7 +48,7 @@ from ..policy import EgressPlan, SandboxPlan
 from .api import MeasuredUsage, TemplateImage
 from .binds import attach_binds
 from .bus import Bus
-from .cgroups import oom_kill_count
+from .cgroups import cpu_usage_nsec, oom_kill_count
 from .jail import JailClient
 from .machine1 import Machined
 from .network import EgressNetwork
@@ -288,7 +288,8 @@ class NspawnBackend:
 
         return MeasuredUsage(
             memory_bytes=known(counters.get("MemoryCurrent")),
-            cpu_nsec=known(counters.get("CPUUsageNSec")),
+            cpu_nsec=known(counters.get("CPUUsageNSec"))
+            or await anyio.to_thread.run_sync(cpu_usage_nsec, sandbox_id),
             tasks=known(counters.get("TasksCurrent")),
             disk_bytes=known(disk),
         )
