@@ -9,14 +9,12 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from importlib import resources
 from typing import Annotated, Literal, ParamSpec, TypeVar
 
 from mcp.server.auth.provider import TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-from mcp.server.mcpserver.resources.templates import ResourceSecurity
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -24,6 +22,8 @@ from . import __version__
 from .backend.api import OutputChunk
 from .commands import CommandRequest
 from .errors import InvalidRequest, SandboxError
+from .features import policy_document as _policy_document
+from .features import register_features
 from .files import SandboxFiles
 from .identity import LOCAL, Client, current_client
 from .models import (
@@ -175,11 +175,6 @@ def _progress_reporter(ctx: ServiceContext) -> Callable[[OutputChunk], Awaitable
         await ctx.report_progress(round(time.monotonic() - started, 3), message=newest)
 
     return report
-
-
-def _policy_document(policies: PolicySet, name: str) -> PolicyDocument:
-    policy = policies.get(name)
-    return PolicyDocument(name=name, policy=policy.model_dump(mode="json"), available=policies.names)
 
 
 def _local() -> Client:
@@ -575,36 +570,5 @@ def build_server(
         """Show an operator policy: default and maximum limits, exec and file rules, network mode."""
         return _policy_document(policies, name)
 
-    @mcp.resource(
-        "policy://{name}",
-        name="policy",
-        description="An operator policy, as get_policy shows it",
-        mime_type="application/json",
-    )
-    def policy_resource(name: str) -> str:
-        try:
-            return _policy_document(policies, name).model_dump_json(indent=2)
-        except SandboxError as exc:
-            raise ResourceError(str(exc)) from None
-
-    @mcp.resource(
-        "sandbox://{sandbox_id}/files/{+path}",
-        name="sandbox_file",
-        description="A whole file inside a sandbox (text, or a blob for binary files), up to the policy's "
-        "files.max_read_bytes; e.g. sandbox://sbx-1a2b3c4d/files/etc/os-release",
-        security=ResourceSecurity(exempt_params=frozenset({"path"})),  # resolved inside the sandbox's jail
-    )
-    async def sandbox_file(ctx: ServiceContext, sandbox_id: str, path: str) -> str | bytes:
-        wrapped = agent_errors(SandboxFiles(_service(ctx)).read_whole)
-        try:
-            return await wrapped(sandbox_id, "/" + path.lstrip("/"))
-        except ToolError as exc:
-            raise ResourceError(str(exc)) from None
-
-    prompt_text = (resources.files("nspawn_mcp") / "data" / "prompts" / "sandbox-workflow.md").read_text()
-
-    @mcp.prompt(name="sandbox_workflow", description="How to work in an nspawn-mcp sandbox, step by step")
-    def sandbox_workflow() -> str:
-        return prompt_text
-
+    register_features(mcp, policies, agent_errors)
     return mcp

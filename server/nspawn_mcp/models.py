@@ -27,6 +27,8 @@ __all__ = [
     "ProcessOutputResult",
     "SandboxInfo",
     "SandboxList",
+    "SandboxStatus",
+    "SandboxUsage",
     "StdinWritten",
     "UnexposedPort",
 ]
@@ -249,3 +251,38 @@ class ImageList(_Result):
         default_factory=list,
         description="images a policy you may use allows but this host does not have (yet)",
     )
+
+
+class SandboxUsage(_Result):
+    """What the sandbox uses now, as systemd and machined count it; null where they cannot tell."""
+
+    memory_mb: float | None = Field(
+        default=None, description="memory in use (the slice's MemoryCurrent), MiB"
+    )
+    cpu_seconds: float | None = Field(
+        default=None, description="CPU time used so far, all processes together"
+    )
+    processes: int | None = Field(default=None, description="processes and threads running (TasksCurrent)")
+    disk_mb: float | None = Field(
+        default=None, description="disk used by its filesystem, image included, MiB"
+    )
+
+
+class SandboxStatus(_Result):
+    """A sandbox now: what ``sandbox://{sandbox_id}`` shows its owner."""
+
+    sandbox_id: str
+    status: Literal["running", "stopped"] = Field(
+        description="stopped: it stopped on its own (crash, OOM) and is about to be removed"
+    )
+    image: str
+    policy: str
+    network: str = Field(description="the policy's network mode: none, or egress to named hosts")
+    limits: Limits
+    usage: SandboxUsage
+    created_at: str = Field(description="ISO 8601, UTC")
+    expires_at: str = Field(description="ISO 8601, UTC; extend_sandbox pushes it out")
+    expires_in_seconds: int = Field(description="seconds left before it is destroyed automatically")
+    ports: list[ExposedPort] = Field(default_factory=list, description="ports exposed with expose_port")
+    mounts: list[Mount] = Field(default_factory=list)
+    env: list[str] = Field(default_factory=list, description="names of the variables set at create")

@@ -41,6 +41,7 @@ from .errors import (
     SandboxError,
     SandboxGone,
 )
+from .events import Action, EventFeed, Level, SandboxEvent
 from .forwards import PortForwards
 from .identity import Client, current_client
 from .images import Catalog, ImageEntry
@@ -56,6 +57,8 @@ from .models import (
     ProcessList,
     ProcessOutputResult,
     SandboxInfo,
+    SandboxStatus,
+    SandboxUsage,
     StdinWritten,
 )
 from .naming import new_sandbox_id, parse_sandbox_id
@@ -136,6 +139,8 @@ class SandboxService:
         """Stdio connections that are connected now."""
         self._orphans: dict[str, datetime] = {}
         """Sessions that own sandboxes but are not connected, and when their grace period ends."""
+        self.events = EventFeed()
+        """What each client is told of its own sandboxes (MCP log messages); run its pump."""
 
     @contextlib.contextmanager
     def _audited(
@@ -147,6 +152,8 @@ class SandboxService:
             yield extra
         except BaseException as exc:  # cancellations are decisions too
             self._audit.record(action, sandbox_id=sandbox_id, error=exc, detail=detail | extra)
+            if isinstance(exc, SandboxError):
+                self._tell_caller("warning", "refused", f"{action} refused: {exc}", sandbox_id)
             raise
         identity = extra.pop("sandbox_id", sandbox_id)
         self._audit.record(
@@ -284,8 +291,19 @@ class SandboxService:
         for sandbox in list(self._sandboxes.values()):
             reason = await self._why_reaped(sandbox, now)
             if reason is not None:
+                expired = sandbox.state == "running" and sandbox.expires_at <= now
                 with self._audited("destroy_sandbox", sandbox.sandbox_id, reason=reason.split(" (")[0]):
                     await self._destroy_quietly(sandbox, reason)
+                self.events.emit(
+                    SandboxEvent(
+                        level="notice" if expired else "warning",
+                        action="expired" if expired else "reaped",
+                        message=f"sandbox {sandbox.sandbox_id} was destroyed: {reason}",
+                        owner=sandbox.owner,
+                        session=sandbox.session,
+                        sandbox_id=sandbox.sandbox_id,
+                    )
+                )
 
     async def _why_reaped(self, sandbox: SandboxRecord, now: datetime) -> str | None:
         if sandbox.state == "gone":
@@ -406,6 +424,13 @@ class SandboxService:
             client,
             extra={"sandbox": sandbox.sandbox_id, "client": client.identity},
         )
+        self._tell_caller(
+            "info",
+            "created",
+            f"sandbox {sandbox.sandbox_id} created (image {plan.image!r}, policy {plan.policy!r}); "
+            f"it expires at {_stamp(sandbox.expires_at)}",
+            sandbox.sandbox_id,
+        )
         return sandbox.info()
 
     def _check_quotas(self, policy: Policy, plan: SandboxPlan, owner: str) -> None:
@@ -433,6 +458,7 @@ class SandboxService:
         with self._audited("destroy_sandbox", sandbox_id):
             sandbox = self._get(sandbox_id, allow_gone=True)
             await self._destroy(sandbox, f"its owner destroyed it at {_stamp(self._clock())}")
+        self._tell_caller("info", "destroyed", f"sandbox {sandbox_id} destroyed", sandbox_id)
 
     async def _destroy(self, sandbox: SandboxRecord, reason: str) -> None:
         sandbox.state = "destroying"
@@ -712,7 +738,38 @@ class SandboxService:
             async with self._jail(sandbox) as jail:
                 return await copies.copy_out(jail, source, target, limit)
 
+    async def status(self, sandbox_id: str) -> SandboxStatus:
+        """A sandbox now, for its owner: limits, what it uses, expiry, exposed ports."""
+        sandbox = self._get(sandbox_id, allow_gone=True)
+        measured = await self._backend.usage(sandbox_id)
+        info = sandbox.info()
+        return SandboxStatus(
+            sandbox_id=sandbox_id,
+            status="running" if sandbox.state == "running" else "stopped",
+            image=info.image,
+            policy=info.policy,
+            network=self._policy_of(sandbox.plan.policy).network.mode,
+            limits=info.limits,
+            usage=SandboxUsage(
+                memory_mb=None if measured.memory_bytes is None else round(measured.memory_bytes / _MiB, 1),
+                cpu_seconds=None if measured.cpu_nsec is None else round(measured.cpu_nsec / 1e9, 3),
+                processes=measured.tasks,
+                disk_mb=None if measured.disk_bytes is None else round(measured.disk_bytes / _MiB, 1),
+            ),
+            created_at=info.created_at,
+            expires_at=info.expires_at,
+            expires_in_seconds=max(0, int((sandbox.expires_at - self._clock()).total_seconds())),
+            ports=info.ports,
+            mounts=info.mounts,
+            env=info.env,
+        )
+
     # -- helpers -----------------------------------------------------------------
+
+    def _tell_caller(self, level: Level, action: Action, message: str, sandbox_id: str | None) -> None:
+        """An event for the client of the request being served (see :mod:`nspawn_mcp.events`)."""
+        client = current_client.get()
+        self.events.emit(SandboxEvent(level, action, message, client.identity, client.session, sandbox_id))
 
     def _policy_of(self, name: str) -> Policy:
         """The policy a sandbox was made under; the strictest one (an empty policy) if the operator

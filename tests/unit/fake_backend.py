@@ -18,6 +18,7 @@ from nspawn_mcp.backend.api import (
     FileRead,
     FileSlice,
     FileWritten,
+    MeasuredUsage,
     OutputChunk,
     ProcessOutput,
     ProcessState,
@@ -80,6 +81,8 @@ class FakeBackend:
     """The real bookkeeping the real backend's network keeps."""
     listening: dict[tuple[str, int], int] = field(default_factory=dict)
     """(sandbox, port inside) -> a port on the test's loopback that stands for it (connect goes there)."""
+    measured: dict[str, MeasuredUsage] = field(default_factory=dict)
+    """What usage() reports per sandbox; nothing known for the others."""
 
     async def available_images(self) -> set[str]:
         return set(self.installed)
@@ -124,6 +127,9 @@ class FakeBackend:
 
     async def oom_kills(self, sandbox_id: str) -> int | None:
         return self.oom_kill_counts.get(sandbox_id, 0)
+
+    async def usage(self, sandbox_id: str) -> MeasuredUsage:
+        return self.measured.get(sandbox_id, MeasuredUsage())
 
     def jail(self, sandbox_id: str) -> FakeJail:
         return FakeJail(self, sandbox_id)

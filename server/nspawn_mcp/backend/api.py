@@ -40,6 +40,7 @@ __all__ = [
     "FileSlice",
     "FileWritten",
     "Jail",
+    "MeasuredUsage",
     "OutputChunk",
     "ProcessOutput",
     "ProcessState",
@@ -71,6 +72,16 @@ class TemplateImage:
     usage_bytes: int | None
     """Disk use as the pool counts it; None when it cannot tell (no quotas)."""
     created: datetime | None
+
+
+@dataclass(frozen=True)
+class MeasuredUsage:
+    """What a running sandbox uses, as the daemons count it (None: they cannot tell)."""
+
+    memory_bytes: int | None = None
+    cpu_nsec: int | None = None
+    tasks: int | None = None
+    disk_bytes: int | None = None
 
 
 class Jail(Protocol):
@@ -176,6 +187,11 @@ class Backend(Protocol):
 
     async def oom_kills(self, sandbox_id: str) -> int | None:
         """How many processes the OOM killer has killed in the sandbox so far (None: unknown)."""
+        ...
+
+    async def usage(self, sandbox_id: str) -> MeasuredUsage:
+        """Memory, CPU time and tasks of the sandbox's slice, and its filesystem's disk use; a
+        figure the daemons cannot tell (no accounting, no quotas) is None."""
         ...
 
     def jail(self, sandbox_id: str) -> Jail:

@@ -94,6 +94,18 @@ class Machined:
             for r in rows
         ]
 
+    async def image_usage(self, name: str) -> int:
+        """The image's disk use as machined counts it (``2**64 - 1`` when it cannot tell)."""
+        (path,) = await self._call("GetImage", "s", name, operation=f"looking up image {name}")
+        usage = await self._bus.get_property(
+            destination=_DEST,
+            path=path,
+            interface="org.freedesktop.machine1.Image",
+            name="Usage",
+            operation=f"reading the disk use of image {name}",
+        )
+        return int(usage)
+
     async def clone_image(self, source: str, new_name: str) -> None:
         await self._call("CloneImage", "ssb", source, new_name, False, operation=f"cloning image {source}")
 

@@ -45,10 +45,10 @@ from ..naming import (
     template_of_image,
 )
 from ..policy import EgressPlan, SandboxPlan
-from .api import TemplateImage
+from .api import MeasuredUsage, TemplateImage
 from .binds import attach_binds
 from .bus import Bus
-from .cgroups import oom_kill_count
+from .cgroups import cpu_usage_nsec, oom_kill_count
 from .jail import JailClient
 from .machine1 import Machined
 from .network import EgressNetwork
@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 _READY_TIMEOUT = 15.0
 _UNKNOWN_SIZE = (1 << 64) - 1
-"""machined's "no idea" for a size (``UINT64_MAX``)."""
+"""What machined and systemd report for a figure they cannot tell (``UINT64_MAX``)."""
+_SLICE_INTERFACE = "org.freedesktop.systemd1.Slice"
 _SUPERVISOR_FILES = ("supervisor.py", "protocol.py", "fileops.py")
 
 
@@ -269,6 +270,29 @@ class NspawnBackend:
 
     async def oom_kills(self, sandbox_id: str) -> int | None:
         return await anyio.to_thread.run_sync(oom_kill_count, sandbox_id)
+
+    async def usage(self, sandbox_id: str) -> MeasuredUsage:
+        try:
+            counters = await self._systemd.unit_properties(
+                slice_unit(sandbox_id), _SLICE_INTERFACE, ("MemoryCurrent", "CPUUsageNSec", "TasksCurrent")
+            )
+        except NoSuchObject:  # not loaded: nothing runs in it
+            counters = {}
+        try:
+            disk: int | None = await self._machined.image_usage(machine_name(sandbox_id))
+        except NoSuchObject:
+            disk = None
+
+        def known(value: object) -> int | None:
+            return value if isinstance(value, int) and value < _UNKNOWN_SIZE else None
+
+        return MeasuredUsage(
+            memory_bytes=known(counters.get("MemoryCurrent")),
+            cpu_nsec=known(counters.get("CPUUsageNSec"))
+            or await anyio.to_thread.run_sync(cpu_usage_nsec, sandbox_id),
+            tasks=known(counters.get("TasksCurrent")),
+            disk_bytes=known(disk),
+        )
 
     def jail(self, sandbox_id: str) -> JailClient:
         return JailClient(self._layout.control_socket(sandbox_id), sandbox_id)

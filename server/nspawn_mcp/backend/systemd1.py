@@ -154,6 +154,20 @@ class Systemd:
         rows = await self._manager("ListUnitsByPatterns", "asas", [], patterns, operation="listing units")
         return [UnitStatus(name=r[0], load_state=r[2], active_state=r[3], sub_state=r[4]) for r in rows]
 
+    async def unit_properties(self, name: str, interface: str, props: Sequence[str]) -> dict[str, Any]:
+        """Several properties of one unit (one lookup, then one Get each)."""
+        path = await self._manager("GetUnit", "s", name, operation=f"looking up {name}")
+        found = {}
+        for prop in props:
+            found[prop] = await self._bus.get_property(
+                destination=_DEST,
+                path=path,
+                interface=interface,
+                name=prop,
+                operation=f"reading {prop} of {name}",
+            )
+        return found
+
     async def unit_property(self, name: str, interface: str, prop: str) -> Any:
         path = await self._manager("GetUnit", "s", name, operation=f"looking up {name}")
         return await self._bus.get_property(
