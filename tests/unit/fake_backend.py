@@ -21,6 +21,7 @@ from nspawn_mcp.backend.api import (
     OutputChunk,
     ProcessOutput,
     ProcessState,
+    SandboxUsage,
     TemplateImage,
     TreeEntry,
     TreeRead,
@@ -75,6 +76,8 @@ class FakeBackend:
     """The next destroy waits for it (once)."""
     on_exec: Callable[[CommandSpec], CommandOutcome] = lambda spec: ok()
     oom_kill_counts: dict[str, int] = field(default_factory=dict)
+    usages: dict[str, SandboxUsage] = field(default_factory=dict)
+    """What usage() reports (None for a sandbox not in it)."""
     processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
     subnets: SubnetPool = field(default_factory=SubnetPool)
     """The real bookkeeping the real backend's network keeps."""
@@ -124,6 +127,9 @@ class FakeBackend:
 
     async def oom_kills(self, sandbox_id: str) -> int | None:
         return self.oom_kill_counts.get(sandbox_id, 0)
+
+    async def usage(self, sandbox_id: str) -> SandboxUsage | None:
+        return self.usages.get(sandbox_id) if sandbox_id in self.sandboxes else None
 
     def jail(self, sandbox_id: str) -> FakeJail:
         return FakeJail(self, sandbox_id)

@@ -43,6 +43,7 @@ __all__ = [
     "OutputChunk",
     "ProcessOutput",
     "ProcessState",
+    "SandboxUsage",
     "TemplateImage",
     "TreeEntry",
     "TreeRead",
@@ -71,6 +72,16 @@ class TemplateImage:
     usage_bytes: int | None
     """Disk use as the pool counts it; None when it cannot tell (no quotas)."""
     created: datetime | None
+
+
+@dataclass(frozen=True)
+class SandboxUsage:
+    """What a sandbox uses now, as systemd accounts its slice (None: systemd does not say)."""
+
+    memory_bytes: int | None
+    cpu_nsec: int | None
+    """CPU time used since it started."""
+    tasks: int | None
 
 
 class Jail(Protocol):
@@ -176,6 +187,10 @@ class Backend(Protocol):
 
     async def oom_kills(self, sandbox_id: str) -> int | None:
         """How many processes the OOM killer has killed in the sandbox so far (None: unknown)."""
+        ...
+
+    async def usage(self, sandbox_id: str) -> SandboxUsage | None:
+        """Its memory, CPU time and tasks now; None if it has no slice (any more)."""
         ...
 
     def jail(self, sandbox_id: str) -> Jail:

@@ -45,7 +45,7 @@ from ..naming import (
     template_of_image,
 )
 from ..policy import EgressPlan, SandboxPlan
-from .api import TemplateImage
+from .api import SandboxUsage, TemplateImage
 from .binds import attach_binds
 from .bus import Bus
 from .cgroups import oom_kill_count
@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 _READY_TIMEOUT = 15.0
 _UNKNOWN_SIZE = (1 << 64) - 1
-"""machined's "no idea" for a size (``UINT64_MAX``)."""
+"""machined's and systemd's "no idea" for a size or a counter (``UINT64_MAX``)."""
+_SLICE_INTERFACE = "org.freedesktop.systemd1.Slice"
 _SUPERVISOR_FILES = ("supervisor.py", "protocol.py", "fileops.py")
 
 
@@ -269,6 +270,17 @@ class NspawnBackend:
 
     async def oom_kills(self, sandbox_id: str) -> int | None:
         return await anyio.to_thread.run_sync(oom_kill_count, sandbox_id)
+
+    async def usage(self, sandbox_id: str) -> SandboxUsage | None:
+        values: list[int | None] = []
+        for name in ("MemoryCurrent", "CPUUsageNSec", "TasksCurrent"):
+            try:
+                value = await self._systemd.unit_property(slice_unit(sandbox_id), _SLICE_INTERFACE, name)
+            except NoSuchObject:
+                return None
+            values.append(value if isinstance(value, int) and value != _UNKNOWN_SIZE else None)
+        memory, cpu, tasks = values
+        return SandboxUsage(memory_bytes=memory, cpu_nsec=cpu, tasks=tasks)
 
     def jail(self, sandbox_id: str) -> JailClient:
         return JailClient(self._layout.control_socket(sandbox_id), sandbox_id)
