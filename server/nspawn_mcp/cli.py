@@ -586,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in _ROOT_COMMANDS and os.geteuid() != 0:
-        return _fail(_not_root(f"nspawn-mcp {args.command}"))
+        return _fail(_not_root(args.command))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         stream=sys.stderr,
