@@ -253,8 +253,8 @@ def _box(args: argparse.Namespace) -> int:
 
     layout = Layout.from_env()
     if args.action == "shell":
-        return _box_shell(args.command or [os.environ.get("SHELL") or "/bin/sh"])
-    if args.command:
+        return _box_shell(args.shell_command or [os.environ.get("SHELL") or "/bin/sh"])
+    if args.shell_command:
         return _fail(f"box {args.action} takes no command")
     if args.action == "start":
         print(f"private systemd running, pid {start_box(layout).pid}")
@@ -531,7 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
         "journalctl see the sandboxes; on a host that runs systemd it runs COMMAND here.",
     )
     box.add_argument("action", choices=["start", "stop", "status", "shell"])
-    box.add_argument("command", nargs=argparse.REMAINDER, help="shell: the command to run (default: $SHELL)")
+    box.add_argument(
+        "shell_command",
+        metavar="COMMAND",
+        nargs=argparse.REMAINDER,
+        help="shell: the command to run (default: $SHELL)",
+    )
     box.set_defaults(func=_box)
 
     listing = commands.add_parser(

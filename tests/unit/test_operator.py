@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nspawn_mcp.backend.api import SandboxUsage
+from nspawn_mcp.backend.cgroups import parse_process_cpu_ticks
 from nspawn_mcp.cli import _one_line, build_parser
 from nspawn_mcp.commands import CommandRequest
 from nspawn_mcp.daemon.handshake import Hello, HelloError, decode_hello, encode
@@ -232,7 +233,7 @@ def test_the_operator_commands_parse() -> None:
     logs = parser.parse_args(["logs", "sbx-1a2b3c4d", "-f", "-n", "5"])
     assert (logs.sandbox_id, logs.follow, logs.lines) == ("sbx-1a2b3c4d", True, 5)
     shell = parser.parse_args(["box", "shell", "machinectl", "list", "--all"])
-    assert (shell.action, shell.command) == ("shell", ["machinectl", "list", "--all"])
+    assert (shell.action, shell.shell_command) == ("shell", ["machinectl", "list", "--all"])
 
 
 def test_help_texts_carry_no_rest_markup(capsys: pytest.CaptureFixture[str]) -> None:
@@ -356,3 +357,8 @@ async def test_create_destroy_and_refusals_are_logged_with_their_event(
         ("created", second, None),
         ("expired", second, None),
     ]
+
+
+def test_a_processs_cpu_time_counts_its_waited_for_children_and_survives_odd_names() -> None:
+    stat = "4242 (a) b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 7 3 20 10 20 0 1 0 99 0 0"
+    assert parse_process_cpu_ticks(stat) == 7 + 3 + 20 + 10

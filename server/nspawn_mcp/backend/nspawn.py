@@ -48,7 +48,7 @@ from ..policy import EgressPlan, SandboxPlan
 from .api import SandboxUsage, TemplateImage
 from .binds import attach_binds
 from .bus import Bus
-from .cgroups import oom_kill_count
+from .cgroups import oom_kill_count, process_cpu_nsec
 from .jail import JailClient
 from .machine1 import Machined
 from .network import EgressNetwork
@@ -280,6 +280,8 @@ class NspawnBackend:
                 return None
             values.append(value if isinstance(value, int) and value != _UNKNOWN_SIZE else None)
         memory, cpu, tasks = values
+        if cpu is None:  # no cpuacct (cgroup v1 in the private systemd): the processes' own times
+            cpu = await anyio.to_thread.run_sync(process_cpu_nsec, sandbox_id, self._proc_root)
         return SandboxUsage(memory_bytes=memory, cpu_nsec=cpu, tasks=tasks)
 
     def jail(self, sandbox_id: str) -> JailClient:
