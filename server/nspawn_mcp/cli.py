@@ -1,9 +1,10 @@
-"""The ``nspawn-mcp`` command line."""
+"""The nspawn-mcp command line."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,12 +17,33 @@ from .layout import Layout
 
 if TYPE_CHECKING:
     from .daemon.main import DaemonConfig
+    from .daemon.operator import OperatorRequest
     from .daemon.unit import DaemonOptions
+    from .records import LiveSandbox
 
 __all__ = ["main"]
 
 _DEFAULT_MAX_SANDBOXES = 64
 _DEFAULT_CALL_RATE = 50.0
+_ROOT_COMMANDS = frozenset({"daemon", "setup", "image", "box", "token"})
+"""Commands that drive systemd, machined, the pool or the state directory: root only, said in one line."""
+
+
+def _one_line(message: object) -> str:
+    """An error as one line (a policy error lists its fields on lines of their own)."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _fail(message: object) -> int:
+    print(f"nspawn-mcp: {_one_line(message)}", file=sys.stderr)
+    return 1
+
+
+def _not_root(command: str) -> str:
+    return (
+        f"{command} needs root: the daemon drives systemd, machined and the sandbox pool "
+        "(run it with sudo, or as root in the MCP client's command)"
+    )
 
 
 def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
@@ -75,9 +97,12 @@ def _serve(args: argparse.Namespace) -> int:
     layout = Layout.from_env()
     try:
         check_config(_daemon_config(args))  # reported here, not as a daemon that does not start
+        if os.geteuid() != 0:
+            _check_reachable(layout)
     except DaemonError as exc:
-        print(f"nspawn-mcp: {exc}", file=sys.stderr)
-        return 1
+        message = _one_line(exc)
+        _refuse_mcp_client(f"nspawn-mcp cannot serve: {message}")
+        return _fail(message)
     options = DaemonOptions(_daemon_arguments(args))
     if args.http:
         return _serve_http(layout, options, args.http)
@@ -89,6 +114,45 @@ def _serve(args: argparse.Namespace) -> int:
     asked = options.arguments or None  # no options: any running daemon will do
     anyio.run(serve_stdio, ensure_daemon, str(layout.daemon_socket), asked, stdin, stdout)
     return 0
+
+
+def _check_reachable(layout: Layout) -> None:
+    """For a non-root ``serve``: the daemon must run already, with a socket this user may use
+    (``--socket-group``); only root can start it."""
+    import socket
+
+    from .daemon.main import DaemonError
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(layout.daemon_socket))
+        except OSError as exc:
+            raise DaemonError(
+                f"serve as uid {os.geteuid()} needs a running daemon whose socket you may use, and "
+                f"{layout.daemon_socket} is not ({exc.strerror}): run serve as root (it starts the "
+                "daemon), or have root start it with --socket-group GROUP, a group of yours"
+            ) from None
+
+
+def _refuse_mcp_client(message: str) -> None:
+    """Answer the MCP client's ``initialize`` with the reason serve cannot start (an MCP client
+    shows that; a server that only exits is a closed connection to it). Waits a few seconds at most."""
+    import json
+    import select
+
+    if sys.stdin.isatty():
+        return
+    try:
+        ready, _, _ = select.select([sys.stdin], [], [], 5.0)
+        line = sys.stdin.buffer.readline(1 << 20) if ready else b""
+        request = json.loads(line) if line else None
+    except (OSError, ValueError):
+        return
+    if isinstance(request, dict) and request.get("method") == "initialize" and "id" in request:
+        error = {"code": -32603, "message": message}
+        answer = {"jsonrpc": "2.0", "id": request["id"], "error": error}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
 
 
 def _serve_http(layout: Layout, options: DaemonOptions, address: str) -> int:
@@ -122,7 +186,7 @@ def _daemon(args: argparse.Namespace) -> int:
         try:
             run_daemon(_daemon_config(args))
         except DaemonError as exc:
-            print(f"nspawn-mcp daemon: {exc}", file=sys.stderr)
+            print(f"nspawn-mcp daemon: {_one_line(exc)}", file=sys.stderr)
             return REFUSED
         return 0
     if args.action == "start":
@@ -188,6 +252,10 @@ def _box(args: argparse.Namespace) -> int:
     from .box import find_box, start_box, stop_box
 
     layout = Layout.from_env()
+    if args.action == "shell":
+        return _box_shell(args.shell_command or [os.environ.get("SHELL") or "/bin/sh"])
+    if args.shell_command:
+        return _fail(f"box {args.action} takes no command")
     if args.action == "start":
         print(f"private systemd running, pid {start_box(layout).pid}")
     elif args.action == "stop":
@@ -197,6 +265,103 @@ def _box(args: argparse.Namespace) -> int:
         print(f"running, pid {box.pid}" if box else "not running")
         return 0 if box else 3
     return 0
+
+
+def _box_shell(command: list[str]) -> int:
+    """Run ``command`` where machinectl and journalctl see the sandboxes: inside the private
+    systemd's namespaces, or here on a host that runs systemd."""
+    from .box import find_box, host_runs_systemd
+    from .operator import box_shell_command
+
+    if host_runs_systemd():
+        print("this host runs systemd: machinectl and journalctl work here as they are", file=sys.stderr)
+        argv = command
+    else:
+        box = find_box(Layout.from_env())
+        if box is None:
+            return _fail("the private systemd is not running, so there are no sandboxes to look at")
+        argv = box_shell_command(box.pid, command)
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - an argv of the operator's, no shell
+    except OSError as exc:
+        return _fail(f"cannot run {argv[0]}: {exc.strerror}")
+
+
+def _daemon_socket() -> str:
+    return str(Layout.from_env().daemon_socket)
+
+
+def _ask(request: OperatorRequest) -> list[LiveSandbox] | None:
+    """One operator request to the daemon; errors as one line (ProgramExit)."""
+    from .daemon.operator import OperatorError
+    from .frontend.operator import ask_daemon
+    from .frontend.stdio import DaemonUnreachable
+
+    socket_path = _daemon_socket()
+    if not Path(socket_path).exists():
+        raise _Exit(
+            "the nspawn-mcp daemon is not running, so no sandbox is served (`nspawn-mcp daemon start` "
+            "starts it; sandboxes that outlived a daemon are adopted by the next one)"
+        )
+    try:
+        return anyio.run(ask_daemon, socket_path, request)
+    except (DaemonUnreachable, OperatorError) as exc:
+        raise _Exit(str(exc)) from None
+
+
+class _Exit(Exception):
+    """A command's failure, said in one line."""
+
+
+def _list(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from .daemon.operator import ListRequest
+    from .operator import format_json, format_table
+
+    try:
+        sandboxes = _ask(ListRequest()) or []
+    except _Exit as exc:
+        return _fail(exc)
+    print(format_json(sandboxes) if args.json else format_table(sandboxes, datetime.now(UTC)))
+    return 0
+
+
+def _destroy(args: argparse.Namespace) -> int:
+    from .daemon.operator import DestroyRequest
+    from .errors import InvalidRequest
+    from .naming import parse_sandbox_id
+
+    try:
+        _ask(DestroyRequest(parse_sandbox_id(args.sandbox_id)))
+    except (_Exit, InvalidRequest) as exc:
+        return _fail(exc)
+    print(f"destroyed {args.sandbox_id}")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from .box import find_box, host_runs_systemd
+    from .errors import InvalidRequest
+    from .naming import parse_sandbox_id
+    from .operator import journal_command
+    from .runtime import Daemons
+
+    try:
+        sandbox_id = parse_sandbox_id(args.sandbox_id)
+    except InvalidRequest as exc:
+        return _fail(exc)
+    journal_dir = None
+    if not host_runs_systemd():
+        box = find_box(Layout.from_env())
+        if box is None:
+            return _fail("the private systemd is not running; its journal (kept in memory) went with it")
+        journal_dir = Daemons(box.bus_address, box_pid=box.pid).journal_dir
+    argv = journal_command(sandbox_id, journal_dir, follow=args.follow, lines=args.lines)
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - an argv of the operator's, no shell
+    except OSError as exc:
+        return _fail(f"cannot run journalctl: {exc.strerror}")
 
 
 def _policy(args: argparse.Namespace) -> int:
@@ -358,9 +523,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("doctor", help="check every prerequisite").set_defaults(func=_doctor)
 
-    box = commands.add_parser("box", help="the private systemd used where PID 1 is not systemd")
-    box.add_argument("action", choices=["start", "stop", "status"])
+    box = commands.add_parser(
+        "box",
+        help="the private systemd used where PID 1 is not systemd",
+        description="The private systemd (systemd, dbus, machined) this project boots where PID 1 is "
+        "not systemd. shell runs COMMAND (default: a shell) in its namespaces, where machinectl and "
+        "journalctl see the sandboxes; on a host that runs systemd it runs COMMAND here.",
+    )
+    box.add_argument("action", choices=["start", "stop", "status", "shell"])
+    box.add_argument(
+        "shell_command",
+        metavar="COMMAND",
+        nargs=argparse.REMAINDER,
+        help="shell: the command to run (default: $SHELL)",
+    )
     box.set_defaults(func=_box)
+
+    listing = commands.add_parser(
+        "list", help="the live sandboxes of every client: owner, policy, image, age, expiry, memory, CPU"
+    )
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    listing.set_defaults(func=_list)
+
+    destroy = commands.add_parser("destroy", help="destroy any client's sandbox (root only)")
+    destroy.add_argument("sandbox_id", metavar="ID", help="as list shows it: sbx-1a2b3c4d")
+    destroy.set_defaults(func=_destroy)
+
+    logs = commands.add_parser(
+        "logs",
+        help="a sandbox's journal: what the daemon logged about it, its nspawn service's output and "
+        "systemd's messages about its units",
+    )
+    logs.add_argument(
+        "sandbox_id", metavar="ID", help="sbx-1a2b3c4d (a gone one too, while the journal keeps it)"
+    )
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+    logs.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N entries")
+    logs.set_defaults(func=_logs)
 
     policy = commands.add_parser("policy", help="validate or show policies")
     policy.add_argument("action", choices=["check", "show"])
@@ -391,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in _ROOT_COMMANDS and os.geteuid() != 0:
+        return _fail(_not_root(args.command))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         stream=sys.stderr,

@@ -7,7 +7,9 @@ Identity comes from the connection, never from what a request says about itself:
   sandboxes belong to while it lasts;
 - an HTTP client is ``token:NAME``, the name of the bearer token it presented; it has
   no session (HTTP requests do not tell when a client has gone);
-- ``local`` is the process itself (tests, the operator's commands).
+- ``operator`` is root on the host, connected with ``nspawn-mcp list`` / ``destroy``: it
+  sees and may destroy every sandbox (admitted by :func:`nspawn_mcp.daemon.sessions.admit`);
+- ``local`` is the process itself (tests).
 
 What the client calls itself (MCP ``clientInfo``) is only a ``label`` for the logs.
 """
@@ -17,13 +19,13 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["LOCAL", "Client", "current_client"]
+__all__ = ["LOCAL", "OPERATOR", "Client", "current_client"]
 
 
 @dataclass(frozen=True)
 class Client:
     identity: str
-    """Who: ``uid:N``, ``token:NAME`` or ``local``. Quotas and the rate limit key on it."""
+    """Who: ``uid:N``, ``token:NAME``, ``operator`` or ``local``. Quotas and the rate limit key on it."""
     session: str | None = None
     """The stdio connection the client's sandboxes belong to; None for HTTP and local callers."""
     policies: frozenset[str] | None = None
@@ -40,6 +42,7 @@ class Client:
 
 
 LOCAL = Client("local")
+OPERATOR = Client("operator", label="nspawn-mcp operator command")
 
 current_client: ContextVar[Client] = ContextVar("nspawn_mcp_client", default=LOCAL)
 """The client of the request being served; set once per connection by the daemon."""

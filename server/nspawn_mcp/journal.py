@@ -3,7 +3,10 @@
 Under systemd, stderr reaches the journal too, but as lines of text; the native
 protocol keeps the fields: the priority, the code location, the logger, and ours,
 ``NSPAWN_MCP_SANDBOX`` and ``NSPAWN_MCP_CLIENT``, so that
-``journalctl NSPAWN_MCP_SANDBOX=sbx-1a2b3c4d`` tells one sandbox's story.
+``journalctl NSPAWN_MCP_SANDBOX=sbx-1a2b3c4d`` tells one sandbox's story, and
+``NSPAWN_MCP_EVENT`` (``created``, ``destroyed``, ``expired``, ``refused``, ... see
+:data:`EVENTS`), ``NSPAWN_MCP_POLICY`` and ``NSPAWN_MCP_RULE`` where a record has them, so
+that ``journalctl NSPAWN_MCP_EVENT=refused`` lists every refusal.
 
 The protocol (https://systemd.io/JOURNAL_NATIVE_PROTOCOL/): an ``AF_UNIX`` datagram
 to ``/run/systemd/journal/socket`` holding ``KEY=value\\n`` for each field; a value
@@ -40,6 +43,7 @@ from pathlib import Path
 from .identity import LOCAL, current_client
 
 __all__ = [
+    "EVENTS",
     "JOURNAL_SOCKET",
     "JournalHandler",
     "LogContext",
@@ -51,6 +55,25 @@ __all__ = [
 ]
 
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+
+EVENTS = frozenset(
+    {
+        "created",
+        "create-failed",
+        "destroyed",
+        "expired",
+        "idled-out",
+        "stopped",
+        "disconnected",
+        "refused",
+        "operator-destroy",
+    }
+)
+"""What ``NSPAWN_MCP_EVENT`` says happened: a sandbox was created; destroyed by its owner (or the
+operator); destroyed by the reaper because it expired, idled out, stopped on its own, or its client
+disconnected; a request or connection was refused; the operator asked to destroy a sandbox."""
+
+_EXTRA_FIELDS = (("NSPAWN_MCP_EVENT", "event"), ("NSPAWN_MCP_POLICY", "policy"), ("NSPAWN_MCP_RULE", "rule"))
 
 IDENTIFIER = "nspawn-mcp"
 
@@ -152,6 +175,10 @@ class JournalHandler(logging.Handler):
         ):
             value = getattr(record, attribute, None)
             value = default if value is None else value
+            if value is not None:
+                fields.append((field, str(value)))
+        for field, attribute in _EXTRA_FIELDS:
+            value = getattr(record, attribute, None)
             if value is not None:
                 fields.append((field, str(value)))
         return fields

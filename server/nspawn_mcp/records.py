@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from .models import ExposedPort, Limits, Mount, SandboxInfo
 from .policy import SandboxPlan
 
-__all__ = ["Exposure", "MetaStore", "SandboxRecord", "Stage", "State"]
+__all__ = ["Exposure", "LiveSandbox", "MetaStore", "SandboxRecord", "Stage", "State"]
 
 _MiB = 1 << 20
 
@@ -46,6 +46,27 @@ class Exposure:
             host_port=self.host_port,
             address=f"{shown}:{self.host_port}",
         )
+
+
+@dataclass(frozen=True)
+class LiveSandbox:
+    """One live sandbox as the operator sees it."""
+
+    sandbox_id: str
+    owner: str
+    """The client identity that made it: ``uid:N`` or ``token:NAME``."""
+    policy: str
+    image: str
+    created_at: datetime
+    expires_at: datetime
+    memory_bytes: int | None
+    """Memory its slice uses now; None where systemd does not say."""
+    cpu_nsec: int | None
+    """CPU time its slice has used; None where systemd does not say."""
+    tasks: int | None
+    """Processes and threads in it now (the supervisor's included)."""
+    connected: bool
+    """Whether its owner's connection is there (False: kept past a disconnect, or an HTTP client)."""
 
 
 @dataclass

@@ -77,7 +77,7 @@ from .policy import (
     resolve_expose,
 )
 from .policy.models import FilesPolicy
-from .records import Exposure, MetaStore, SandboxRecord
+from .records import Exposure, LiveSandbox, MetaStore, SandboxRecord
 
 __all__ = ["SandboxService"]
 
@@ -152,6 +152,18 @@ class SandboxService:
             yield extra
         except BaseException as exc:  # cancellations are decisions too
             self._audit.record(action, sandbox_id=sandbox_id, error=exc, detail=detail | extra)
+            if isinstance(exc, PolicyRefused | QuotaExceeded):
+                log.warning(
+                    "refused %s for %s: %s",
+                    action,
+                    current_client.get(),
+                    exc,
+                    extra={
+                        "sandbox": sandbox_id,
+                        "event": "refused",
+                        "rule": exc.rule if isinstance(exc, PolicyRefused) else "quota",
+                    },
+                )
             if isinstance(exc, SandboxError):
                 self._tell_caller("warning", "refused", f"{action} refused: {exc}", sandbox_id)
             raise
@@ -271,7 +283,7 @@ class SandboxService:
                 f"its client disconnected (policy {sandbox.plan.policy!r}: sandboxes.on_disconnect = destroy)"
             )
             with self._audited("destroy_sandbox", sandbox.sandbox_id, reason="client disconnected"):
-                await self._destroy_quietly(sandbox, reason)
+                await self._destroy_quietly(sandbox, reason, "disconnected")
 
     async def run_reaper(self) -> None:
         """Forever: destroy expired sandboxes and clean up ones that died."""
@@ -289,15 +301,15 @@ class SandboxService:
                 for owner in owners:
                     await self._release_session(owner, session)
         for sandbox in list(self._sandboxes.values()):
-            reason = await self._why_reaped(sandbox, now)
-            if reason is not None:
-                expired = sandbox.state == "running" and sandbox.expires_at <= now
+            reaped = await self._why_reaped(sandbox, now)
+            if reaped is not None:
+                event, reason = reaped
                 with self._audited("destroy_sandbox", sandbox.sandbox_id, reason=reason.split(" (")[0]):
-                    await self._destroy_quietly(sandbox, reason)
+                    await self._destroy_quietly(sandbox, reason, event)
                 self.events.emit(
                     SandboxEvent(
-                        level="notice" if expired else "warning",
-                        action="expired" if expired else "reaped",
+                        level="notice" if event == "expired" else "warning",
+                        action="expired" if event == "expired" else "reaped",
                         message=f"sandbox {sandbox.sandbox_id} was destroyed: {reason}",
                         owner=sandbox.owner,
                         session=sandbox.session,
@@ -305,28 +317,33 @@ class SandboxService:
                     )
                 )
 
-    async def _why_reaped(self, sandbox: SandboxRecord, now: datetime) -> str | None:
+    async def _why_reaped(self, sandbox: SandboxRecord, now: datetime) -> tuple[str, str] | None:
+        """What happened (a :data:`nspawn_mcp.journal.EVENTS` name) and why it is destroyed; None: it
+        lives on."""
         if sandbox.state == "gone":
             if await self._oom_struck(sandbox):
-                return f"it was {self._oom_killed(sandbox)}"
-            return "it stopped on its own (it crashed, or its unit was stopped)"
+                return "stopped", f"it was {self._oom_killed(sandbox)}"
+            return "stopped", "it stopped on its own (it crashed, or its unit was stopped)"
         if sandbox.state != "running":
             return None
         if sandbox.expires_at <= now:
-            return (
+            return "expired", (
                 f"it expired at {_stamp(sandbox.expires_at)} (its lifetime of "
                 f"{int((sandbox.expires_at - sandbox.created_at).total_seconds())} s; "
                 "policy rule: limits.*.ttl_seconds, extend_sandbox extends it)"
             )
         idle = self._policy_of(sandbox.plan.policy).sandboxes.idle_timeout_seconds
         if idle is not None and (sandbox.last_used or sandbox.created_at) + timedelta(seconds=idle) <= now:
-            return f"no tool call used it for {idle} s (policy rule: sandboxes.idle_timeout_seconds)"
+            return (
+                "idled-out",
+                f"no tool call used it for {idle} s (policy rule: sandboxes.idle_timeout_seconds)",
+            )
         return None
 
-    async def _destroy_quietly(self, sandbox: SandboxRecord, reason: str) -> None:
+    async def _destroy_quietly(self, sandbox: SandboxRecord, reason: str, event: str) -> None:
         """Destroy for a reason of the daemon's own; failures are logged (the reaper tries again)."""
         try:
-            await self._destroy(sandbox, reason)
+            await self._destroy(sandbox, reason, event)
         except SandboxError as exc:
             log.warning("cleaning up sandbox %s failed: %s", sandbox.sandbox_id, exc)
 
@@ -415,14 +432,19 @@ class SandboxService:
             self._store.save(sandbox)  # complete: a restarted daemon adopts it
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._destroy(sandbox, "its creation failed")
+                await self._destroy(sandbox, "its creation failed", "create-failed")
             raise
         log.info(
             "created %s (policy %s) for %s",
             sandbox.sandbox_id,
             plan.policy,
             client,
-            extra={"sandbox": sandbox.sandbox_id, "client": client.identity},
+            extra={
+                "sandbox": sandbox.sandbox_id,
+                "client": client.identity,
+                "event": "created",
+                "policy": plan.policy,
+            },
         )
         self._tell_caller(
             "info",
@@ -460,7 +482,8 @@ class SandboxService:
             await self._destroy(sandbox, f"its owner destroyed it at {_stamp(self._clock())}")
         self._tell_caller("info", "destroyed", f"sandbox {sandbox_id} destroyed", sandbox_id)
 
-    async def _destroy(self, sandbox: SandboxRecord, reason: str) -> None:
+    async def _destroy(self, sandbox: SandboxRecord, reason: str, event: str = "destroyed") -> None:
+        """Destroy it; the journal entry says ``event`` (see :data:`nspawn_mcp.journal.EVENTS`) and why."""
         sandbox.state = "destroying"
         with anyio.CancelScope(shield=True):
             if self._forwards is not None:
@@ -483,8 +506,48 @@ class SandboxService:
             "destroyed %s: %s",
             sandbox.sandbox_id,
             reason,
-            extra={"sandbox": sandbox.sandbox_id, "client": sandbox.owner},
+            extra={
+                "sandbox": sandbox.sandbox_id,
+                "client": sandbox.owner,
+                "event": event,
+                "policy": sandbox.plan.policy,
+            },
         )
+
+    async def live_sandboxes(self) -> list[LiveSandbox]:
+        """Every live sandbox, whoever made it, with what it uses now (for the operator, who is
+        root on the host: the daemon admits only such peers to ask, see nspawn_mcp.daemon.sessions)."""
+        rows = []
+        for sandbox in sorted(self._sandboxes.values(), key=lambda s: s.created_at):
+            if sandbox.state != "running":
+                continue
+            usage = await self._backend.usage(sandbox.sandbox_id)
+            rows.append(
+                LiveSandbox(
+                    sandbox_id=sandbox.sandbox_id,
+                    owner=sandbox.owner,
+                    policy=sandbox.plan.policy,
+                    image=sandbox.plan.image,
+                    created_at=sandbox.created_at,
+                    expires_at=sandbox.expires_at,
+                    memory_bytes=usage.memory_bytes,
+                    cpu_nsec=usage.cpu_nsec,
+                    tasks=usage.tasks,
+                    connected=sandbox.session is not None and sandbox.session in self._sessions,
+                )
+            )
+        return rows
+
+    async def operator_destroy(self, sandbox_id: str) -> None:
+        """Destroy any client's sandbox (the operator's ``nspawn-mcp destroy``); its owner is told,
+        when it next asks for it, that the operator destroyed it."""
+        with self._audited("destroy_sandbox", sandbox_id, reason="operator"):
+            sandbox = self._sandboxes.get(parse_sandbox_id(sandbox_id))
+            if sandbox is None or sandbox.state in ("creating", "destroying"):
+                raise NotFound(f"no live sandbox {sandbox_id}; `nspawn-mcp list` shows them")
+            await self._destroy(
+                sandbox, f"the host's operator destroyed it at {_stamp(self._clock())}", "destroyed"
+            )
 
     def list(self) -> list[SandboxInfo]:
         """The live sandboxes the calling client may see."""

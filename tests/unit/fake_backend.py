@@ -76,6 +76,7 @@ class FakeBackend:
     """The next destroy waits for it (once)."""
     on_exec: Callable[[CommandSpec], CommandOutcome] = lambda spec: ok()
     oom_kill_counts: dict[str, int] = field(default_factory=dict)
+    """What usage() reports (None for a sandbox not in it)."""
     processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
     subnets: SubnetPool = field(default_factory=SubnetPool)
     """The real bookkeeping the real backend's network keeps."""

@@ -277,3 +277,15 @@ def test_configure_logging_falls_back_to_stderr(
     assert root.level == logging.INFO
     assert "cannot connect to the journal at" in capsys.readouterr().err
     assert type(configure_logging(verbose=False, journal_socket=None)) is logging.StreamHandler
+
+
+def test_event_policy_and_rule_come_from_extra(journal: socket.socket, log: logging.Logger) -> None:
+    log.warning("refused", extra={"event": "refused", "policy": "dev", "rule": "sandboxes.max_live"})
+    log.info("plain")
+    fields = received(journal)
+    assert (fields["NSPAWN_MCP_EVENT"], fields["NSPAWN_MCP_POLICY"], fields["NSPAWN_MCP_RULE"]) == (
+        "refused",
+        "dev",
+        "sandboxes.max_live",
+    )
+    assert not {"NSPAWN_MCP_EVENT", "NSPAWN_MCP_POLICY", "NSPAWN_MCP_RULE"} & set(received(journal))

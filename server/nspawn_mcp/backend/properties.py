@@ -35,6 +35,7 @@ SIGNATURES: Mapping[str, str] = {
     "Restart": "s",
     "RestartUSec": "t",
     "RestartPreventExitStatus": "(aiai)",
+    "SuccessExitStatus": "(aiai)",
     "Environment": "as",
     "WorkingDirectory": "s",
     "StandardInputFileDescriptor": "h",

@@ -54,6 +54,8 @@ SUPERVISOR_LISTEN_FD = 0
 """The supervisor's listening socket: the service's standard input."""
 ADDRESS_FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK")
 _USEC = 1_000_000
+NSPAWN_KILLED_EXIT = 1
+"""What nspawn exits with after it killed the container on SIGTERM (a stop of its unit)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,11 @@ def build_units(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> Sand
             "DeviceAllow": [("char-pts", "rw")],
             "TimeoutStartUSec": 30 * _USEC,
             "TimeoutStopUSec": 5 * _USEC,
+            # a destroy stops the unit: nspawn answers SIGTERM by killing the container (its
+            # --kill-signal is SIGKILL without --boot; the stub init ignores SIGTERM for its payload)
+            # and then exits 1, "container terminated by signal KILL". That is the clean stop, not a
+            # failure; a container that dies on its own is reported by the daemon (machine_removed)
+            "SuccessExitStatus": ([NSPAWN_KILLED_EXIT], []),
             # the daemon destroys the sandbox at its (extendable) expiry; its unit stops it at the
             # policy's longest lifetime even if no daemon runs (systemd 252 cannot change this later)
             "RuntimeMaxUSec": limits.lifetime_cap_seconds * _USEC,

@@ -15,6 +15,10 @@ name host paths. ``options`` are the daemon options the front end was given (it 
 started the daemon with them): a daemon running with others refuses, rather than serve the
 client under rules it did not ask for. Identity is never part of the hello: the daemon takes
 it from the socket.
+
+``"operator": true`` asks for the operator's requests (:mod:`.operator`) instead of MCP:
+``nspawn-mcp list`` and ``destroy``. The daemon admits it only from a peer of uid 0
+(:func:`nspawn_mcp.daemon.sessions.admit`); asking is not being.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Hello:
     workdir: str | None = None
     options: tuple[str, ...] | None = None
     """None: whatever the running daemon was started with."""
+    operator: bool = False
+    """The operator's requests instead of MCP (admitted from root peers only)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ def encode(message: Hello | Welcome | str) -> bytes:
             body["workdir"] = message.workdir
         if message.options is not None:
             body["options"] = list(message.options)
+        if message.operator:
+            body["operator"] = True
     elif isinstance(message, Welcome):
         body = {
             "ok": True,
@@ -98,7 +106,15 @@ def decode_hello(line: bytes) -> Hello:
         isinstance(options, list) and len(options) < 256 and all(isinstance(o, str) for o in options)
     ):
         raise HelloError("options must be a list of strings")
-    return Hello(session=session, workdir=workdir, options=None if options is None else tuple(options))
+    operator = body.get("operator", False)
+    if not isinstance(operator, bool):
+        raise HelloError("operator must be true or false")
+    return Hello(
+        session=session,
+        workdir=workdir,
+        options=None if options is None else tuple(options),
+        operator=operator,
+    )
 
 
 def decode_welcome(line: bytes) -> Welcome:

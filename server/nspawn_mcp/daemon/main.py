@@ -42,9 +42,11 @@ from ..errors import InvalidRequest
 from ..identity import Client
 from ..policy import PolicySet
 from ..policy.loader import PolicyError
+from ..records import LiveSandbox
 from ..runtime import ServerConfig, open_service
 from ..service import SandboxService
 from ..throttle import Throttle
+from .operator import DestroyRequest, OperatorRequest
 from .sessions import SessionHooks, serve_connection
 
 __all__ = [
@@ -269,7 +271,15 @@ async def _serve(
             if not stopping:  # a daemon that stops is not a client that leaves
                 await service.session_ended(client)
 
-        hooks = SessionHooks(started=service.session_started, ended=session_ended, options=config.options)
+        async def operator(request: OperatorRequest) -> list[LiveSandbox] | None:
+            if isinstance(request, DestroyRequest):
+                await service.operator_destroy(request.sandbox_id)
+                return None
+            return await service.live_sandboxes()
+
+        hooks = SessionHooks(
+            started=service.session_started, ended=session_ended, options=config.options, operator=operator
+        )
         async with _unix_listener(layout.daemon_socket, config.socket_group) as listener:
 
             async def handle(stream: SocketStream) -> None:

@@ -5,6 +5,9 @@ session (see :mod:`.handshake`). The MCP session runs with that client set in
 :data:`nspawn_mcp.identity.current_client`, which every request handler inherits, so
 nothing a request says can change who it comes from. When the connection ends, the
 service is told, and applies the policy's ``on_disconnect`` to the session's sandboxes.
+
+Who may do what is decided here, once per connection, by :func:`admit`: an operator's
+connection (``nspawn-mcp list`` / ``destroy``, see :mod:`.operator`) only from uid 0.
 """
 
 from __future__ import annotations
@@ -24,10 +27,20 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.message import SessionMessage
 
 from .. import __version__
-from ..identity import Client, current_client
-from .handshake import MAX_LINE, HelloError, Welcome, decode_hello, encode
+from ..errors import SandboxError
+from ..identity import OPERATOR, Client, current_client
+from ..records import LiveSandbox
+from .handshake import MAX_LINE, Hello, HelloError, Welcome, decode_hello, encode
+from .operator import (
+    MAX_REQUEST,
+    DestroyRequest,
+    OperatorError,
+    OperatorRequest,
+    decode_request,
+    encode_reply,
+)
 
-__all__ = ["MAX_MESSAGE", "SessionHooks", "serve_connection"]
+__all__ = ["MAX_MESSAGE", "OperatorHandler", "SessionHooks", "admit", "serve_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +50,14 @@ _HELLO_TIMEOUT = 10.0
 _UCRED = struct.Struct("3i")
 
 
+OperatorHandler = Callable[[OperatorRequest], Awaitable[list[LiveSandbox] | None]]
+"""Answers an operator's request: a listing, or None once done; raises SandboxError to refuse."""
+
+
+async def _no_operator(request: OperatorRequest) -> list[LiveSandbox] | None:
+    raise OperatorError("this daemon serves no operator requests")
+
+
 @dataclass(frozen=True)
 class SessionHooks:
     """What the daemon does when a client's connection starts and ends, and the options it runs with."""
@@ -44,6 +65,28 @@ class SessionHooks:
     started: Callable[[Client], None]
     ended: Callable[[Client], Awaitable[None]]
     options: tuple[str, ...] = ()
+    operator: OperatorHandler = _no_operator
+    """The operator's requests."""
+
+
+def admit(uid: int, hello: Hello, options: tuple[str, ...]) -> Client | str:
+    """The client a connection is, from the peer's uid (the kernel's word) and its hello; or (a
+    string) why it is refused. The one place that decides what a connection may do."""
+    if hello.operator:
+        if uid != 0:
+            return (
+                f"operator commands (nspawn-mcp list, destroy) are for root on the daemon's host; "
+                f"this connection is uid {uid}"
+            )
+        return OPERATOR
+    if hello.options is not None and hello.options != options:
+        return (
+            "the running daemon was started with other options ("
+            + (" ".join(options) or "none")
+            + "); run this front end with the same ones, or stop the daemon first with "
+            "`nspawn-mcp daemon stop` (its sandboxes keep running)"
+        )
+    return Client(f"uid:{uid}", session=hello.session, workdir=hello.workdir if uid == 0 else None)
 
 
 def peer_uid(stream: SocketStream) -> int:
@@ -72,17 +115,11 @@ async def _greet(
         return None
     except (TimeoutError, anyio.IncompleteRead, anyio.EndOfStream):
         return None
-    if hello.options is not None and hello.options != options:
-        await stream.send(
-            encode(
-                "the running daemon was started with other options ("
-                + (" ".join(options) or "none")
-                + "); run this front end with the same ones, or stop the daemon first with "
-                "`nspawn-mcp daemon stop` (its sandboxes keep running)"
-            )
-        )
+    client = admit(uid, hello, options)
+    if isinstance(client, str):
+        log.warning("refused a connection of uid %d: %s", uid, client, extra={"event": "refused"})
+        await stream.send(encode(client))
         return None
-    client = Client(f"uid:{uid}", session=hello.session, workdir=hello.workdir if uid == 0 else None)
     await stream.send(encode(Welcome(client.identity, __version__, _mount_namespace())))
     return client
 
@@ -96,6 +133,13 @@ async def serve_connection(stream: SocketStream, server: MCPServer[object], hook
         except (anyio.BrokenResourceError, OSError):
             return
         if client is None:
+            return
+        if client is OPERATOR:
+            token = current_client.set(client)
+            try:
+                await _run_operator(stream, received, hooks.operator)
+            finally:
+                current_client.reset(token)
             return
         log.info(
             "client %s connected (session %s)",
@@ -112,6 +156,38 @@ async def serve_connection(stream: SocketStream, server: MCPServer[object], hook
             with anyio.CancelScope(shield=True):
                 log.info("client %s disconnected", client.identity, extra={"client": client.identity})
                 await hooks.ended(client)
+
+
+async def _run_operator(
+    stream: SocketStream, received: BufferedByteReceiveStream, handler: OperatorHandler
+) -> None:
+    """The operator's requests, one line each, until it closes its end."""
+    while True:
+        try:
+            line = await received.receive_until(b"\n", MAX_REQUEST)
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError):
+            return
+        except anyio.DelimiterNotFound:
+            await stream.send(encode_reply(f"a request is at most {MAX_REQUEST} bytes"))
+            return
+        try:
+            request = decode_request(line)
+            if isinstance(request, DestroyRequest):
+                log.info(
+                    "the operator destroys %s",
+                    request.sandbox_id,
+                    extra={"sandbox": request.sandbox_id, "event": "operator-destroy"},
+                )
+            reply: list[LiveSandbox] | str | None = await handler(request)
+        except (OperatorError, SandboxError) as exc:
+            reply = str(exc)
+        except Exception:
+            log.exception("an operator request failed")
+            reply = "the daemon failed to answer; its log has the detail"
+        try:
+            await stream.send(encode_reply(reply))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return
 
 
 async def _run_session(

@@ -57,9 +57,12 @@ class PolicySet:
 
     @classmethod
     def load(cls, directories: Iterable[Path]) -> PolicySet:
-        """Load every ``NAME.toml``; earlier directories win over later ones."""
+        """Load every ``NAME.toml``; earlier directories win over later ones. A directory that is
+        not there is an error (a mistyped ``--policy-dir`` would silently serve the presets)."""
         found: dict[str, Policy] = {}
         for directory in directories:
+            if not directory.is_dir():
+                raise PolicyError(f"policy directory {directory} does not exist or is not a directory")
             for path in sorted(directory.glob("*.toml")):
                 name = path.stem
                 if name in found:
