@@ -113,7 +113,9 @@ def differences(expected: Mapping[str, Any], actual: Mapping[str, Outcome]) -> l
     return found
 
 
-def regenerated(previous: Mapping[str, Any] | None, actual: Mapping[str, Outcome], suite: str) -> dict[str, Any]:
+def regenerated(
+    previous: Mapping[str, Any] | None, actual: Mapping[str, Outcome], suite: str
+) -> dict[str, Any]:
     """The expected file for ``actual``, keeping the reasons of results that did not change."""
     old: Mapping[str, Mapping[str, str]] = previous["scenarios"] if previous else {}
     scenarios = {}

@@ -1,4 +1,5 @@
-"""The official MCP conformance suite (server mode) against the daemon's streamable HTTP, as an operator runs it.
+"""The official MCP conformance suite (server mode) against the daemon's streamable HTTP, as an operator
+runs it.
 
 The suite has no option for credentials, so a preloaded module (tests/e2e/node/bearer.mjs) adds the
 bearer token made with ``nspawn-mcp token add`` to its requests to the daemon, and to no others. Every

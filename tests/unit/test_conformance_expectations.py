@@ -12,12 +12,18 @@ PASS = Outcome("pass", "")
 
 
 def expected(**results: str) -> dict[str, object]:
-    return {"scenarios": {name: {"result": result, "reason": "why", "message": ""} for name, result in results.items()}}
+    return {
+        "scenarios": {
+            name: {"result": result, "reason": "why", "message": ""} for name, result in results.items()
+        }
+    }
 
 
 def test_a_scenario_name_is_the_suites_directory_without_prefix_and_time() -> None:
     assert conformance.scenario_name("server-tools-list-2026-11-24T18-56-39-720Z") == "tools-list"
-    assert conformance.scenario_name("server-server-initialize-2026-11-24T18-56-39-567Z") == "server-initialize"
+    assert (
+        conformance.scenario_name("server-server-initialize-2026-11-24T18-56-39-567Z") == "server-initialize"
+    )
 
 
 def test_a_scenario_passes_only_when_no_check_failed() -> None:
@@ -36,7 +42,10 @@ def test_results_are_read_from_the_suites_output_directory(tmp_path: Path) -> No
 
 
 def test_the_same_results_are_no_difference() -> None:
-    assert conformance.differences(expected(ping="pass", x="fail"), {"ping": PASS, "x": Outcome("fail", "m")}) == []
+    assert (
+        conformance.differences(expected(ping="pass", x="fail"), {"ping": PASS, "x": Outcome("fail", "m")})
+        == []
+    )
 
 
 def test_a_new_failure_an_unexpected_pass_and_added_or_dropped_scenarios_are_differences() -> None:
@@ -75,7 +84,9 @@ def test_regenerating_keeps_reasons_of_unchanged_results_and_asks_for_the_others
     assert scenarios["prompts"] == {"result": "fail", "reason": NEEDS_REASON, "message": "boom"}
     assert scenarios["tools-call-image"]["reason"] == conformance.STANDING_REASONS["tools-call-image"]
     assert made["summary"] == "2 passed, 2 failed"
-    assert conformance.differences(made, actual) == ["prompts: its reason is still EXPLAIN: write why it fails"]
+    assert conformance.differences(made, actual) == [
+        "prompts: its reason is still EXPLAIN: write why it fails"
+    ]
 
 
 def test_the_checked_in_file_explains_every_result() -> None:

@@ -61,8 +61,16 @@ class NodeTools:
 
     @property
     def inspector(self) -> Path:
-        """The Inspector's command (``--cli`` for its command-line mode)."""
-        return self.modules / "@modelcontextprotocol" / "inspector" / "cli" / "build" / "cli.js"
+        """The Inspector's command, run with ``node`` (``--cli`` for its command-line mode)."""
+        return (
+            self.modules
+            / "@modelcontextprotocol"
+            / "inspector"
+            / "clients"
+            / "launcher"
+            / "build"
+            / "index.js"
+        )
 
     @property
     def conformance(self) -> Path:
@@ -94,14 +102,16 @@ def registry() -> str:
     asked = subprocess.run([npm, "config", "get", "registry"], capture_output=True, text=True, timeout=60)
     url = asked.stdout.strip()
     if asked.returncode != 0 or not url.startswith(("https://", "http://")):
-        raise NodeToolsError("the machine's npm names no registry: set NPM_CONFIG_REGISTRY to the registry's URL")
+        raise NodeToolsError(
+            "the machine's npm names no registry: set NPM_CONFIG_REGISTRY to the registry's URL"
+        )
     return url.rstrip("/")
 
 
 def _fetch(url: str) -> bytes:
     if not url.startswith(("https://", "http://")):
         raise NodeToolsError(f"refusing to fetch {url!r}: not an http(s) URL")
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:  # noqa: S310 (checked above)
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
         data: bytes = response.read()
     return data
 
