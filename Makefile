@@ -11,7 +11,7 @@ DEBIAN_PACKAGES := systemd-container debootstrap btrfs-progs util-linux dbus nft
 REQUIRED_BINARIES := /usr/bin/systemd-nspawn /lib/systemd/systemd-machined /usr/sbin/debootstrap /sbin/mkfs.btrfs /usr/bin/unshare /usr/bin/dbus-daemon /usr/sbin/nft /usr/sbin/ip /usr/bin/openssl
 
 
-.PHONY: run setup packages venv test unit integration e2e lint format bench doctor stop clean
+.PHONY: run setup packages venv node test unit integration e2e conformance-expected lint format bench doctor stop clean
 
 run:
 	@$(MAKE) --no-print-directory -s setup >&2
@@ -35,7 +35,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-test: setup lint
+# Node 22, the MCP Inspector and the conformance suite for the end-to-end tests, pinned in tests/e2e/node
+# (node_tools.py, package.json, package-lock.json) and cached in ~/.cache/nspawn-mcp/node: a second run
+# downloads nothing.
+node: venv
+	$(BIN)/python tests/e2e/node/node_tools.py
+
+test: setup lint node
 	$(BIN)/pytest
 
 unit: venv
@@ -44,8 +50,13 @@ unit: venv
 integration: setup
 	$(BIN)/pytest tests/integration
 
-e2e: setup
+e2e: setup node
 	$(BIN)/pytest tests/e2e
+
+# Rewrites tests/e2e/conformance-expected.json from a run of the conformance suite; write the reason of
+# any result it marks EXPLAIN (the e2e test refuses the file until then).
+conformance-expected: setup node
+	NSPAWN_MCP_CONFORMANCE_UPDATE=1 $(BIN)/pytest tests/e2e/test_conformance.py -q
 
 lint: venv
 	$(BIN)/ruff check server tests benchmarks

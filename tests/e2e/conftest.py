@@ -24,6 +24,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 from nspawn_mcp.box import find_box, host_runs_systemd, stop_box
 from nspawn_mcp.layout import Layout
+from tests.e2e.node.node_tools import NodeTools, NodeToolsError
+from tests.e2e.node.node_tools import ensure as ensure_node_tools
 
 SERVER = Path(sys.executable).parent / "nspawn-mcp"
 _PASSED_ENVIRONMENT = (
@@ -185,3 +187,12 @@ async def http_client(url: str, token: str, **options: Any) -> AsyncIterator[Cli
         Client(streamable_http_client(url, http_client=http), **options) as connected,
     ):
         yield connected
+
+
+@pytest.fixture(scope="session")
+def node_tools() -> NodeTools:
+    """Node 22, the MCP Inspector and the conformance suite, as pinned in tests/e2e/node (``make node``)."""
+    try:
+        return ensure_node_tools()
+    except NodeToolsError as exc:
+        pytest.fail(str(exc))
