@@ -159,6 +159,9 @@ _HUGE = 1 << 53
 """Schema bound of numeric arguments: far above any policy (which names the rule that refuses), low
 enough that no arithmetic on them overflows."""
 
+_MAX_TEXT = 96 << 20
+"""Schema bound of text arguments (file content, stdin): above any policy's cap (64 MiB, in base64)."""
+
 _PROGRESS_LINES = 20
 _PROGRESS_CHARS = 4000
 
@@ -314,11 +317,9 @@ def build_server(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         command: Annotated[
-            str | list[Annotated[str, Field(max_length=1 << 20)]],
-            Field(
-                description="a shell command string (run by /bin/sh -c) or an argv list (no shell)",
-                max_length=1 << 20,
-            ),
+            Annotated[str, Field(max_length=1 << 20)]
+            | Annotated[list[Annotated[str, Field(max_length=1 << 20)]], Field(max_length=4096)],
+            Field(description="a shell command string (run by /bin/sh -c) or an argv list (no shell)"),
         ],
         cwd: Annotated[
             str | None,
@@ -328,7 +329,9 @@ def build_server(
             dict[str, Annotated[str, Field(max_length=32 << 10)]] | None,
             Field(description="extra environment variables", max_length=256),
         ] = None,
-        stdin: Annotated[str | None, Field(description="text fed to the command's standard input")] = None,
+        stdin: Annotated[
+            str | None, Field(description="text fed to the command's standard input", max_length=_MAX_TEXT)
+        ] = None,
         timeout_seconds: Annotated[
             float | None,
             Field(
@@ -411,7 +414,9 @@ def build_server(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         process_id: ProcessId,
-        data: Annotated[str, Field(description="text to write to the process's standard input")],
+        data: Annotated[
+            str, Field(description="text to write to the process's standard input", max_length=_MAX_TEXT)
+        ],
         close: Annotated[bool, Field(description="close stdin afterwards (end of input)")] = False,
     ) -> StdinWritten:
         return await _service(ctx).write_process_stdin(sandbox_id, process_id, data, close)
@@ -537,7 +542,7 @@ def build_server(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         path: SandboxPath,
-        content: Annotated[str, Field(description="the whole new content of the file")],
+        content: Annotated[str, Field(description="the whole new content of the file", max_length=_MAX_TEXT)],
         encoding: Annotated[
             Literal["utf-8", "base64"], Field(description="how content is given: text, or base64 of bytes")
         ] = "utf-8",
@@ -571,9 +576,13 @@ def build_server(
         path: SandboxPath,
         old: Annotated[
             str,
-            Field(description="the exact text to replace (whitespace and newlines included)", min_length=1),
+            Field(
+                description="the exact text to replace (whitespace and newlines included)",
+                min_length=1,
+                max_length=_MAX_TEXT,
+            ),
         ],
-        new: Annotated[str, Field(description="the text to put in its place")],
+        new: Annotated[str, Field(description="the text to put in its place", max_length=_MAX_TEXT)],
         count: Annotated[
             int,
             Field(

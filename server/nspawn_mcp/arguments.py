@@ -38,15 +38,20 @@ def strict(model: type[M]) -> type[M]:
 def plain_errors(tool: str, error: ValidationError, schema: Mapping[str, Any]) -> str:
     """One line per problem with ``tool``'s arguments; ``schema`` is the tool's input schema."""
     properties: Mapping[str, Any] = schema.get("properties", {})
+    details = error.errors(include_url=False, include_input=False)
+    # a value that had one of a union's shapes (an error inside it) is told about that shape only
+    shaped = {detail["loc"][0] for detail in details if len(detail["loc"]) > 2}
     lines: list[str] = []
     unknown: list[str] = []
     seen: set[str] = set()
-    for detail in error.errors(include_url=False, include_input=False):
+    for detail in details:
         loc = detail["loc"]
         if detail["type"] == "extra_forbidden" and len(loc) == 1:
             unknown.append(_shown(loc[0]))
             continue
-        line = _line(detail, properties)
+        if loc and loc[0] in shaped and len(loc) == 2 and _is_union(properties.get(str(loc[0]), {})):
+            continue
+        line = _line(detail, schema)
         if line not in seen:
             seen.add(line)
             lines.append(line)
@@ -60,13 +65,17 @@ def plain_errors(tool: str, error: ValidationError, schema: Mapping[str, Any]) -
     return "\n".join(lines)
 
 
-def _line(detail: ErrorDetails, properties: Mapping[str, Any]) -> str:
+def _is_union(field_schema: Mapping[str, Any]) -> bool:
+    """Whether pydantic tags the field's errors with a union branch: ``str | list[str]``, not ``X | None``."""
+    return len([s for s in field_schema.get("anyOf", ()) if s.get("type") != "null"]) > 1
+
+
+def _line(detail: ErrorDetails, schema: Mapping[str, Any]) -> str:
     """``argument.path: what is wrong``; the branches of a union are told as one problem."""
     loc = list(detail["loc"])
     name = str(loc[0]) if loc else ""
-    field_schema: Mapping[str, Any] = properties.get(name, {})
-    branches = [s for s in field_schema.get("anyOf", ()) if s.get("type") != "null"]
-    if len(branches) > 1 and len(loc) >= 2 and isinstance(loc[1], str):
+    field_schema: Mapping[str, Any] = schema.get("properties", {}).get(name, {})
+    if _is_union(field_schema) and len(loc) >= 2 and isinstance(loc[1], str):
         if len(loc) == 2:  # the value has none of the union's shapes
             return f"{name}: must be {_kind(field_schema)}"
         del loc[1]  # the branch's tag, e.g. 'list[str]': the value had that shape
@@ -75,8 +84,30 @@ def _line(detail: ErrorDetails, properties: Mapping[str, Any]) -> str:
     if kind == "missing":
         return f"{path}: is required"
     if kind == "extra_forbidden":
-        return f"{path}: is not a field that is accepted here"
+        fields = _fields_at(schema, loc[:-1])
+        return f"{path}: unknown field" + (f"; allowed: {', '.join(fields)}" if fields else "")
     return f"{path}: {_words(detail['msg'])}"
+
+
+def _fields_at(schema: Mapping[str, Any], loc: Sequence[int | str]) -> list[str]:
+    """The field names of the object at ``loc`` in the arguments, as the schema gives them."""
+    node: Mapping[str, Any] = schema
+    for part in loc:
+        node = _resolved(schema, node)
+        node = node.get("items", {}) if isinstance(part, int) else node.get("properties", {}).get(part, {})
+    return list(_resolved(schema, node).get("properties", {}))
+
+
+def _resolved(root: Mapping[str, Any], node: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``node`` with its ``$ref`` followed and a nullable ``anyOf`` narrowed to its object or array."""
+    for _ in range(8):
+        if "$ref" in node:
+            node = root.get("$defs", {}).get(str(node["$ref"]).rsplit("/", 1)[-1], {})
+        elif "anyOf" in node:
+            node = next((s for s in node["anyOf"] if s.get("type") != "null"), {})
+        else:
+            break
+    return node
 
 
 def _path(loc: Sequence[int | str]) -> str:

@@ -138,8 +138,11 @@ def _state(process: ProcessInfo) -> str:
 def _process(result: ProcessInfo) -> str:
     state = _state(result)
     if result.signalled is not None:
-        still = " and is still running" if result.running else ""
-        return f"sent SIG{result.signalled} to {result.process_id}{still}; " + state.split(" ", 1)[1]
+        if result.running:
+            return f"sent SIG{result.signalled} to {result.process_id}; it is still running"
+        return f"sent SIG{result.signalled} to {result.process_id}; it has ended: " + _ending(
+            result.exit_code, result.signal, result.timed_out
+        )
     return state
 
 

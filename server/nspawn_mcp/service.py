@@ -532,7 +532,8 @@ class SandboxService:
             async with self._jail(sandbox) as jail:
                 outcome = await jail.run(spec, on_output)
             audit["exit_code"] = outcome.exit_code
-        budget = spec.max_output_bytes * 3 // 7 if include_base64 else spec.max_output_bytes
+        # base64 is 4/3 of the bytes (padding included): text and copy together stay in the cap
+        budget = (spec.max_output_bytes - 8) * 3 // 7 if include_base64 else spec.max_output_bytes
         stdout, stderr, cut = commands.fit_output(outcome.stdout, outcome.stderr, budget, keep)
         truncated = cut or outcome.stdout_truncated or outcome.stderr_truncated
         return ExecResult(
