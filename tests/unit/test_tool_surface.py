@@ -191,7 +191,8 @@ async def test_a_result_is_sent_once_with_a_short_summary(
     assert _text(result) == (
         "exit code 2 after 1 ms\n"
         "stdout 96.6 KiB, stderr 11 bytes\n"
-        "stdout:\n  line 0\n  line 1\n  line 2\n  [... 9994 more lines ...]\n  line 9997\n  line 9998\n  line 9999\n"
+        "stdout:\n  line 0\n  line 1\n  line 2\n  [... 9994 more lines ...]\n"
+        "  line 9997\n  line 9998\n  line 9999\n"
         "stderr:\n  warning: x"
     )
     assert len(result.content) == 1
@@ -256,7 +257,8 @@ async def test_a_tail_read_of_a_background_process_skips_to_the_newest_output(
     tail = await client.call_tool(
         "read_process_output", {"sandbox_id": sandbox, "process_id": "p1", "keep": "tail"}
     )
-    assert head.structured_content is not None and tail.structured_content is not None
+    assert head.structured_content is not None
+    assert tail.structured_content is not None
     assert head.structured_content["stdout"].startswith("log 0000000\n")
     assert head.structured_content["more"] is True
     assert "skipped_bytes" not in head.structured_content
@@ -307,8 +309,11 @@ async def test_every_tool_has_a_title_plain_description_annotations_and_output_s
     assert len(tools) == 18
     for tool in tools:
         assert tool.title, tool.name
-        assert tool.description and "\n " not in tool.description and not tool.description.startswith(" ")
-        assert tool.output_schema is not None and tool.output_schema["type"] == "object", tool.name
+        assert tool.description, tool.name
+        assert "\n " not in tool.description, tool.name  # no docstring indentation
+        assert not tool.description.startswith((" ", "\n")), tool.name
+        assert tool.output_schema is not None, tool.name
+        assert tool.output_schema["type"] == "object", tool.name
         hints = tool.annotations
         assert hints is not None
         assert None not in (hints.read_only_hint, hints.idempotent_hint, hints.open_world_hint), tool.name
