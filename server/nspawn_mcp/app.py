@@ -16,12 +16,12 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from .backend.api import OutputChunk
-from .commands import CommandRequest
-from .errors import InvalidRequest, SandboxError
+from .commands import CommandRequest, SignalName
+from .errors import SandboxError
 from .features import policy_document as _policy_document
 from .features import register_features
 from .files import SandboxFiles
@@ -48,6 +48,7 @@ from .models import (
 from .policy import CreateRequest, MountRequest, PolicySet
 from .service import SandboxService
 from .throttle import Throttle
+from .toolkit import ToolSet
 
 __all__ = ["build_server"]
 
@@ -147,6 +148,8 @@ ProcessId = Annotated[
 class MountSpec(BaseModel):
     """One bind of a host path into the sandbox."""
 
+    model_config = ConfigDict(extra="forbid")
+
     host: str = Field(description="host path, under one of the policy's mounts.allowed", max_length=4096)
     sandbox: str = Field(description="absolute path inside the sandbox, e.g. /work", max_length=4096)
     writable: bool = Field(default=False, description="read-write, if the policy allows it for that path")
@@ -155,6 +158,9 @@ class MountSpec(BaseModel):
 _HUGE = 1 << 53
 """Schema bound of numeric arguments: far above any policy (which names the rule that refuses), low
 enough that no arithmetic on them overflows."""
+
+_MAX_TEXT = 96 << 20
+"""Schema bound of text arguments (file content, stdin): above any policy's cap (64 MiB, in base64)."""
 
 _PROGRESS_LINES = 20
 _PROGRESS_CHARS = 4000
@@ -202,22 +208,38 @@ def build_server(
         async with open_service() as service:
             yield service
 
-    mcp: MCPServer[SandboxService] = MCPServer(
-        "nspawn-mcp",
-        instructions=INSTRUCTIONS,
-        version=__version__,
-        lifespan=lifespan,
-        token_verifier=token_verifier,
-        auth=auth,
-    )
+    # openWorldHint: a sandbox's commands reach beyond the host only where a policy offers network
+    network_offered = any(policies.get(name).network.mode != "none" for name in policies.names)
+    tool = ToolSet()
 
-    @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    @tool(
+        title="Create a sandbox",
+        annotations=ToolAnnotations(
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=network_offered,
+        ),
+        description="""
+        Create a fresh, isolated Linux sandbox and return its sandbox_id, limits and expiry. Use it first;
+        every other tool takes the sandbox_id. list_images shows the images, get_policy what a policy allows
+        (limits, network, mounts); omitted limits take the policy's defaults.
+
+        env sets variables for every command (at most 64; names of letters, digits and '_'). It is not for
+        secrets: values are stored in the sandbox's record and visible to everything in it.
+
+        Errors: 'policy rule: X' means the operator's policy X refused the request (ask for less, or another
+        policy); 'unknown policy' lists the policies offered; a quota error means too many live sandboxes:
+        destroy one first.""",
+    )
     @agent_errors
     async def create_sandbox(
         ctx: ServiceContext,
-        image: Annotated[str, Field(description="image to start from", max_length=32)] = "default",
+        image: Annotated[
+            str, Field(description="image to start from (list_images)", max_length=32)
+        ] = "default",
         policy: Annotated[
-            str, Field(description="operator policy that sets what is allowed", max_length=32)
+            str, Field(description="operator policy that sets what is allowed (get_policy)", max_length=32)
         ] = "default",
         memory_mb: Annotated[
             int | None, Field(description="memory cap in MiB (policy default if omitted)", ge=1, le=_HUGE)
@@ -240,19 +262,14 @@ def build_server(
             Field(description="host directories to bind in, if the policy allows them", max_length=64),
         ] = None,
         env: Annotated[
-            dict[str, str] | None,
+            dict[str, Annotated[str, Field(max_length=32 << 10)]] | None,
             Field(
                 description="environment variables for every command in this sandbox (a command's own env "
-                "wins); not for secrets: values are stored in the sandbox's record and visible to "
-                "everything in the sandbox",
+                "wins); not for secrets",
                 max_length=64,
             ),
         ] = None,
     ) -> SandboxInfo:
-        """Create a fresh, isolated Linux sandbox (Debian with python3) and return its id and limits.
-
-        env sets variables for every command (at most 64; names of letters, digits and '_').
-        Secret handling is later work: do not pass credentials in env."""
         request = CreateRequest(
             image=image,
             policy=policy,
@@ -265,22 +282,51 @@ def build_server(
         )
         return await _service(ctx).create(request, env)
 
-    @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    @tool(
+        title="Run a command in a sandbox",
+        annotations=ToolAnnotations(
+            read_only_hint=False,
+            destructive_hint=True,
+            idempotent_hint=False,
+            open_world_hint=network_offered,
+        ),
+        description="""
+        Run a command in a sandbox and wait for it: exit_code (or signal), stdout and stderr kept apart,
+        timed_out, truncated. A shell string runs under /bin/sh -c; an argv list runs without a shell.
+        Runs as root inside the sandbox (uid 0 there only) unless user='sandbox'.
+
+        Output: stdout and stderr together are capped by the policy's exec.max_output_bytes (1 MiB by
+        default); past it truncated=true and keep decides which end you get: 'head' (default) the start,
+        'tail' the end (a build's or test run's summary). The command is killed after timeout_seconds
+        (policy default and maximum), with everything it started.
+
+        For servers and long jobs use background=true: it returns a process_id at once; then use
+        read_process_output, write_process_stdin, kill_process, list_processes. Clients that send a
+        progress token get the newest output lines as progress notifications.
+
+        Errors: 'no sandbox' means the id is wrong or the sandbox expired; 'policy rule: X' names the limit
+        that refused. A non-zero exit code is not an error: it is in the result.""",
+    )
     @agent_errors
     async def exec_in_sandbox(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         command: Annotated[
-            str | list[str],
-            Field(
-                description="a shell command string (run by /bin/sh -c) or an argv list (run without a shell)"
-            ),
+            Annotated[str, Field(max_length=1 << 20)]
+            | Annotated[list[Annotated[str, Field(max_length=1 << 20)]], Field(max_length=4096)],
+            Field(description="a shell command string (run by /bin/sh -c) or an argv list (no shell)"),
         ],
         cwd: Annotated[
-            str | None, Field(description="working directory inside the sandbox (default: home)")
+            str | None,
+            Field(description="working directory inside the sandbox (default: home)", max_length=4096),
         ] = None,
-        env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
-        stdin: Annotated[str | None, Field(description="text fed to the command's standard input")] = None,
+        env: Annotated[
+            dict[str, Annotated[str, Field(max_length=32 << 10)]] | None,
+            Field(description="extra environment variables", max_length=256),
+        ] = None,
+        stdin: Annotated[
+            str | None, Field(description="text fed to the command's standard input", max_length=_MAX_TEXT)
+        ] = None,
         timeout_seconds: Annotated[
             float | None,
             Field(
@@ -291,20 +337,23 @@ def build_server(
             ),
         ] = None,
         user: Annotated[
-            str, Field(description="'root' (uid 0 inside only) or the image's unprivileged user 'sandbox'")
+            Literal["root", "sandbox"],
+            Field(description="'root' (uid 0 inside the sandbox only) or the image's unprivileged 'sandbox'"),
         ] = "root",
         background: Annotated[
             bool, Field(description="start and return a process_id at once; read its output later")
         ] = False,
+        keep: Annotated[
+            Literal["head", "tail"],
+            Field(description="when the output is over the cap: keep its start (head) or its end (tail)"),
+        ] = "head",
         include_base64: Annotated[
-            bool, Field(description="also return the exact output bytes as stdout_base64/stderr_base64")
+            bool,
+            Field(
+                description="also return the exact bytes as stdout_base64/stderr_base64 (counted in the cap)"
+            ),
         ] = False,
     ) -> ExecResult:
-        """Run a command in a sandbox: exit_code, stdout and stderr (kept apart), timed_out, truncated.
-
-        With background=true, returns at once with process_id set; use read_process_output,
-        write_process_stdin, kill_process and list_processes. Clients that send a progress token
-        get the newest output lines as progress notifications while the command runs."""
         service = _service(ctx)
         request = CommandRequest(
             command=command, cwd=cwd, env=env, stdin=stdin, timeout_seconds=timeout_seconds, user=user
@@ -312,55 +361,106 @@ def build_server(
         if background:
             return await service.start_background(sandbox_id, request)
         return await service.exec(
-            sandbox_id, request, include_base64=include_base64, on_output=_progress_reporter(ctx)
+            sandbox_id, request, include_base64=include_base64, keep=keep, on_output=_progress_reporter(ctx)
         )
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @tool(
+        title="Read a background process's output",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        description="""
+        Read what a background process (exec_in_sandbox with background=true) wrote after a cursor, with
+        its state: running, or its exit_code/signal once it ended. Pass the returned next_cursor as since
+        to read only newer output; more=true means more is already waiting. Each read returns at most the
+        policy's exec.max_output_bytes per stream: keep='head' (default) reads on in order, keep='tail'
+        skips to the newest output (skipped_bytes says how much was passed over).
+
+        Errors: 'no background process' means the process_id is wrong (list_processes shows them).""",
+    )
     @agent_errors
     async def read_process_output(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         process_id: ProcessId,
         since: Annotated[
-            str | None, Field(description="next_cursor from the previous read; omit to read from the start")
+            str | None,
+            Field(
+                description="next_cursor from the previous read; omit to read from the start", max_length=40
+            ),
         ] = None,
+        keep: Annotated[
+            Literal["head", "tail"],
+            Field(description="when more is waiting than fits: read on in order (head) or the newest (tail)"),
+        ] = "head",
     ) -> ProcessOutputResult:
-        """Read a background process's output after a cursor, with its state (running, exit_code)."""
-        return await _service(ctx).read_process_output(sandbox_id, process_id, since)
+        return await _service(ctx).read_process_output(sandbox_id, process_id, since, keep)
 
-    @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    @tool(
+        title="Write to a background process's stdin",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Write text to the standard input of a background process; close=true ends its input (EOF). At most
+        the policy's exec.max_stdin_bytes per call; written says how much was taken now: send the rest
+        again if it is less.""",
+    )
     @agent_errors
     async def write_process_stdin(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         process_id: ProcessId,
-        data: Annotated[str, Field(description="text to write to the process's standard input")],
+        data: Annotated[
+            str, Field(description="text to write to the process's standard input", max_length=_MAX_TEXT)
+        ],
         close: Annotated[bool, Field(description="close stdin afterwards (end of input)")] = False,
     ) -> StdinWritten:
-        """Write to a background process's standard input."""
         return await _service(ctx).write_process_stdin(sandbox_id, process_id, data, close)
 
-    @mcp.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
+    @tool(
+        title="Signal a background process",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Send a signal to a background process: TERM (default) asks it to stop, KILL stops it and everything
+        it started, INT/HUP/QUIT/USR1/USR2 as usual, STOP/CONT pause and resume it. The answer is the
+        process's state after waiting briefly (up to 2 seconds) for it to end: running=true then means it
+        is still running (it ignored the signal, or STOP/CONT), and KILL always ends it.""",
+    )
     @agent_errors
     async def kill_process(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         process_id: ProcessId,
-        signal: Annotated[
-            str,
-            Field(description="TERM (default), KILL (the process and everything it started), INT, HUP, ..."),
-        ] = "TERM",
+        signal: Annotated[SignalName, Field(description="the signal to send")] = "TERM",
     ) -> ProcessInfo:
-        """Send a signal to a background process."""
         return await _service(ctx).kill_process(sandbox_id, process_id, signal)
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @tool(
+        title="List background processes",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        description="List a sandbox's background processes: id, command, running or how each ended.",
+    )
     @agent_errors
     async def list_processes(ctx: ServiceContext, sandbox_id: SandboxId) -> ProcessList:
-        """List a sandbox's background processes and their states."""
         return await _service(ctx).list_processes(sandbox_id)
 
-    @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    @tool(
+        title="Copy files between host and sandbox",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Copy a regular file or a directory between the host and a sandbox. Host paths must lie in the
+        policy's files.allowed_host_dirs (by default the server's working directory and below). An existing
+        file at the destination is replaced (on the host too); a directory is copied to a new name only.
+        Regular files and directories only: symlinks, devices, FIFOs and sockets are left out and counted
+        in skipped. Capped by files.max_copy_bytes. For files inside the sandbox alone, read_file and
+        write_file need no host access.
+
+        Errors: 'policy rule: files.allowed_host_dirs' means the host path is outside the allowed
+        directories.""",
+    )
     @agent_errors
     async def copy_file(
         ctx: ServiceContext,
@@ -368,26 +468,32 @@ def build_server(
         source: Annotated[
             str,
             Field(
-                description="file or directory to copy: a host path for to_sandbox, a sandbox path otherwise"
+                description="file or directory to copy: a host path for to_sandbox, a sandbox path otherwise",
+                max_length=4096,
             ),
         ],
         destination: Annotated[
-            str, Field(description="where to put it: a sandbox path for to_sandbox, a host path otherwise")
+            str,
+            Field(
+                description="where to put it: a sandbox path for to_sandbox, a host path otherwise",
+                max_length=4096,
+            ),
         ],
         direction: Annotated[Literal["to_sandbox", "from_sandbox"], Field(description="which way to copy")],
     ) -> CopyResult:
-        """Copy a regular file or a directory between the host and a sandbox. Host paths must lie in the
-        policy's allowed directories (by default your working directory and below). An existing file is
-        replaced; a directory is copied to a new name (regular files and directories only: symlinks,
-        devices, FIFOs and sockets are left out and counted in `skipped`)."""
         service = _service(ctx)
         if direction == "to_sandbox":
             return await service.copy_to_sandbox(sandbox_id, source, destination)
-        if direction == "from_sandbox":
-            return await service.copy_from_sandbox(sandbox_id, source, destination)
-        raise InvalidRequest("direction must be 'to_sandbox' or 'from_sandbox'")
+        return await service.copy_from_sandbox(sandbox_id, source, destination)
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @tool(
+        title="Read a file in a sandbox",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        description="""
+        Read a file inside a sandbox, as root there may. Text comes as numbered lines (like cat -n), binary
+        as base64; each call returns at most the policy's files.max_read_bytes. When truncated is true,
+        call again with offset=next_offset (lines for text, bytes for base64) to read on.""",
+    )
     @agent_errors
     async def read_file(
         ctx: ServiceContext,
@@ -414,20 +520,26 @@ def build_server(
             Field(description="auto: text unless the file's first 8 KiB hold NUL bytes or invalid UTF-8"),
         ] = "auto",
     ) -> FileContent:
-        """Read a file inside a sandbox, as root there may. Text comes as numbered lines (like `cat -n`),
-        binary as base64; each call returns at most the policy's files.max_read_bytes. When `truncated` is
-        true, call again with offset=next_offset (lines for text, bytes for base64) to read on."""
         return await SandboxFiles(_service(ctx)).read(sandbox_id, path, offset, limit, encoding)
 
-    @mcp.tool(annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False))
+    @tool(
+        title="Write a file in a sandbox",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
+        ),
+        description="""
+        Create or replace a whole file inside a sandbox, atomically: readers see the old file or the new
+        one, never a part, and a failed write leaves the old file as it was. Capped by the policy's
+        files.max_write_bytes. To change part of a file, edit_file is cheaper.""",
+    )
     @agent_errors
     async def write_file(
         ctx: ServiceContext,
         sandbox_id: SandboxId,
         path: SandboxPath,
-        content: Annotated[str, Field(description="the whole new content of the file")],
+        content: Annotated[str, Field(description="the whole new content of the file", max_length=_MAX_TEXT)],
         encoding: Annotated[
-            Literal["utf-8", "base64"], Field(description="how `content` is given: text, or base64 of bytes")
+            Literal["utf-8", "base64"], Field(description="how content is given: text, or base64 of bytes")
         ] = "utf-8",
         mode: Annotated[
             str | None,
@@ -438,14 +550,19 @@ def build_server(
         ] = None,
         make_parents: Annotated[bool, Field(description="create missing parent directories")] = False,
     ) -> FileWriteResult:
-        """Create or replace a file inside a sandbox, atomically: readers see the old file or the new one,
-        never a part, and a failed write leaves the old file as it was. Capped by files.max_write_bytes."""
         return await SandboxFiles(_service(ctx)).write(
             sandbox_id, path, content, encoding, mode, make_parents
         )
 
-    @mcp.tool(
-        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False)
+    @tool(
+        title="Edit a file in a sandbox",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Replace exact text in a file inside a sandbox, atomically. Refused, changing nothing, when old is
+        not found or occurs a different number of times than count (the error says how many): add
+        surrounding lines to old to make it unique, or set count.""",
     )
     @agent_errors
     async def edit_file(
@@ -453,23 +570,33 @@ def build_server(
         sandbox_id: SandboxId,
         path: SandboxPath,
         old: Annotated[
-            str, Field(description="the exact text to replace (whitespace and newlines included)")
+            str,
+            Field(
+                description="the exact text to replace (whitespace and newlines included)",
+                min_length=1,
+                max_length=_MAX_TEXT,
+            ),
         ],
-        new: Annotated[str, Field(description="the text to put in its place")],
+        new: Annotated[str, Field(description="the text to put in its place", max_length=_MAX_TEXT)],
         count: Annotated[
             int,
             Field(
-                description="how many occurrences of `old` there must be; all of them are replaced",
+                description="how many occurrences of old there must be; all of them are replaced",
                 ge=1,
                 le=_HUGE,
             ),
         ] = 1,
     ) -> FileEditResult:
-        """Replace exact text in a file inside a sandbox, atomically. Refused, changing nothing, when `old`
-        is not found or occurs a different number of times than `count` (the error says how many)."""
         return await SandboxFiles(_service(ctx)).edit(sandbox_id, path, old, new, count)
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @tool(
+        title="List files in a sandbox",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        description="""
+        List a directory inside a sandbox: type, size, permissions and modification time of each entry;
+        symlinks show their target and are never followed. At most files.max_list_entries entries:
+        truncated=true means there are more (narrow with pattern or depth).""",
+    )
     @agent_errors
     async def list_files(
         ctx: ServiceContext,
@@ -486,20 +613,33 @@ def build_server(
             Field(description="at most this many (capped by files.max_list_entries)", ge=1, le=_HUGE),
         ] = None,
     ) -> FileList:
-        """List a directory inside a sandbox: type, size, permissions and modification time of each entry;
-        symlinks show their target and are never followed."""
         return await SandboxFiles(_service(ctx)).list(sandbox_id, path, pattern, depth, max_entries)
 
-    @mcp.tool(
-        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False)
+    @tool(
+        title="Destroy a sandbox",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Stop a sandbox and delete everything in it, with its processes and exposed ports. Files you need
+        must be copied out first (copy_file from_sandbox). Sandboxes are also destroyed at their expiry.""",
     )
     @agent_errors
     async def destroy_sandbox(ctx: ServiceContext, sandbox_id: SandboxId) -> DestroyResult:
-        """Stop a sandbox and delete everything in it."""
         await _service(ctx).destroy(sandbox_id)
         return DestroyResult(sandbox_id=sandbox_id, destroyed=True)
 
-    @mcp.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    @tool(
+        title="Expose a sandbox port to the host",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Make a TCP port of the sandbox reachable from the host: returns the host address (host:port, a
+        free port) that forwards to the port on the sandbox's loopback (127.0.0.1 or ::1 inside). Works
+        under every network policy; it only leads in, never gives the sandbox a way out. Lasts until
+        unexpose_port or the sandbox's end. The server need not be running yet.""",
+    )
     @agent_errors
     async def expose_port(
         ctx: ServiceContext,
@@ -515,14 +655,15 @@ def build_server(
             ),
         ] = None,
     ) -> ExposedPort:
-        """Make a TCP port of the sandbox reachable from the host: returns the host address (host:port, a
-        free port) that forwards to the port on the sandbox's loopback (127.0.0.1 or ::1 inside).
-
-        Works under every network policy; it only leads in, never gives the sandbox a way out. Lasts
-        until unexpose_port or the sandbox's end. The server need not be running yet."""
         return await _service(ctx).expose_port(sandbox_id, sandbox_port, host_address)
 
-    @mcp.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
+    @tool(
+        title="Stop exposing a sandbox port",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
+        ),
+        description="Stop forwarding a port exposed with expose_port; its open connections are closed.",
+    )
     @agent_errors
     async def unexpose_port(
         ctx: ServiceContext,
@@ -531,18 +672,27 @@ def build_server(
             int, Field(description="the sandbox port given to expose_port", ge=1, le=65535)
         ],
     ) -> UnexposedPort:
-        """Stop forwarding a port exposed with expose_port; its open connections are closed."""
         await _service(ctx).unexpose_port(sandbox_id, sandbox_port)
         return UnexposedPort(sandbox_id=sandbox_id, sandbox_port=sandbox_port, unexposed=True)
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @tool(
+        title="List your sandboxes",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        description="List your live sandboxes with their images, policies, limits, exposed ports and expiry.",
+    )
     @agent_errors
     async def list_sandboxes(ctx: ServiceContext) -> SandboxList:
-        """List your live sandboxes with their limits and expiry times."""
         return SandboxList(sandboxes=_service(ctx).list())
 
-    @mcp.tool(
-        annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+    @tool(
+        title="Extend a sandbox's lifetime",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Let a sandbox live longer before it is destroyed automatically, up to its policy's longest lifetime
+        (get_policy: limits.max.ttl_seconds, counted from its creation). Returns the new expiry; past the
+        maximum the error names the rule.""",
     )
     @agent_errors
     async def extend_sandbox(
@@ -550,25 +700,43 @@ def build_server(
         sandbox_id: SandboxId,
         seconds: Annotated[int, Field(description="how much longer the sandbox may live", ge=1, le=_HUGE)],
     ) -> SandboxInfo:
-        """Let a sandbox live longer before it is destroyed automatically, up to its policy's longest
-        lifetime (get_policy: limits.max.ttl_seconds, counted from its creation). Returns the new expiry."""
         return await _service(ctx).extend(sandbox_id, seconds)
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @tool(
+        title="List images",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        description="""
+        List the images sandboxes can start from: description, size, os-release, what each contains, and
+        which of your policies allow it (create_sandbox(image=NAME, policy=...)).""",
+    )
     @agent_errors
     async def list_images(ctx: ServiceContext) -> ImageList:
-        """List the images sandboxes can start from: description, size, os-release, what each contains, and
-        which of your policies allow it (create_sandbox(image=NAME, policy=...))."""
         return await _service(ctx).list_images()
 
-    @mcp.tool(annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @tool(
+        title="Show a policy",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        description="""
+        Show an operator policy: default and maximum limits, exec and file rules, network mode, mounts and
+        images allowed, and the names of every policy offered. Read it before asking create_sandbox for
+        more than the defaults.""",
+    )
     @agent_errors
     async def get_policy(
         ctx: ServiceContext,
         name: Annotated[str, Field(description="policy name", max_length=32)] = "default",
     ) -> PolicyDocument:
-        """Show an operator policy: default and maximum limits, exec and file rules, network mode."""
         return _policy_document(policies, name)
+
+    mcp: MCPServer[SandboxService] = MCPServer(
+        "nspawn-mcp",
+        instructions=INSTRUCTIONS,
+        version=__version__,
+        lifespan=lifespan,
+        token_verifier=token_verifier,
+        auth=auth,
+        tools=tool.tools,
+    )
 
     register_features(mcp, policies, agent_errors)
     return mcp

@@ -7,19 +7,24 @@ import re
 import signal as signal_module
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from .backend.api import CommandOutcome
 from .errors import InvalidRequest
 
 __all__ = [
     "CommandRequest",
+    "Keep",
+    "SignalName",
     "argv",
     "environment",
+    "fit_output",
     "killed_by_sigkill",
     "merged_environment",
     "parse_cursor",
     "process_id",
     "sandbox_environment",
+    "signal_name",
     "signal_number",
     "summary",
     "user_name",
@@ -30,7 +35,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _PROCESS_ID = re.compile(r"^p[0-9]{1,9}$")
 _CURSOR = re.compile(r"^([0-9]{1,15}):([0-9]{1,15})$")
-_SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
+SignalName = Literal["TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT"]
+"""The signals an agent may send by name (kill_process's schema offers exactly these)."""
+_SIGNALS: tuple[str, ...] = get_args(SignalName)
+Keep = Literal["head", "tail"]
+"""Which end of an output over its cap is kept."""
 _MAX_ARGV = 4096
 _MAX_COMMAND_BYTES = 1 << 20
 _MAX_ENV = 256
@@ -95,6 +104,34 @@ def signal_number(value: str | int) -> int:
         if number is not None and name in _SIGNALS:
             return int(number)
     raise InvalidRequest(f"invalid signal {str(value)[:20]!r}: use one of {', '.join(_SIGNALS)} or 1-64")
+
+
+def signal_name(number: int) -> str:
+    """'TERM' for 15; the number itself for a signal without a name here."""
+    try:
+        return signal_module.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        return str(number)
+
+
+def fit_output(stdout: bytes, stderr: bytes, budget: int, keep: Keep) -> tuple[bytes, bytes, bool]:
+    """Both streams cut to ``budget`` bytes together (each keeps its ``keep`` end); True if cut.
+
+    A stream smaller than its half keeps all of it and leaves the rest to the other.
+    """
+    if len(stdout) + len(stderr) <= budget:
+        return stdout, stderr, False
+    half = budget // 2
+    out_room = max(half, budget - len(stderr))
+    out_room = min(out_room, len(stdout))
+    err_room = min(budget - out_room, len(stderr))
+
+    def cut(data: bytes, room: int) -> bytes:
+        if len(data) <= room:
+            return data
+        return data[len(data) - room :] if keep == "tail" else data[:room]
+
+    return cut(stdout, out_room), cut(stderr, err_room), True
 
 
 def argv(command: str | Sequence[str]) -> tuple[str, ...]:

@@ -87,14 +87,22 @@ class SandboxList(_Result):
 
 
 class ExecResult(_Result):
-    exit_code: int | None = Field(description="the command's exit status; null if it was killed by a signal")
+    exit_code: int | None = Field(
+        default=None, description="the command's exit status; absent if it was killed by a signal"
+    )
     signal: int | None = Field(default=None, description="the signal that killed the command, if any")
     stdout: str = Field(description="standard output, UTF-8 (invalid bytes replaced)")
     stderr: str = Field(description="standard error, UTF-8 (invalid bytes replaced)")
     timed_out: bool = Field(
         description="the command hit its timeout and was killed, with everything it started"
     )
-    truncated: bool = Field(description="stdout or stderr was cut at the policy's output cap")
+    truncated: bool = Field(
+        description="stdout and stderr together were more than the policy's exec.max_output_bytes; "
+        "`kept` says which end is shown"
+    )
+    kept: Literal["head", "tail"] | None = Field(
+        default=None, description="when truncated: the start (head) or the end (tail) of the output was kept"
+    )
     oom_killed: bool = Field(default=False, description="the sandbox's memory cap was hit while it ran")
     duration_ms: float
     stdout_base64: str | None = Field(
@@ -112,11 +120,18 @@ class ExecResult(_Result):
 class ProcessInfo(_Result):
     process_id: str
     command: list[str]
-    running: bool
-    exit_code: int | None
-    signal: int | None
+    running: bool = Field(description="still running when this answer was made")
+    exit_code: int | None = Field(
+        default=None, description="once ended: its exit status, unless a signal ended it"
+    )
+    signal: int | None = Field(default=None, description="once ended: the signal that ended it")
     timed_out: bool
     truncated: bool = Field(description="output beyond the policy's cap for background processes was dropped")
+    signalled: str | None = Field(
+        default=None,
+        description="kill_process only: the signal sent, e.g. 'TERM'; `running` is the state after waiting "
+        "briefly for the process to end",
+    )
 
 
 class ProcessList(_Result):
@@ -128,6 +143,10 @@ class ProcessOutputResult(_Result):
     stdout: str
     stderr: str
     next_cursor: str = Field(description="pass as `since` to read only what comes after")
+    skipped_bytes: int | None = Field(
+        default=None,
+        description="keep='tail' only: output bytes after `since` that were skipped to show the end",
+    )
     more: bool = Field(description="more output is already available: read again right away")
 
 
@@ -163,7 +182,9 @@ class FileContent(_Result):
     )
     content: str
     offset: int = Field(description="where this piece starts: lines skipped (text) or a byte offset (base64)")
-    next_offset: int | None = Field(description="pass as `offset` to read on; null at the end of the file")
+    next_offset: int | None = Field(
+        default=None, description="pass as `offset` to read on; absent at the end of the file"
+    )
     truncated: bool = Field(description="the file goes on after this piece")
     size_bytes: int = Field(description="the file's size")
     remaining_bytes: int = Field(description="bytes of the file after this piece")

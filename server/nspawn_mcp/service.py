@@ -31,7 +31,7 @@ import anyio.to_thread
 from . import commands, copies, hostfs
 from .audit import AuditLog
 from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState
-from .commands import CommandRequest
+from .commands import CommandRequest, Keep
 from .errors import (
     BackendError,
     InvalidRequest,
@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 
 _MiB = 1 << 20
 _REAP_INTERVAL = 1.0
+KILL_WAIT_SECONDS = 2.0
+"""How long kill_process waits for a signalled process to end before it answers."""
 _TOMBSTONES = 4096
 """How many gone sandboxes are remembered, so that a request for one says why it is gone."""
 RECONNECT_GRACE = timedelta(seconds=30)
@@ -576,7 +578,11 @@ class SandboxService:
         return sandbox.info()
 
     def _command(
-        self, sandbox: SandboxRecord, request: CommandRequest, max_output_bytes: int | None = None
+        self,
+        sandbox: SandboxRecord,
+        request: CommandRequest,
+        max_output_bytes: int | None = None,
+        keep: Keep = "head",
     ) -> CommandSpec:
         policy = self._policy_of(sandbox.plan.policy)
         stdin_bytes = (request.stdin or "").encode("utf-8", errors="surrogatepass")
@@ -591,6 +597,7 @@ class SandboxService:
             timeout_seconds=plan.timeout_seconds,
             max_output_bytes=max_output_bytes or plan.max_output_bytes,
             user=commands.user_name(request.user),
+            keep=keep,
         )
 
     async def exec(
@@ -599,26 +606,34 @@ class SandboxService:
         request: CommandRequest,
         *,
         include_base64: bool = False,
+        keep: Keep = "head",
         on_output: Callable[[OutputChunk], Awaitable[None]] | None = None,
     ) -> ExecResult:
+        """Run a command; its stdout and stderr together fit the policy's exec.max_output_bytes (the
+        base64 copies, if asked for, counted too), cut at the end ``keep`` does not keep."""
         summary = commands.summary(request.command)
         with self._audited("exec", sandbox_id, command=summary, user=request.user) as audit:
             sandbox = self._get(sandbox_id)
-            spec = self._command(sandbox, request)
+            spec = self._command(sandbox, request, keep=keep)
             async with self._jail(sandbox) as jail:
                 outcome = await jail.run(spec, on_output)
             audit["exit_code"] = outcome.exit_code
+        # base64 is 4/3 of the bytes (padding included): text and copy together stay in the cap
+        budget = (spec.max_output_bytes - 8) * 3 // 7 if include_base64 else spec.max_output_bytes
+        stdout, stderr, cut = commands.fit_output(outcome.stdout, outcome.stderr, budget, keep)
+        truncated = cut or outcome.stdout_truncated or outcome.stderr_truncated
         return ExecResult(
             exit_code=outcome.exit_code,
             signal=outcome.signal,
-            stdout=outcome.stdout.decode("utf-8", errors="replace"),
-            stderr=outcome.stderr.decode("utf-8", errors="replace"),
+            stdout=stdout.decode("utf-8", errors="replace"),
+            stderr=stderr.decode("utf-8", errors="replace"),
             timed_out=outcome.timed_out,
-            truncated=outcome.stdout_truncated or outcome.stderr_truncated,
+            truncated=truncated,
+            kept=keep if truncated else None,
             oom_killed=await self._oom_struck(sandbox) if commands.killed_by_sigkill(outcome) else False,
             duration_ms=outcome.duration_ms,
-            stdout_base64=base64.b64encode(outcome.stdout).decode() if include_base64 else None,
-            stderr_base64=base64.b64encode(outcome.stderr).decode() if include_base64 else None,
+            stdout_base64=base64.b64encode(stdout).decode() if include_base64 else None,
+            stderr_base64=base64.b64encode(stderr).decode() if include_base64 else None,
         )
 
     async def _oom_struck(self, sandbox: SandboxRecord) -> bool:
@@ -737,14 +752,23 @@ class SandboxService:
         )
 
     async def read_process_output(
-        self, sandbox_id: str, process_id: str, since: str | None = None
+        self, sandbox_id: str, process_id: str, since: str | None = None, keep: Keep = "head"
     ) -> ProcessOutputResult:
+        """Output after the cursor, at most exec.max_output_bytes a stream: the oldest first (head) or,
+        with ``keep='tail'``, the newest, skipping the rest."""
         sandbox = self._get(sandbox_id)
         stdout_offset, stderr_offset = commands.parse_cursor(since)
         limit = self._policy_of(sandbox.plan.policy).exec.max_output_bytes
+        tail = keep == "tail"
         async with self._jail(sandbox) as jail:
-            output = await jail.read(commands.process_id(process_id), stdout_offset, stderr_offset, limit)
+            output = await jail.read(
+                commands.process_id(process_id), stdout_offset, stderr_offset, limit, tail
+            )
+        skipped = (output.next_stdout_offset - len(output.stdout) - stdout_offset) + (
+            output.next_stderr_offset - len(output.stderr) - stderr_offset
+        )
         return ProcessOutputResult(
+            skipped_bytes=skipped if tail else None,
             process=_process_info(output.state),
             stdout=output.stdout.decode("utf-8", errors="replace"),
             stderr=output.stderr.decode("utf-8", errors="replace"),
@@ -767,10 +791,13 @@ class SandboxService:
         return StdinWritten(process_id=process_id, written=written, closed=close)
 
     async def kill_process(self, sandbox_id: str, process_id: str, signal: str | int = "TERM") -> ProcessInfo:
+        """Signal a background process and answer with its state once it ended, or after
+        :data:`KILL_WAIT_SECONDS` if it has not (it ignored the signal, or was only paused)."""
         sandbox = self._get(sandbox_id)
+        number = commands.signal_number(signal)
         async with self._jail(sandbox) as jail:
-            state = await jail.kill(commands.process_id(process_id), commands.signal_number(signal))
-        return _process_info(state)
+            state = await jail.kill(commands.process_id(process_id), number, KILL_WAIT_SECONDS)
+        return _process_info(state).model_copy(update={"signalled": commands.signal_name(number)})
 
     async def list_processes(self, sandbox_id: str) -> ProcessList:
         sandbox = self._get(sandbox_id)

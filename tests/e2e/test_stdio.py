@@ -380,3 +380,44 @@ async def test_a_daemon_killed_mid_create_leaves_nothing_half_made(client: Clien
             "stdout"
         ] == "ok\n"
         await call(client, "destroy_sandbox", sandbox_id=sandbox)
+
+
+async def test_kill_process_answers_once_the_signal_took_effect(client: Client) -> None:
+    sandbox = (await call(client, "create_sandbox"))["sandbox_id"]
+    try:
+        await call(client, "exec_in_sandbox", sandbox_id=sandbox, command="sleep 600", background=True)
+        stubborn = "trap '' TERM; echo ready; while :; do sleep 1; done"
+        await call(client, "exec_in_sandbox", sandbox_id=sandbox, command=stubborn, background=True)
+        killed = await call(client, "kill_process", sandbox_id=sandbox, process_id="p1")
+        assert (killed["running"], killed["signal"], killed["signalled"]) == (False, 15, "TERM")
+        with anyio.fail_after(30):  # the trap is set once it printed
+            while (
+                "ready"
+                not in (await call(client, "read_process_output", sandbox_id=sandbox, process_id="p2"))[
+                    "stdout"
+                ]
+            ):
+                await anyio.sleep(0.05)
+        survived = await call(client, "kill_process", sandbox_id=sandbox, process_id="p2")
+        assert (survived["running"], survived["signalled"]) == (True, "TERM")  # it ignores TERM: said so
+        ended = await call(client, "kill_process", sandbox_id=sandbox, process_id="p2", signal="KILL")
+        assert (ended["running"], ended["signal"]) == (False, 9)
+    finally:
+        await call(client, "destroy_sandbox", sandbox_id=sandbox)
+
+
+async def test_over_the_cap_the_caller_chooses_the_start_or_the_end(client: Client) -> None:
+    sandbox = (await call(client, "create_sandbox"))["sandbox_id"]
+    try:
+        noisy = "seq 1 400000; seq 1 400000 >&2"  # 2.6 MiB per stream, over the 1 MiB cap
+        head = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command=noisy)
+        tail = await call(client, "exec_in_sandbox", sandbox_id=sandbox, command=noisy, keep="tail")
+        for result in (head, tail):
+            assert result["truncated"] is True
+            assert len(result["stdout"]) + len(result["stderr"]) == 1 << 20
+        assert head["stdout"].startswith("1\n2\n")
+        assert tail["stdout"].endswith("\n399999\n400000\n")
+        assert tail["stderr"].endswith("\n399999\n400000\n")
+        assert (head["kept"], tail["kept"]) == ("head", "tail")
+    finally:
+        await call(client, "destroy_sandbox", sandbox_id=sandbox)

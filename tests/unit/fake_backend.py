@@ -78,6 +78,12 @@ class FakeBackend:
     oom_kill_counts: dict[str, int] = field(default_factory=dict)
     """What usage() reports (None for a sandbox not in it)."""
     processes: dict[str, tuple[CommandSpec, float | None]] = field(default_factory=dict)
+    process_output: bytes = b"0123456789"
+    """What every background process has written to stdout."""
+    ignored_signals: set[int] = field(default_factory=set)
+    """Signals background processes survive (as STOP and CONT always are)."""
+    ended: dict[str, int] = field(default_factory=dict)
+    """Background processes a signal ended, and the signal."""
     subnets: SubnetPool = field(default_factory=SubnetPool)
     """The real bookkeeping the real backend's network keeps."""
     listening: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -168,22 +174,29 @@ class FakeJail:
         if process_id not in self.backend.processes:
             raise NotFound(f"no background process {process_id!r}")
         spec, _ = self.backend.processes[process_id]
-        return ProcessState(process_id, spec.argv, True, None, None, False, False, False)
+        signal = self.backend.ended.get(process_id)
+        return ProcessState(process_id, spec.argv, signal is None, None, signal, False, False, False)
 
     async def read(
-        self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int
+        self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int, tail: bool = False
     ) -> ProcessOutput:
         self._check()
-        output = b"0123456789"[stdout_offset : stdout_offset + max_bytes]
-        return ProcessOutput(self._state(process_id), output, b"", stdout_offset + len(output), stderr_offset)
+        written = self.backend.process_output
+        start = max(stdout_offset, len(written) - max_bytes) if tail else stdout_offset
+        output = written[start : start + max_bytes]
+        return ProcessOutput(self._state(process_id), output, b"", start + len(output), stderr_offset)
 
     async def write(self, process_id: str, data: bytes, close: bool) -> int:
         self._check()
         self._state(process_id)
         return len(data)
 
-    async def kill(self, process_id: str, signal: int) -> ProcessState:
+    async def kill(self, process_id: str, signal: int, wait: float = 0.0) -> ProcessState:
+        """As the supervisor: a signal the process does not survive ends it before the answer."""
         self._check()
+        self._state(process_id)
+        if signal not in self.backend.ignored_signals | {19, 18} and process_id not in self.backend.ended:
+            self.backend.ended[process_id] = signal
         return self._state(process_id)
 
     async def list(self) -> list[ProcessState]:

@@ -133,8 +133,8 @@ async def test_every_installed_image_is_listed_with_what_set_up_recorded_and_who
     assert "locked" not in images["default"]["policies"]
     assert images["default"]["default_policy_allows"] is True
     # an image nobody recorded and no policy allows is still listed, with what machined knows
-    assert images["orphan"]["source"] is None
-    assert images["orphan"]["os_release"] is None
+    assert "source" not in images["orphan"]  # unknown: left out, not null
+    assert "os_release" not in images["orphan"]
     assert images["orphan"]["policies"] == []
     assert listed["not_installed"] == ["node", "python"]  # the shipped dev and egress-web allow both
 
@@ -158,8 +158,8 @@ async def test_an_image_the_policy_does_not_allow_is_refused_naming_the_ones_it_
         refused = await client.call_tool("create_sandbox", {"image": "mytools"})
         allowed = await client.call_tool("create_sandbox", {"image": "mytools", "policy": "tools"})
     assert refused.is_error
-    assert refused.content[0].text.endswith(  # type: ignore[union-attr]
-        ": image 'mytools' is not allowed by policy 'default'; it allows: default (list_images shows which "
+    assert refused.content[0].text == (  # type: ignore[union-attr]
+        "image 'mytools' is not allowed by policy 'default'; it allows: default (list_images shows which "
         "are installed) (policy rule: sandboxes.images)"
     )
     assert not allowed.is_error  # the control: the same image under a policy that allows it
@@ -172,8 +172,8 @@ async def test_an_allowed_image_the_host_lacks_says_how_the_operator_makes_it(
     async with connected(backend, policies, catalog, tmp_path) as client:
         result = await client.call_tool("create_sandbox", {"image": "python", "policy": "tools"})
     assert result.is_error
-    assert result.content[0].text.endswith(  # type: ignore[union-attr]
-        ": image 'python' is allowed but not installed on this host; the operator can build it "
+    assert result.content[0].text == (  # type: ignore[union-attr]
+        "image 'python' is allowed but not installed on this host; the operator can build it "
         "(`nspawn-mcp image build python`) or import one (`nspawn-mcp image import FILE python`)"
     )
     assert backend.sandboxes == {}

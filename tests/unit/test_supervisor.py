@@ -207,3 +207,34 @@ async def wait_finished(jail: JailClient, process: str) -> ProcessOutput:
         while (output := await jail.read(process, 0, 0, 1 << 20)).state.running:
             await anyio.sleep(0.01)
     return output
+
+
+async def test_a_tail_capture_keeps_the_last_bytes_of_each_stream(ready: JailClient) -> None:
+    command = "seq 1 20000; seq 1 20000 >&2"
+    tail = await ready.run(replace(spec("/bin/sh", "-c", command, cap=1024), keep="tail"))
+    assert (len(tail.stdout), len(tail.stderr)) == (1024, 1024)
+    assert tail.stdout.endswith(b"\n19999\n20000\n")
+    assert tail.stderr.endswith(b"\n19999\n20000\n")
+    assert (tail.stdout_truncated, tail.stderr_truncated) == (True, True)
+    head = await ready.run(spec("/bin/sh", "-c", command, cap=1024))  # the control: the start by default
+    assert head.stdout.startswith(b"1\n2\n3\n")
+
+
+async def test_a_tail_read_skips_to_the_newest_output(ready: JailClient) -> None:
+    process = await ready.spawn(spec("/bin/sh", "-c", "seq 1 20000"), None)
+    final = await wait_finished(ready, process)
+    newest = await ready.read(process, 0, 0, 1024, tail=True)
+    assert newest.stdout.endswith(b"\n19999\n20000\n")
+    assert len(newest.stdout) == 1024
+    assert newest.next_stdout_offset == final.next_stdout_offset
+
+
+async def test_kill_answers_once_the_process_ended(ready: JailClient) -> None:
+    process = await ready.spawn(spec("/bin/sh", "-c", "sleep 1000"), None)
+    state = await ready.kill(process, 15, wait=5)
+    assert (state.running, state.signal) == (False, 15)
+    stubborn = await ready.spawn(spec("/bin/sh", "-c", "trap '' TERM; echo ready; sleep 1000 & wait"), None)
+    await wait_until_output(ready, stubborn, b"ready\n")
+    survived = await ready.kill(stubborn, 15, wait=0.2)
+    assert survived.running  # it ignores TERM, and the answer says so
+    assert not (await ready.kill(stubborn, 9, wait=5)).running

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import anyio.abc
 
@@ -60,7 +60,10 @@ class CommandSpec:
     stdin: bytes
     timeout_seconds: float
     max_output_bytes: int
+    """Per stream, as the supervisor captures it."""
     user: str = "root"
+    keep: Literal["head", "tail"] = "head"
+    """Past the cap: keep the start or the end of each stream."""
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,16 @@ class Jail(Protocol):
     async def spawn(self, spec: CommandSpec, timeout: float | None) -> str: ...
 
     async def read(
-        self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int
-    ) -> ProcessOutput: ...
+        self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int, tail: bool = False
+    ) -> ProcessOutput:
+        """Output after the offsets, at most ``max_bytes`` a stream; ``tail``: the newest, skipping older."""
+        ...
 
     async def write(self, process_id: str, data: bytes, close: bool) -> int: ...
 
-    async def kill(self, process_id: str, signal: int) -> ProcessState: ...
+    async def kill(self, process_id: str, signal: int, wait: float = 0.0) -> ProcessState:
+        """Signal the process (its whole group); then wait up to ``wait`` seconds for it to end."""
+        ...
 
     async def list(self) -> list[ProcessState]: ...
 

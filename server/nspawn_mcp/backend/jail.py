@@ -59,6 +59,7 @@ def _command(spec: CommandSpec, timeout: float | None) -> dict[str, Any]:
         stdin=spec.stdin,
         timeout=timeout,
         max_output=spec.max_output_bytes,
+        keep_tail=spec.keep == "tail",
     ).to_wire()
 
 
@@ -188,7 +189,7 @@ class JailClient:
             chunk = OutputChunk.from_wire(message, cap)
             streamed[0] += len(chunk.stdout)
             streamed[1] += len(chunk.stderr)
-            if max(streamed) > cap:
+            if max(streamed) > cap and spec.keep == "head":  # a tail capture streams all it sees
                 raise protocol.ProtocolError(f"more streamed output than the cap of {cap} bytes")
             await on_output(chunk)
 
@@ -208,7 +209,7 @@ class JailClient:
         return self._decoded(protocol.spawned_from_wire, reply)
 
     async def read(
-        self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int
+        self, process_id: str, stdout_offset: int, stderr_offset: int, max_bytes: int, tail: bool = False
     ) -> ProcessOutput:
         reply = await self._request(
             {
@@ -217,11 +218,12 @@ class JailClient:
                 "stdout_offset": stdout_offset,
                 "stderr_offset": stderr_offset,
                 "max_bytes": max_bytes,
+                "tail": tail,
             },
             timeout=_CONTROL_TIMEOUT,
             limit=protocol.line_limit(max_bytes),
         )
-        return self._decoded(ProcessOutput.from_wire, reply, max_bytes, stdout_offset, stderr_offset)
+        return self._decoded(ProcessOutput.from_wire, reply, max_bytes, stdout_offset, stderr_offset, tail)
 
     async def write(self, process_id: str, data: bytes, close: bool) -> int:
         reply = await self._request(
@@ -236,9 +238,9 @@ class JailClient:
         )
         return self._decoded(protocol.written_from_wire, reply, len(data))
 
-    async def kill(self, process_id: str, signal: int) -> ProcessState:
+    async def kill(self, process_id: str, signal: int, wait: float = 0.0) -> ProcessState:
         reply = await self._request(
-            {"op": "kill", "process_id": process_id, "signal": signal},
+            {"op": "kill", "process_id": process_id, "signal": signal, "wait": wait},
             timeout=_CONTROL_TIMEOUT,
             limit=_CONTROL_LINE_LIMIT,
         )

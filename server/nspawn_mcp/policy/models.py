@@ -73,7 +73,12 @@ class LimitsPolicy(_Frozen):
 class ExecPolicy(_Frozen):
     default_timeout_seconds: float = Field(default=60, gt=0, le=86400)
     max_timeout_seconds: float = Field(default=600, gt=0, le=86400)
-    max_output_bytes: ByteCount = Field(default=1 * _MiB, ge=1024, le=64 * _MiB, description="per stream")
+    max_output_bytes: ByteCount = Field(
+        default=1 * _MiB,
+        ge=1024,
+        le=64 * _MiB,
+        description="exec: stdout and stderr of a reply together; read_process_output: per stream and read",
+    )
     max_stdin_bytes: ByteCount = Field(default=8 * _MiB, ge=0, le=64 * _MiB)
     max_background_processes: int = Field(default=16, ge=0, le=1024, description="per sandbox")
     max_background_output_bytes: ByteCount = Field(

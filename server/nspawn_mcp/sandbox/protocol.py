@@ -259,9 +259,12 @@ class Command:
     stdin: bytes
     timeout: float | None
     max_output: int
+    keep_tail: bool = False
+    """Past ``max_output``, keep the last bytes of each stream instead of the first."""
 
     def to_wire(self) -> dict[str, Any]:
         return {
+            "keep": "tail" if self.keep_tail else "head",
             "argv": list(self.argv),
             "cwd": self.cwd,
             "env": dict(self.env),
@@ -294,7 +297,15 @@ class Command:
             stdin=_data(message, "stdin_b64", MAX_REQUEST_BYTES) if message.get("stdin_b64") else b"",
             timeout=None if timeout is None else float(timeout),
             max_output=_int(message, "max_output", 1, 1 << 40),
+            keep_tail=_keep_tail(message),
         )
+
+
+def _keep_tail(message: dict[str, Any]) -> bool:
+    keep = message.get("keep", "head")
+    if keep not in ("head", "tail"):
+        raise ProtocolError("keep must be 'head' or 'tail'")
+    return bool(keep == "tail")
 
 
 # -- replies and events (supervisor -> server) -----------------------------------------
@@ -467,8 +478,14 @@ class ProcessOutput:
 
     @classmethod
     def from_wire(
-        cls, message: dict[str, Any], max_bytes: int, stdout_offset: int, stderr_offset: int
+        cls,
+        message: dict[str, Any],
+        max_bytes: int,
+        stdout_offset: int,
+        stderr_offset: int,
+        tail: bool = False,
     ) -> ProcessOutput:
+        """``tail``: the read may have skipped output after the offsets to return the newest."""
         state = _field(message, "state")
         if not isinstance(state, dict):
             raise ProtocolError("field 'state' is not an object")
@@ -481,9 +498,9 @@ class ProcessOutput:
             next_stdout_offset=_int(message, "next_stdout_offset", 0, 1 << 62),
             next_stderr_offset=_int(message, "next_stderr_offset", 0, 1 << 62),
         )
-        if (output.next_stdout_offset, output.next_stderr_offset) != (
-            stdout_offset + len(stdout),
-            stderr_offset + len(stderr),
+        starts = (output.next_stdout_offset - len(stdout), output.next_stderr_offset - len(stderr))
+        if starts != (stdout_offset, stderr_offset) and not (
+            tail and starts[0] >= stdout_offset and starts[1] >= stderr_offset
         ):
             raise ProtocolError("the next offsets do not follow from the data")
         return output

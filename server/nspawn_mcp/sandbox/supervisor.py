@@ -62,6 +62,8 @@ BASE_ENV = {
 }
 PROCESS_DIR = "/var/tmp/.nspawn-mcp/processes"
 STREAM_INTERVAL = 0.25
+KILL_WAIT_SECONDS = 5.0
+"""The longest a ``kill`` waits for the process to end before it answers."""
 _CHUNK = 65536
 COMMAND_OOM_SCORE_ADJ = b"1000"
 
@@ -301,13 +303,23 @@ class _Pump:
 
 
 class _Capture:
-    def __init__(self, limit: int) -> None:
+    """A command's stream, up to ``limit`` bytes: the first ones, or with ``tail`` the last ones."""
+
+    def __init__(self, limit: int, tail: bool = False) -> None:
         self.data = bytearray()
         self.limit = limit
+        self.tail = tail
         self.truncated = False
         self.unsent = 0
 
     def add(self, chunk: bytes) -> None:
+        if self.tail:
+            self.data += chunk
+            self.unsent += len(chunk)
+            if len(self.data) > self.limit:
+                self.truncated = True
+                del self.data[: len(self.data) - self.limit]
+            return
         room = self.limit - len(self.data)
         if len(chunk) > room:
             self.truncated = True
@@ -316,14 +328,18 @@ class _Capture:
         self.unsent += len(chunk)
 
     def take_unsent(self) -> bytes:
-        new = bytes(self.data[len(self.data) - self.unsent :]) if self.unsent else b""
+        unsent = min(self.unsent, len(self.data))
+        new = bytes(self.data[len(self.data) - unsent :]) if unsent else b""
         self.unsent = 0
         return new
 
 
 def op_exec(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
     command = protocol.Command.from_wire(request)
-    out, err = _Capture(command.max_output), _Capture(command.max_output)
+    out, err = (
+        _Capture(command.max_output, command.keep_tail),
+        _Capture(command.max_output, command.keep_tail),
+    )
     cgroup = Cgroup()
     started = time.monotonic()
     proc = _start(command, cgroup)
@@ -582,6 +598,8 @@ class Registry:
         for stream in ("stdout", "stderr"):
             offset = max(0, int(request.get(stream + "_offset") or 0))
             with open(process.directory + "/" + stream, "rb") as source:
+                if request.get("tail"):  # the newest output: skip what does not fit
+                    offset = max(offset, os.fstat(source.fileno()).st_size - limit)
                 source.seek(offset)
                 data[stream] = source.read(limit)
             offsets[stream] = offset + len(data[stream])
@@ -603,6 +621,8 @@ class Registry:
         signum = int(request.get("signal") or signal.SIGTERM)
         if not process.finished.is_set():
             process.cgroup.signal(process.proc.pid, signum)
+            if signum not in (signal.SIGSTOP, signal.SIGCONT):  # wait briefly for the signal to take effect
+                process.finished.wait(min(max(float(request.get("wait") or 0), 0.0), KILL_WAIT_SECONDS))
         return process.state().to_wire()
 
     def list(self, request: dict[str, Any]) -> dict[str, Any]:
