@@ -1,4 +1,4 @@
-"""The MCP surface: tools, prompts. Parse, call the service, format. Nothing else."""
+"""The MCP tools: parse, call the service, format. Nothing else (resources, prompts: :mod:`.features`)."""
 
 from __future__ import annotations
 
@@ -452,8 +452,9 @@ def build_server(
         ),
         description="""
         Copy a regular file or a directory between the host and a sandbox. Host paths must lie in the
-        policy's files.allowed_host_dirs (by default the server's working directory and below). An existing
-        file at the destination is replaced (on the host too); a directory is copied to a new name only.
+        policy's files.allowed_host_dirs (by default the client's working directory and below). An existing
+        file at the destination is replaced (on the host too). A directory copied out of the sandbox needs
+        a host destination that does not exist yet; one copied in is merged into the sandbox's directory.
         Regular files and directories only: symlinks, devices, FIFOs and sockets are left out and counted
         in skipped. Capped by files.max_copy_bytes. For files inside the sandbox alone, read_file and
         write_file need no host access.

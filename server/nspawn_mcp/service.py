@@ -30,7 +30,7 @@ import anyio.to_thread
 
 from . import commands, copies, hostfs
 from .audit import AuditLog
-from .backend.api import Backend, CommandSpec, Jail, OutputChunk, ProcessState
+from .backend.api import Backend, CommandSpec, Jail, MeasuredUsage, OutputChunk, ProcessState
 from .commands import CommandRequest, Keep
 from .errors import (
     BackendError,
@@ -154,7 +154,7 @@ class SandboxService:
             yield extra
         except BaseException as exc:  # cancellations are decisions too
             self._audit.record(action, sandbox_id=sandbox_id, error=exc, detail=detail | extra)
-            if isinstance(exc, PolicyRefused | QuotaExceeded):
+            if isinstance(exc, PolicyRefused | QuotaExceeded):  # a refusal: journaled, and its client told
                 log.warning(
                     "refused %s for %s: %s",
                     action,
@@ -166,7 +166,6 @@ class SandboxService:
                         "rule": exc.rule if isinstance(exc, PolicyRefused) else "quota",
                     },
                 )
-            if isinstance(exc, SandboxError):
                 self._tell_caller("warning", "refused", f"{action} refused: {exc}", sandbox_id)
             raise
         identity = extra.pop("sandbox_id", sandbox_id)
@@ -307,17 +306,14 @@ class SandboxService:
             if reaped is not None:
                 event, reason = reaped
                 with self._audited("destroy_sandbox", sandbox.sandbox_id, reason=reason.split(" (")[0]):
-                    await self._destroy_quietly(sandbox, reason, event)
-                self.events.emit(
-                    SandboxEvent(
-                        level="notice" if event == "expired" else "warning",
-                        action="expired" if event == "expired" else "reaped",
-                        message=f"sandbox {sandbox.sandbox_id} was destroyed: {reason}",
-                        owner=sandbox.owner,
-                        session=sandbox.session,
-                        sandbox_id=sandbox.sandbox_id,
+                    destroyed = await self._destroy_quietly(sandbox, reason, event)
+                if destroyed:
+                    self._tell_owner(
+                        sandbox,
+                        "notice" if event == "expired" else "warning",
+                        "expired" if event == "expired" else "reaped",
+                        f"sandbox {sandbox.sandbox_id} was destroyed: {reason}",
                     )
-                )
 
     async def _why_reaped(self, sandbox: SandboxRecord, now: datetime) -> tuple[str, str] | None:
         """What happened (a :data:`nspawn_mcp.journal.EVENTS` name) and why it is destroyed; None: it
@@ -342,12 +338,15 @@ class SandboxService:
             )
         return None
 
-    async def _destroy_quietly(self, sandbox: SandboxRecord, reason: str, event: str) -> None:
-        """Destroy for a reason of the daemon's own; failures are logged (the reaper tries again)."""
+    async def _destroy_quietly(self, sandbox: SandboxRecord, reason: str, event: str) -> bool:
+        """Destroy for a reason of the daemon's own; a failure is logged (the reaper tries again)
+        and the answer is False."""
         try:
             await self._destroy(sandbox, reason, event)
         except SandboxError as exc:
             log.warning("cleaning up sandbox %s failed: %s", sandbox.sandbox_id, exc)
+            return False
+        return True
 
     # -- tools -----------------------------------------------------------------
 
@@ -523,7 +522,10 @@ class SandboxService:
         for sandbox in sorted(self._sandboxes.values(), key=lambda s: s.created_at):
             if sandbox.state != "running":
                 continue
-            usage = await self._backend.usage(sandbox.sandbox_id)
+            try:
+                usage = await self._backend.usage(sandbox.sandbox_id)
+            except BackendError:  # going away meanwhile: a row without figures, not a failed list
+                usage = MeasuredUsage()
             rows.append(
                 LiveSandbox(
                     sandbox_id=sandbox.sandbox_id,
@@ -547,9 +549,9 @@ class SandboxService:
             sandbox = self._sandboxes.get(parse_sandbox_id(sandbox_id))
             if sandbox is None or sandbox.state in ("creating", "destroying"):
                 raise NotFound(f"no live sandbox {sandbox_id}; `nspawn-mcp list` shows them")
-            await self._destroy(
-                sandbox, f"the host's operator destroyed it at {_stamp(self._clock())}", "destroyed"
-            )
+            reason = f"the host's operator destroyed it at {_stamp(self._clock())}"
+            await self._destroy(sandbox, reason, "destroyed")
+        self._tell_owner(sandbox, "warning", "destroyed", f"sandbox {sandbox_id} was destroyed: {reason}")
 
     def list(self) -> list[SandboxInfo]:
         """The live sandboxes the calling client may see."""
@@ -860,6 +862,12 @@ class SandboxService:
         """An event for the client of the request being served (see :mod:`nspawn_mcp.events`)."""
         client = current_client.get()
         self.events.emit(SandboxEvent(level, action, message, client.identity, client.session, sandbox_id))
+
+    def _tell_owner(self, sandbox: SandboxRecord, level: Level, action: Action, message: str) -> None:
+        """An event for the client that owns ``sandbox``, whoever's request (or the reaper) caused it."""
+        self.events.emit(
+            SandboxEvent(level, action, message, sandbox.owner, sandbox.session, sandbox.sandbox_id)
+        )
 
     def _policy_of(self, name: str) -> Policy:
         """The policy a sandbox was made under; the strictest one (an empty policy) if the operator

@@ -66,7 +66,10 @@ class AgentTool(Tool):
             raise
         if not convert_result or not isinstance(result, BaseModel):
             return result
-        return self.fn_metadata.convert_result(reply(result))
+        try:
+            return self.fn_metadata.convert_result(reply(result))
+        except Exception as exc:  # our bug: its text (pydantic's, with values) must not reach the agent
+            raise UnexpectedToolError(f"Error executing tool {self.name}") from exc
 
 
 class ToolSet:

@@ -286,10 +286,12 @@ class NspawnBackend:
         def known(value: object) -> int | None:
             return value if isinstance(value, int) and value < _UNKNOWN_SIZE else None
 
+        cpu = known(counters.get("CPUUsageNSec"))
+        if cpu is None:  # systemd cannot tell on cgroup v1 (the box): the kernel's counters
+            cpu = await anyio.to_thread.run_sync(cpu_usage_nsec, sandbox_id)
         return MeasuredUsage(
             memory_bytes=known(counters.get("MemoryCurrent")),
-            cpu_nsec=known(counters.get("CPUUsageNSec"))
-            or await anyio.to_thread.run_sync(cpu_usage_nsec, sandbox_id),
+            cpu_nsec=cpu,
             tasks=known(counters.get("TasksCurrent")),
             disk_bytes=known(disk),
         )

@@ -12,6 +12,7 @@ connection (``nspawn-mcp list`` / ``destroy``, see :mod:`.operator`) only from u
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -168,7 +169,8 @@ async def _run_operator(
         except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError):
             return
         except anyio.DelimiterNotFound:
-            await stream.send(encode_reply(f"a request is at most {MAX_REQUEST} bytes"))
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await stream.send(encode_reply(f"a request is at most {MAX_REQUEST} bytes"))
             return
         try:
             request = decode_request(line)

@@ -13,6 +13,7 @@ from mcp.server.mcpserver.resources.templates import ResourceSecurity
 
 from ..errors import BackendError, PolicyRefused, QuotaExceeded, SandboxError
 from ..files import SandboxFiles
+from ..identity import current_client
 from ..models import PolicyDocument
 from ..policy import PolicySet
 from ..service import SandboxService
@@ -32,8 +33,12 @@ POLICY_TEMPLATE = "policy://{name}"
 
 
 def policy_document(policies: PolicySet, name: str) -> PolicyDocument:
-    policy = policies.get(name)
-    return PolicyDocument(name=name, policy=policy.model_dump(mode="json"), available=policies.names)
+    """A policy as the calling client may see it: only the policies its token allows exist for it."""
+    client = current_client.get()
+    usable = [known for known in policies.names if client.policies is None or known in client.policies]
+    if name not in usable:
+        raise PolicyRefused(f"unknown policy {name!r}; available: {', '.join(usable)}", rule="policy name")
+    return PolicyDocument(name=name, policy=policies.get(name).model_dump(mode="json"), available=usable)
 
 
 def resource_error(exc: SandboxError | ToolError) -> ResourceError:
@@ -56,10 +61,13 @@ def register_resources(mcp: MCPServer[SandboxService], policies: PolicySet, guar
         description="An operator policy, as get_policy shows it: defaults and maxima, exec, files, network",
         mime_type="application/json",
     )
-    def policy_resource(name: str) -> str:
-        try:
+    async def policy_resource(name: str) -> str:
+        async def document() -> str:
             return policy_document(policies, name).model_dump_json(indent=2)
-        except SandboxError as exc:
+
+        try:
+            return await caller(document)
+        except (SandboxError, ToolError) as exc:
             raise resource_error(exc) from None
 
     @mcp.resource(
@@ -99,12 +107,3 @@ def register_resources(mcp: MCPServer[SandboxService], policies: PolicySet, guar
             return await caller(read)
         except (SandboxError, ToolError) as exc:
             raise resource_error(exc) from None
-
-
-def template_parameters() -> dict[str, tuple[str, ...]]:
-    """Each resource template and the parameters completion knows values for."""
-    return {
-        SANDBOX_TEMPLATE: ("sandbox_id",),
-        SANDBOX_FILE_TEMPLATE: ("sandbox_id",),
-        POLICY_TEMPLATE: ("name",),
-    }
