@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import anyio
 import pytest
 from mcp.client import Client
 
 from tests.e2e.conftest import call, error_text, kill_daemon
+from tests.web import answered, refused
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -16,36 +15,6 @@ SERVE_SITE = (
     'mkdir -p /tmp/site && printf "%s" "$GREETING" > /tmp/site/hello.txt && '
     "exec python3 -m http.server 8000 --bind 127.0.0.1 --directory /tmp/site"
 )
-
-
-async def http_get(host: str, port: int) -> bytes:
-    async with await anyio.connect_tcp(host, port) as stream:
-        await stream.send(b"GET /hello.txt HTTP/1.0\r\nHost: sandbox\r\n\r\n")
-        reply = b""
-        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-            while True:
-                reply += await stream.receive()
-    return reply
-
-
-async def answered(host: str, port: int) -> bytes:
-    """The web server's reply through the forward once it answers (bounded wait)."""
-    with anyio.fail_after(30):
-        while True:
-            with contextlib.suppress(OSError):
-                reply = await http_get(host, port)
-                if reply.startswith(b"HTTP/1.0 200"):
-                    return reply
-            await anyio.sleep(0.1)
-
-
-async def refused(host: str, port: int) -> bool:
-    try:
-        stream = await anyio.connect_tcp(host, port)
-    except OSError:
-        return True
-    await stream.aclose()
-    return False
 
 
 async def test_a_web_server_in_a_sandbox_answers_on_its_exposed_port_across_a_daemon_restart(

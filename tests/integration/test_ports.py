@@ -23,9 +23,9 @@ from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.commands import CommandRequest
 from nspawn_mcp.errors import InvalidRequest, PolicyRefused
 from nspawn_mcp.forwards import port_forwards
-from nspawn_mcp.models import ExposedPort
 from nspawn_mcp.policy import CreateRequest, Policy, PolicySet
 from nspawn_mcp.service import SandboxService
+from tests.web import answered, refused
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -70,36 +70,6 @@ async def start_probe_server(service: SandboxService, sandbox: str, *args: str) 
     await service.start_background(sandbox, CommandRequest(["python3", "-c", script, *args]))
 
 
-async def http_get(host: str, port: int) -> bytes:
-    async with await anyio.connect_tcp(host, port) as stream:
-        await stream.send(b"GET /hello.txt HTTP/1.0\r\nHost: sandbox\r\n\r\n")
-        reply = b""
-        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-            while True:
-                reply += await stream.receive()
-    return reply
-
-
-async def answered(exposed: ExposedPort, timeout: float = 15) -> bytes:
-    """The web server's reply through the forward, once it listens (bounded wait)."""
-    with anyio.fail_after(timeout):
-        while True:
-            with contextlib.suppress(OSError):
-                reply = await http_get(exposed.host, exposed.host_port)
-                if reply.startswith(b"HTTP/1.0 200"):
-                    return reply
-            await anyio.sleep(0.05)
-
-
-async def refused(host: str, port: int) -> bool:
-    try:
-        stream = await anyio.connect_tcp(host, port)
-    except OSError:
-        return True
-    await stream.aclose()
-    return False
-
-
 def exposed_ports(service: SandboxService, sandbox: str) -> list[int]:
     info = next(info for info in service.list() if info.sandbox_id == sandbox)
     return [port.sandbox_port for port in info.ports]
@@ -115,7 +85,7 @@ async def test_a_web_server_answers_on_the_exposed_loopback_address_until_unexpo
     assert exposed.address == f"127.0.0.1:{exposed.host_port}"
     assert exposed_ports(service, sandbox) == [8000]
 
-    reply = await answered(exposed)
+    reply = await answered(exposed.host, exposed.host_port)
     assert reply.endswith(b"hello from the sandbox")
 
     await service.unexpose_port(sandbox, 8000)
@@ -127,7 +97,7 @@ async def test_a_web_server_stops_answering_when_its_sandbox_is_destroyed(servic
     sandbox = (await service.create(CreateRequest())).sandbox_id
     await start_web_server(service, sandbox)
     exposed = await service.expose_port(sandbox, 8000)
-    await answered(exposed)
+    await answered(exposed.host, exposed.host_port)
 
     await service.destroy(sandbox)
     assert await refused(exposed.host, exposed.host_port)
@@ -138,7 +108,7 @@ async def test_a_server_on_the_sandboxs_ipv6_loopback_is_reached_too(service: Sa
     await start_web_server(service, sandbox, bind="::1")
     exposed = await service.expose_port(sandbox, 8000, "::1")
     assert exposed.address == f"[::1]:{exposed.host_port}"
-    assert (await answered(exposed)).endswith(b"hello from the sandbox")
+    assert (await answered(exposed.host, exposed.host_port)).endswith(b"hello from the sandbox")
 
 
 def host_addresses() -> list[str]:
@@ -153,7 +123,7 @@ async def test_an_exposed_port_gives_the_sandbox_no_way_to_the_host_or_the_netwo
     sandbox = (await service.create(CreateRequest())).sandbox_id
     await start_web_server(service, sandbox)
     exposed = await service.expose_port(sandbox, 8000)
-    await answered(exposed)  # the forward works from the host
+    await answered(exposed.host, exposed.host_port)  # the forward works from the host
 
     with socket.create_server(("0.0.0.0", 0)) as canary:
         canary_port = canary.getsockname()[1]
@@ -215,14 +185,14 @@ async def test_a_restarted_daemon_keeps_env_and_listens_again_on_the_same_host_p
             sandbox = (await first.create(CreateRequest(), env={"GREETING": "still here"})).sandbox_id
             await start_web_server(first, sandbox)
             exposed = await first.expose_port(sandbox, 8000)
-            await answered(exposed)
+            await answered(exposed.host, exposed.host_port)
         # the first daemon is gone: so is its listener
         assert await refused(exposed.host, exposed.host_port)
         # (reconcile removes every sandbox without a record here: the test lock says only ours run)
         async with open_service(backend, records) as second:
             await second.reconcile()
             assert exposed_ports(second, sandbox) == [8000]
-            assert (await answered(exposed)).endswith(b"hello from the sandbox")
+            assert (await answered(exposed.host, exposed.host_port)).endswith(b"hello from the sandbox")
             greeting = await second.exec(sandbox, CommandRequest('printf "%s" "$GREETING"'))
             assert greeting.stdout == "still here"
     finally:

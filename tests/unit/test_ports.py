@@ -29,6 +29,7 @@ from nspawn_mcp.sandbox import protocol
 from nspawn_mcp.service import SandboxService
 from tests.unit.fake_backend import FakeBackend
 from tests.waiting import wait_until
+from tests.web import refused
 
 pytestmark = pytest.mark.anyio
 
@@ -250,15 +251,6 @@ async def test_bytes_sent_right_after_the_reply_reach_the_client(tmp_path: Path)
 
 
 # -- forwards and the service ------------------------------------------------------------
-
-
-async def refused(host: str, port: int) -> bool:
-    try:
-        stream = await anyio.connect_tcp(host, port)
-    except OSError:
-        return True
-    await stream.aclose()
-    return False
 
 
 @pytest.fixture
