@@ -18,10 +18,8 @@ closed at once.
 
 from __future__ import annotations
 
-import errno
-import ipaddress
+import functools
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ import anyio
 import anyio.abc
 
 from .errors import SandboxError
+from .listeners import accept_forever, tcp_listener
 
 __all__ = ["Connector", "PortForwards", "port_forwards"]
 
@@ -40,25 +39,6 @@ Connector = Callable[[str, int], Awaitable[anyio.abc.ByteStream]]
 
 _CHUNK = 256 << 10
 _CONNECT_TIMEOUT = 20.0
-_ACCEPT_BACKOFF = 0.1
-_CONNECTION_ERRORS = {errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM}
-_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def _pipe(source: anyio.abc.ByteStream, destination: anyio.abc.ByteStream) -> None:
@@ -87,6 +67,20 @@ class _Forward:
     """Set once its listener and connections are closed."""
 
 
+def _admit(forward: _Forward) -> bool:
+    """Take a connection slot of ``forward``; False (and it is closed) at the policy's maximum."""
+    if forward.connections >= forward.max_connections:
+        log.info(
+            "sandbox %s: closed a connection to port %d: %d open, the policy's maximum",
+            forward.sandbox_id,
+            forward.sandbox_port,
+            forward.connections,
+        )
+        return False
+    forward.connections += 1
+    return True
+
+
 class PortForwards:
     """The daemon's port forwards, by (sandbox id, sandbox port)."""
 
@@ -103,13 +97,8 @@ class PortForwards:
         key = (sandbox_id, sandbox_port)
         if key in self._forwards:
             raise ValueError(f"port {sandbox_port} of {sandbox_id} is already forwarded")
-        sock = _listening_socket(host, host_port)
-        bound = int(sock.getsockname()[1])
-        try:
-            listener = await anyio.abc.SocketListener.from_socket(sock)
-        except BaseException:
-            sock.close()
-            raise
+        listener = await tcp_listener(host, host_port)
+        bound = int(listener.extra(anyio.abc.SocketAttribute.local_port))  # noqa: S610 - not Django
         forward = _Forward(sandbox_id, sandbox_port, host, bound, max_connections)
         self._forwards[key] = forward
         self._tasks.start_soon(self._serve, forward, listener)
@@ -143,7 +132,13 @@ class PortForwards:
             with forward.scope:
                 try:
                     async with listener, anyio.create_task_group() as tasks:
-                        await self._accept_forever(forward, listener, tasks)
+                        await accept_forever(
+                            listener,
+                            tasks,
+                            functools.partial(self._carry, forward),
+                            functools.partial(_admit, forward),
+                            f"sandbox {forward.sandbox_id}: the forward of port {forward.sandbox_port}",
+                        )
                 except Exception:
                     log.exception(
                         "sandbox %s: the forward of port %d failed and stopped",
@@ -154,36 +149,6 @@ class PortForwards:
             if self._forwards.get((forward.sandbox_id, forward.sandbox_port)) is forward:
                 del self._forwards[(forward.sandbox_id, forward.sandbox_port)]
             forward.stopped.set()
-
-    async def _accept_forever(
-        self, forward: _Forward, listener: anyio.abc.SocketListener, tasks: anyio.abc.TaskGroup
-    ) -> None:
-        out_of_resources = False
-        while True:
-            try:
-                client = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _CONNECTION_ERRORS:
-                    continue
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    raise  # the listener itself is broken: ends this forward (see _serve)
-                if not out_of_resources:
-                    log.warning("sandbox %s: a forward cannot accept: %s", forward.sandbox_id, exc)
-                out_of_resources = True
-                await anyio.sleep(_ACCEPT_BACKOFF)
-                continue
-            out_of_resources = False
-            if forward.connections >= forward.max_connections:
-                log.info(
-                    "sandbox %s: closed a connection to port %d: %d open, the policy's maximum",
-                    forward.sandbox_id,
-                    forward.sandbox_port,
-                    forward.connections,
-                )
-                await client.aclose()
-                continue
-            forward.connections += 1
-            tasks.start_soon(self._carry, forward, client)
 
     async def _carry(self, forward: _Forward, client: anyio.abc.SocketStream) -> None:
         try:

@@ -28,7 +28,6 @@ floods or breaks its services ends at most its own, never the server.
 
 from __future__ import annotations
 
-import errno
 import logging
 import secrets
 import socket
@@ -41,6 +40,7 @@ import dns.rcode
 from anyio.abc import TaskGroup
 
 from ..errors import BackendError
+from ..listeners import accept_forever, tcp_listener
 from ..naming import host_interface
 from ..policy import EgressPlan
 from .egress import (
@@ -81,12 +81,6 @@ _UPSTREAM_TIMEOUT = 3.0
 _HELLO_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 10.0
 _MAX_HELLO = 64 << 10
-_ACCEPT_BACKOFF = 0.1  # after EMFILE and the like: give other connections time to close
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# accept(2): errors of the one connection being accepted, not of the listener
-_CONNECTION_ERRORS = frozenset(
-    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH}
-)
 _SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 _IP_FORWARD = anyio.Path("/proc/sys/net/ipv4/ip_forward")
 
@@ -122,21 +116,6 @@ async def _pipe(
         await destination.send_eof()
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         pass
-
-
-async def _tcp_listener(host: str, port: int) -> anyio.abc.SocketListener:
-    """One listening socket (anyio's ``create_tcp_listener`` hides it in a MultiListener,
-    whose ``serve`` ends on the first accept error, EMFILE included)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return await anyio.abc.SocketListener.from_socket(sock)
 
 
 async def _run(argv: list[str], stdin: str | None = None, *, check: bool = True) -> bool:
@@ -247,7 +226,7 @@ class EgressNetwork:
         host_end, sandbox_end = endpoints(self._claim(sandbox_id, plan))
         udp = await anyio.create_udp_socket(local_host=host_end, local_port=53)
         try:
-            listener = await _tcp_listener(host_end, SNI_PROXY_PORT)
+            listener = await tcp_listener(host_end, SNI_PROXY_PORT)
         except BaseException:
             await udp.aclose()
             raise
@@ -298,7 +277,8 @@ class _SandboxServices:
         with scope:
             try:
                 async with udp, listener, anyio.create_task_group() as tasks:
-                    tasks.start_soon(self._accept_forever, listener, tasks)
+                    relay = f"sandbox {self.sandbox_id}: its relay"
+                    tasks.start_soon(accept_forever, listener, tasks, self._relay, self._admit, relay)
                     await self._receive_forever(udp, tasks)
             except Exception:
                 log.exception("sandbox %s: its resolver and relay failed and stopped", self.sandbox_id)
@@ -314,29 +294,13 @@ class _SandboxServices:
             self.queries += 1
             tasks.start_soon(self._answer, udp, packet, (address, port))
 
-    async def _accept_forever(self, listener: anyio.abc.SocketListener, tasks: TaskGroup) -> None:
-        out_of_resources = False
-        while True:
-            try:
-                client = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _CONNECTION_ERRORS:
-                    log.info("sandbox %s: accept failed: %s", self.sandbox_id, exc)
-                    continue
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    raise  # the listener itself is broken: ends this sandbox's services (see run)
-                if not out_of_resources:
-                    log.warning("sandbox %s: its relay cannot accept: %s", self.sandbox_id, exc)
-                out_of_resources = True
-                await anyio.sleep(_ACCEPT_BACKOFF)
-                continue
-            out_of_resources = False
-            if self.relays >= MAX_RELAYED_CONNECTIONS:
-                log.debug("sandbox %s: closed a connection, %d open", self.sandbox_id, self.relays)
-                await client.aclose()
-                continue
-            self.relays += 1
-            tasks.start_soon(self._relay, client)
+    def _admit(self) -> bool:
+        """Take a relay slot for a new connection; False (and it is closed) when all are taken."""
+        if self.relays >= MAX_RELAYED_CONNECTIONS:
+            log.debug("sandbox %s: closed a connection, %d open", self.sandbox_id, self.relays)
+            return False
+        self.relays += 1
+        return True
 
     async def _answer(self, udp: anyio.abc.UDPSocket, packet: bytes, client: tuple[str, int]) -> None:
         """One query, behind its own error boundary: a failure drops its answer only."""
