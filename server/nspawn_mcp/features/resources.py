@@ -7,6 +7,9 @@ older -32002 is retired); other failures are -32603 with a safe one-line message
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.resources.templates import ResourceSecurity
@@ -26,6 +29,8 @@ __all__ = [
     "policy_document",
     "register_resources",
 ]
+
+T = TypeVar("T")
 
 SANDBOX_TEMPLATE = "sandbox://{sandbox_id}"
 SANDBOX_FILE_TEMPLATE = "sandbox://{sandbox_id}/files/{+path}"
@@ -54,6 +59,13 @@ def resource_error(exc: SandboxError | ToolError) -> ResourceError:
 def register_resources(mcp: MCPServer[SandboxService], policies: PolicySet, guard: Guard) -> None:
     caller = as_caller(guard)
 
+    async def read_as_caller(read: Callable[[], Awaitable[T]]) -> T:
+        """``read`` as the calling client; a refusal is answered as a resource read's (resource_error)."""
+        try:
+            return await caller(read)
+        except (SandboxError, ToolError) as exc:
+            raise resource_error(exc) from None
+
     @mcp.resource(
         POLICY_TEMPLATE,
         name="policy",
@@ -65,10 +77,7 @@ def register_resources(mcp: MCPServer[SandboxService], policies: PolicySet, guar
         async def document() -> str:
             return policy_document(policies, name).model_dump_json(indent=2)
 
-        try:
-            return await caller(document)
-        except (SandboxError, ToolError) as exc:
-            raise resource_error(exc) from None
+        return await read_as_caller(document)
 
     @mcp.resource(
         SANDBOX_TEMPLATE,
@@ -84,10 +93,7 @@ def register_resources(mcp: MCPServer[SandboxService], policies: PolicySet, guar
         async def status() -> str:
             return (await service.status(sandbox_id)).model_dump_json(indent=2)
 
-        try:
-            return await caller(status)
-        except (SandboxError, ToolError) as exc:
-            raise resource_error(exc) from None
+        return await read_as_caller(status)
 
     @mcp.resource(
         SANDBOX_FILE_TEMPLATE,
@@ -103,7 +109,4 @@ def register_resources(mcp: MCPServer[SandboxService], policies: PolicySet, guar
         async def read() -> str | bytes:
             return await files.read_whole(sandbox_id, "/" + path.lstrip("/"))
 
-        try:
-            return await caller(read)
-        except (SandboxError, ToolError) as exc:
-            raise resource_error(exc) from None
+        return await read_as_caller(read)
