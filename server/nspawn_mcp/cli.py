@@ -61,6 +61,7 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
             layout=Layout.from_env(),
             policy_dirs=tuple(Path(p).absolute() for p in args.policy_dir),
             max_sandboxes=args.max_sandboxes,
+            warm_pool=not args.no_warm_pool,
             audit_log=Path(args.audit_log).absolute() if args.audit_log else None,
         ),
         max_calls_per_second=args.max_calls_per_second,
@@ -76,6 +77,8 @@ def _daemon_arguments(args: argparse.Namespace) -> tuple[str, ...]:
         arguments += ["--policy-dir", str(Path(directory).absolute())]
     if args.max_sandboxes != _DEFAULT_MAX_SANDBOXES:
         arguments += ["--max-sandboxes", str(args.max_sandboxes)]
+    if args.no_warm_pool:
+        arguments += ["--no-warm-pool"]
     if args.max_calls_per_second != _DEFAULT_CALL_RATE:
         arguments += ["--max-calls-per-second", f"{args.max_calls_per_second:g}"]
     if args.audit_log:
@@ -392,6 +395,11 @@ def _add_daemon_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-sandboxes", type=int, default=_DEFAULT_MAX_SANDBOXES, help="live sandboxes in all (default 64)"
+    )
+    parser.add_argument(
+        "--no-warm-pool",
+        action="store_true",
+        help="start no sandboxes ahead of demand, whatever the policies' [pool] sections ask",
     )
     parser.add_argument(
         "--max-calls-per-second",

@@ -22,6 +22,7 @@ from .images import Catalog
 from .layout import Layout
 from .policy import PolicySet
 from .policy.loader import shipped_policy_dir
+from .pool import pool_specs
 from .service import SandboxService
 
 __all__ = ["Daemons", "ServerConfig", "find_daemons", "open_service"]
@@ -35,6 +36,8 @@ class ServerConfig:
     layout: Layout = field(default_factory=Layout.from_env)
     policy_dirs: tuple[Path, ...] = ()
     max_sandboxes: int = 64
+    warm_pool: bool = True
+    """Keep the sandboxes the policies' ``[pool]`` sections ask for started ahead of demand."""
     audit_log: Path | None = None
     """Where decisions are logged (JSON lines); None: ``audit.jsonl`` in the state directory."""
 
@@ -107,15 +110,20 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
                 audit=audit,
                 catalog=Catalog(config.layout.images_dir),
                 forwards=forwards,
+                pool=pool_specs(policies) if config.warm_pool else [],
             )
             service_box.append(service)
             await service.reconcile()
             await network.prune({sandbox.sandbox_id for sandbox in service.list()})
 
             tasks.start_soon(service.run_reaper)
+            tasks.start_soon(service.pool.run)
             tasks.start_soon(service.events.run)
             yield service
         finally:
+            if service_box:
+                with anyio.CancelScope(shield=True):
+                    await service_box[0].pool.stop()  # pooled sandboxes belong to no one: removed
             tasks.cancel_scope.cancel()
             backend.close()
             audit.close()

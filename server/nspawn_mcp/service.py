@@ -77,6 +77,7 @@ from .policy import (
     resolve_expose,
 )
 from .policy.models import FilesPolicy
+from .pool import PoolSpec, WarmPool
 from .records import Exposure, LiveSandbox, MetaStore, SandboxRecord
 
 __all__ = ["SandboxService"]
@@ -102,6 +103,10 @@ def _stamp(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
+class _HandOutFailed(Exception):
+    """A pooled sandbox could not be adapted to a create's plan (it is removed)."""
+
+
 @dataclass(frozen=True)
 class _Tombstone:
     """What is left of a gone sandbox: whose it was and why it went."""
@@ -124,7 +129,9 @@ class SandboxService:
         audit: AuditLog | None = None,
         catalog: Catalog | None = None,
         forwards: PortForwards | None = None,
+        pool: list[PoolSpec] | None = None,
     ) -> None:
+        """``pool``: what to keep warm (see :mod:`nspawn_mcp.pool`); run :attr:`pool`'s ``run``."""
         self._backend = backend
         self._catalog = catalog
         self._forwards = forwards
@@ -141,6 +148,8 @@ class SandboxService:
         """Stdio connections that are connected now."""
         self._orphans: dict[str, datetime] = {}
         """Sessions that own sandboxes but are not connected, and when their grace period ends."""
+        self.pool = WarmPool(backend, pool or [], room=self.room, clock=lambda: self._clock().timestamp())
+        """Sandboxes started ahead of demand; run its ``run`` in a task and await its ``stop`` at the end."""
         self.events = EventFeed()
         """What each client is told of its own sandboxes (MCP log messages); run its pump."""
 
@@ -249,6 +258,8 @@ class SandboxService:
 
     def machine_removed(self, name: str) -> None:
         """The sandbox's machine went away (it crashed, hit its TTL in systemd, ...)."""
+        if self.pool.discard(name):
+            return
         sandbox = self._sandboxes.get(name)
         if sandbox is not None and sandbox.state == "running":
             log.info("sandbox %s stopped on its own; cleaning up", name, extra={"sandbox": name})
@@ -400,41 +411,17 @@ class SandboxService:
         policy = self._policies.get(request.policy)
         workdir = self._workdir(client, naming_host_paths=bool(request.mounts))
         plan = resolve_create(request.policy, policy, request, cwd=workdir)
-        if plan.image not in await self._backend.available_images():
+        if not self.pool.can_serve(plan) and plan.image not in await self._backend.available_images():
             raise NotFound(not_installed(plan.image))
         if plan.mounts:
             plan = replace(plan, mounts=await anyio.to_thread.run_sync(_resolve_binds, plan.mounts))
         # The image's environment is taken now: a rebuild of the image later does not change
         # what this sandbox's commands see (its files do not change either).
         env = commands.merged_environment(await self._image_environment(plan.image), env, {})
-        # From the quota checks to registering the sandbox nothing awaits, so concurrent
-        # creates cannot both take the last slot or the same subnet.
-        owner = client.identity
-        self._check_quotas(policy, plan, owner)
-        sandbox_id = new_sandbox_id()
-        if plan.egress is not None:
-            subnet = self._backend.reserve_subnet(sandbox_id)  # released when it is destroyed
-            plan = replace(plan, egress=replace(plan.egress, subnet=subnet))
-        created = self._clock()
-        sandbox = SandboxRecord(
-            sandbox_id=sandbox_id,
-            plan=plan,
-            created_at=created,
-            expires_at=created + timedelta(seconds=plan.limits.ttl_seconds),
-            owner=owner,
-            session=client.session,
-            env=env,
-        )
-        self._sandboxes[sandbox.sandbox_id] = sandbox
         try:
-            self._store.save(sandbox)  # "creating": a daemon that dies from here on leaves it half-made
-            await self._backend.create(sandbox.sandbox_id, plan)
-            sandbox.state = "running"
-            self._store.save(sandbox)  # complete: a restarted daemon adopts it
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._destroy(sandbox, "its creation failed", "create-failed")
-            raise
+            sandbox = await self._start(policy, plan, client, env, from_pool=True)
+        except _HandOutFailed:  # the pooled sandbox it took is removed: start one
+            sandbox = await self._start(policy, plan, client, env, from_pool=False)
         log.info(
             "created %s (policy %s) for %s",
             sandbox.sandbox_id,
@@ -455,6 +442,58 @@ class SandboxService:
             sandbox.sandbox_id,
         )
         return sandbox.info()
+
+    async def _start(
+        self, policy: Policy, plan: SandboxPlan, client: Client, env: dict[str, str], *, from_pool: bool
+    ) -> SandboxRecord:
+        """Register the sandbox and start it, or take one from the warm pool and adapt it to ``plan``
+        (raises _HandOutFailed when that fails: it is removed, and the caller may start one instead)."""
+        # From the quota checks to registering the sandbox nothing awaits, so concurrent
+        # creates cannot both take the last slot, the same pooled sandbox or the same subnet.
+        owner = client.identity
+        self._check_quotas(policy, plan, owner)
+        pooled = self.pool.take(plan) if from_pool else None
+        sandbox_id = new_sandbox_id() if pooled is None else pooled.sandbox_id
+        if plan.egress is not None:
+            subnet = self._backend.reserve_subnet(sandbox_id)  # released when it is destroyed
+            plan = replace(plan, egress=replace(plan.egress, subnet=subnet))
+        created = self._clock()  # a pooled sandbox's life starts now too
+        sandbox = SandboxRecord(
+            sandbox_id=sandbox_id,
+            plan=plan,
+            created_at=created,
+            expires_at=created + timedelta(seconds=plan.limits.ttl_seconds),
+            owner=owner,
+            session=client.session,
+            env=env,
+        )
+        self._sandboxes[sandbox.sandbox_id] = sandbox
+        try:
+            if pooled is None:
+                self._store.save(sandbox)  # "creating": a daemon that dies from here on leaves it half-made
+                with self.pool.cold_create():
+                    await self._backend.create(sandbox.sandbox_id, plan)
+            else:  # no record until it is adapted: a daemon that dies meanwhile removes it
+                await self._backend.adapt(sandbox.sandbox_id, pooled.plan, plan)
+            sandbox.state = "running"
+            self._store.save(sandbox)  # complete: a restarted daemon adopts it
+        except Exception as exc:
+            with anyio.CancelScope(shield=True):
+                await self._destroy(sandbox, "its creation failed", "create-failed")
+            if pooled is None:
+                raise
+            log.warning("pooled sandbox %s could not be handed out (%s); starting a new one", sandbox_id, exc)
+            raise _HandOutFailed from exc
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._destroy(sandbox, "its creation failed", "create-failed")
+            raise
+        return sandbox
+
+    def room(self) -> int:
+        """How many more sandboxes (clients' and pooled) the server's maximum leaves room for."""
+        live = sum(1 for s in self._sandboxes.values() if s.state != "gone")
+        return self._max_sandboxes - live - self.pool.ready()
 
     def _check_quotas(self, policy: Policy, plan: SandboxPlan, owner: str) -> None:
         live = [s for s in self._sandboxes.values() if s.state != "gone"]

@@ -14,14 +14,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import anyio
 import pytest
 
+from nspawn_mcp.backend.network import EgressNetwork
 from nspawn_mcp.backend.nspawn import NspawnBackend
 from nspawn_mcp.box import find_box, host_runs_systemd, stop_box
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.naming import new_sandbox_id
 from nspawn_mcp.policy import BindMount, CreateRequest, Policy, SandboxPlan, resolve_create
 from nspawn_mcp.runtime import Daemons, find_daemons
+from tests.netns import outside_hosts
 
 
 @dataclass(frozen=True)
@@ -124,3 +127,23 @@ async def sandbox_factory(backend: NspawnBackend) -> AsyncIterator[Factory]:
 async def make_sandbox(backend: NspawnBackend) -> AsyncIterator[Factory]:
     async with sandbox_factory(backend) as make:
         yield make
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with outside_hosts(tmp_path_factory.mktemp("outside") / "seen.log") as log:
+        yield log
+
+
+@pytest.fixture
+async def egress_backend(daemons: Daemons, layout: Layout) -> AsyncIterator[NspawnBackend]:
+    async with anyio.create_task_group() as tasks:
+        backend = await NspawnBackend.connect(
+            daemons.bus_address,
+            layout,
+            network=EgressNetwork(tasks, daemons.proc_root, layout.state_dir),
+            proc_root=daemons.proc_root,
+        )
+        yield backend
+        backend.close()
+        tasks.cancel_scope.cancel()

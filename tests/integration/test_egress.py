@@ -8,7 +8,7 @@ import logging
 import os
 import resource
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -16,40 +16,18 @@ import pytest
 
 from nspawn_mcp.backend.api import CommandSpec
 from nspawn_mcp.backend.egress import SNI_PROXY_PORT
-from nspawn_mcp.backend.network import MAX_RELAYED_CONNECTIONS, EgressNetwork
+from nspawn_mcp.backend.network import MAX_RELAYED_CONNECTIONS
 from nspawn_mcp.backend.nspawn import NspawnBackend
-from nspawn_mcp.layout import Layout
 from nspawn_mcp.policy import Policy
-from nspawn_mcp.runtime import Daemons
 from tests.certificates import make_server_certificate
 from tests.integration.conftest import Factory, sandbox_factory
 from tests.integration.test_sandbox_lifecycle import command, run
-from tests.netns import https_host, outside_hosts
+from tests.netns import https_host
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 PROBES = Path(__file__).parent / "probes"
-
-
-@pytest.fixture(scope="module")
-def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with outside_hosts(tmp_path_factory.mktemp("outside") / "seen.log") as log:
-        yield log
-
-
-@pytest.fixture
-async def egress_backend(daemons: Daemons, layout: Layout) -> AsyncIterator[NspawnBackend]:
-    async with anyio.create_task_group() as tasks:
-        backend = await NspawnBackend.connect(
-            daemons.bus_address,
-            layout,
-            network=EgressNetwork(tasks, daemons.proc_root, layout.state_dir),
-            proc_root=daemons.proc_root,
-        )
-        yield backend
-        backend.close()
-        tasks.cancel_scope.cancel()
 
 
 @pytest.fixture

@@ -66,6 +66,9 @@ class FakeBackend:
     files: dict[tuple[str, str], bytes] = field(default_factory=dict)
     destroyed: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    """Pooled sandboxes handed out (their caps changed)."""
+    adapt_error: BaseException | None = None
 
     commands: list[tuple[str, CommandSpec]] = field(default_factory=list)
     leftover_ids: set[str] = field(default_factory=set)
@@ -109,6 +112,13 @@ class FakeBackend:
             await self.create_gate.wait()
         if self.create_error is not None:
             raise self.create_error
+
+    async def adapt(self, sandbox_id: str, started: SandboxPlan, plan: SandboxPlan) -> None:
+        if self.adapt_error is not None:
+            raise self.adapt_error
+        assert self.sandboxes[sandbox_id] == started
+        self.adapted.append(sandbox_id)
+        self.sandboxes[sandbox_id] = plan
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
         if sandbox_id in self.adopt_errors:

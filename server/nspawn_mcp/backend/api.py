@@ -175,6 +175,12 @@ class Backend(Protocol):
         """Snapshot the image and start the sandbox; return once it accepts commands."""
         ...
 
+    async def adapt(self, sandbox_id: str, started: SandboxPlan, plan: SandboxPlan) -> None:
+        """Make a running sandbox, started for ``started`` (a pooled one), one for ``plan``: its caps
+        (memory, CPU, tasks, disk) and, for egress, its network; the rest of the plans must match
+        (see :func:`nspawn_mcp.pool.fits`)."""
+        ...
+
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
         """Take a running sandbox over after a server restart (restart what serves it, hold its subnet)."""
         ...

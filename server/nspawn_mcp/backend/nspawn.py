@@ -53,7 +53,7 @@ from .jail import JailClient
 from .machine1 import Machined
 from .network import EgressNetwork
 from .systemd1 import Systemd
-from .units import SandboxPaths, build_units
+from .units import SandboxPaths, build_units, slice_caps
 
 __all__ = ["NspawnBackend", "install_supervisor"]
 
@@ -182,15 +182,7 @@ class NspawnBackend:
         except NoSuchObject:
             raise BackendError(not_installed(plan.image)) from None
         if plan.limits.disk_bytes is not None:
-            try:
-                await self._machined.set_image_limit(machine_name(sandbox_id), plan.limits.disk_bytes)
-            except NoSuchObject:
-                raise  # the snapshot went: not a matter of quotas
-            except BackendError:
-                raise BackendError(
-                    "this policy caps disk use, but disk quotas are off on this host's image pool: "
-                    "the operator can run `nspawn-mcp setup`, which enables them"
-                ) from None
+            await self._limit_disk(sandbox_id, plan.limits.disk_bytes)
 
         units = build_units(sandbox_id, plan, self._paths(sandbox_id))
         with _listening_socket(self._layout.control_socket(sandbox_id)) as listener:
@@ -210,6 +202,27 @@ class NspawnBackend:
         if plan.mounts:
             await attach_binds(self._proc_root / str(leader), plan.mounts)
         if plan.egress is not None:
+            await self._attach_network(sandbox_id, plan.egress, leader)
+
+    async def _limit_disk(self, sandbox_id: str, disk_bytes: int) -> None:
+        try:
+            await self._machined.set_image_limit(machine_name(sandbox_id), disk_bytes)
+        except NoSuchObject:
+            raise  # the snapshot went: not a matter of quotas
+        except BackendError:
+            raise BackendError(
+                "this policy caps disk use, but disk quotas are off on this host's image pool: "
+                "the operator can run `nspawn-mcp setup`, which enables them"
+            ) from None
+
+    async def adapt(self, sandbox_id: str, started: SandboxPlan, plan: SandboxPlan) -> None:
+        if slice_caps(plan.limits) != slice_caps(started.limits):
+            await self._systemd.set_unit_properties(slice_unit(sandbox_id), slice_caps(plan.limits))
+        # one policy's plans: a disk cap is never lifted (no maximum means no default either)
+        if plan.limits.disk_bytes is not None and plan.limits.disk_bytes != started.limits.disk_bytes:
+            await self._limit_disk(sandbox_id, plan.limits.disk_bytes)
+        if plan.egress is not None:
+            leader = await self._machined.machine_leader(machine_name(sandbox_id))
             await self._attach_network(sandbox_id, plan.egress, leader)
 
     def reserve_subnet(self, sandbox_id: str) -> str:

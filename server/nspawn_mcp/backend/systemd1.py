@@ -146,6 +146,12 @@ class Systemd:
         if result not in ("done", "canceled"):
             raise BackendError(f"{what} failed: {result}")
 
+    async def set_unit_properties(self, name: str, properties: Mapping[str, object]) -> None:
+        """Change properties of a running unit until it stops (``systemctl set-property --runtime``)."""
+        await self._manager(
+            "SetUnitProperties", "sba(sv)", name, True, _variants(properties), operation=f"changing {name}"
+        )
+
     async def reset_failed(self, name: str) -> None:
         with contextlib.suppress(BackendError):  # not loaded (NoSuchObject) or not failed: nothing to do
             await self._manager("ResetFailedUnit", "s", name, operation=f"resetting {name}")

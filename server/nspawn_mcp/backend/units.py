@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..naming import machine_name, service_unit, slice_unit
-from ..policy import SandboxPlan
+from ..policy import ResolvedLimits, SandboxPlan
 from .properties import ExecCommand
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "SandboxPaths",
     "SandboxUnits",
     "build_units",
+    "slice_caps",
     "supervisor_command",
 ]
 
@@ -133,6 +134,16 @@ def nspawn_argv(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> list
     ]
 
 
+def slice_caps(limits: ResolvedLimits) -> dict[str, object]:
+    """The caps a sandbox's slice carries; a running slice takes new ones (a pooled sandbox's hand-out)."""
+    return {
+        "MemoryMax": limits.memory_bytes,
+        "MemorySwapMax": 0,
+        "TasksMax": limits.processes,
+        "CPUQuotaPerSecUSec": round(limits.cpus * _USEC),
+    }
+
+
 def build_units(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> SandboxUnits:
     limits = plan.limits
     slice_name = slice_unit(sandbox_id)
@@ -143,12 +154,9 @@ def build_units(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> Sand
             "Description": f"nspawn-mcp sandbox {sandbox_id} (policy {plan.policy})",
             "CollectMode": "inactive-or-failed",
             "MemoryAccounting": True,
-            "MemoryMax": limits.memory_bytes,
-            "MemorySwapMax": 0,
             "TasksAccounting": True,
-            "TasksMax": limits.processes,
             "CPUAccounting": True,
-            "CPUQuotaPerSecUSec": round(limits.cpus * _USEC),
+            **slice_caps(limits),
         },
         service_name=service_unit(sandbox_id),
         service_properties={

@@ -25,6 +25,7 @@ __all__ = [
     "MountsPolicy",
     "NetworkPolicy",
     "Policy",
+    "PoolPolicy",
     "PortsPolicy",
     "SandboxesPolicy",
 ]
@@ -228,6 +229,22 @@ class PortsPolicy(_Frozen):
     )
 
 
+class PoolPolicy(_Frozen):
+    """Sandboxes started ahead of demand (the warm pool), so a create only hands one out."""
+
+    size: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="sandboxes of each pooled image kept started, with this policy's default limits and "
+        "network; a create that asks no host mounts and at least the default memory takes one (its "
+        "limits are applied then, and its TTL starts then). Each waiting sandbox costs a few MB of memory",
+    )
+    images: tuple[str, ...] = Field(
+        default=(), description="the images kept warm (some of sandboxes.images); default: the first of them"
+    )
+
+
 class Policy(_Frozen):
     """One operator policy."""
 
@@ -239,3 +256,11 @@ class Policy(_Frozen):
     network: NetworkPolicy = NetworkPolicy()
     sandboxes: SandboxesPolicy = SandboxesPolicy()
     ports: PortsPolicy = PortsPolicy()
+    pool: PoolPolicy = PoolPolicy()
+
+    @model_validator(mode="after")
+    def _pooled_images_allowed(self) -> Policy:
+        for image in self.pool.images:
+            if image not in self.sandboxes.images:
+                raise ValueError(f"pool.images: {image!r} is not one of sandboxes.images")
+        return self
