@@ -50,19 +50,13 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(10, 0.1, 30, (5, 10), 2, 5, 5, 10, 5, 1)
+        return cls(10, 0.1, 30, (5, 10), 2, 5, 20, 10, 5, 1)
 
 
 async def measure(bench: Bench, plan: Plan, results: Results) -> None:
     series = [("cold", COLD)]
     if bench.pool_policy is not None:
         series.append(("pool", bench.pool_policy))
-    else:
-        for key, label in (
-            ("create.pool", "create, pool"),
-            ("first_exec.pool", "create to first exec, pool"),
-        ):
-            results.skip(key, label, bench.pool_refusal)
 
     destroy: list[float] = []
     async with bench.client() as client:
@@ -70,7 +64,8 @@ async def measure(bench: Bench, plan: Plan, results: Results) -> None:
             sandbox = (await call(client, "create_sandbox", policy=policy))["sandbox_id"]
             await call(client, "destroy_sandbox", sandbox_id=sandbox)
         await anyio.sleep(plan.pool_settle_s)
-
+        # first, while nothing else is being freed: memory is read before and after
+        idle = await density(client, COLD, plan.density)
         for name, policy in series:
             if name == "pool":
                 await anyio.sleep(plan.pool_settle_s)
@@ -82,6 +77,9 @@ async def measure(bench: Bench, plan: Plan, results: Results) -> None:
             )
             if name == "cold":
                 destroy = rounds.destroy_ms
+        if bench.pool_policy is None:
+            results.skip("create.pool", "create, pool", bench.pool_refusal)
+            results.skip("first_exec.pool", "create to first exec, pool", bench.pool_refusal)
         results.latency("exec.true", "exec `true`", await exec_true(client, COLD, plan.execs))
         results.latency("destroy", "destroy", destroy)
 
@@ -126,8 +124,6 @@ async def measure(bench: Bench, plan: Plan, results: Results) -> None:
             calls=rates.read_calls,
             **mib,
         )
-
-        idle = await density(client, COLD, plan.density)
         results.figure(
             "density",
             f"idle sandboxes: host memory each (n={idle.n:,})",
