@@ -43,7 +43,7 @@ class Plan:
     bursts: tuple[int, ...] = (50, 100)
     clients: int = 3
     sustained_s: float = 20
-    density: int = 50
+    density: int = 100
     copy_mib: int = 100
     baseline_rounds: int = 30
     pool_settle_s: float = 3
