@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NSPAWN_MCP := $(BIN)/nspawn-mcp
 DEBIAN_PACKAGES := systemd-container debootstrap btrfs-progs util-linux dbus nftables iproute2 openssl
+BENCH_PACKAGES := podman bubblewrap
 REQUIRED_BINARIES := /usr/bin/systemd-nspawn /lib/systemd/systemd-machined /usr/sbin/debootstrap /sbin/mkfs.btrfs /usr/bin/unshare /usr/bin/dbus-daemon /usr/sbin/nft /usr/sbin/ip /usr/bin/openssl
 
 
@@ -67,8 +68,16 @@ format: venv
 	$(BIN)/ruff format server tests benchmarks
 	$(BIN)/ruff check --fix server tests benchmarks
 
+# Writes bench/results/<date>.json, .md and .png and the README's table (BENCH_ARGS=--quick to try it,
+# --density 1000 for the full density run). Podman and bubblewrap are baselines: installed when missing,
+# and recorded as not run when they cannot be.
 bench: setup
-	$(BIN)/python benchmarks/bench.py
+	@command -v podman >/dev/null && command -v bwrap >/dev/null || { \
+		echo "installing Debian packages: $(BENCH_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_PACKAGES) >/dev/null \
+			|| echo "could not install $(BENCH_PACKAGES): those baselines will be recorded as not run"; }
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 	$(BIN)/python benchmarks/frontend_overhead.py
 
 doctor: venv
