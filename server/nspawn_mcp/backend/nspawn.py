@@ -276,6 +276,9 @@ class NspawnBackend:
         await self._machined.copy_to_machine(machine_name(sandbox_id), str(resolv), "/etc/resolv.conf")
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        if self._freezer.mechanism is not None:  # a daemon killed during a snapshot left it frozen
+            with contextlib.suppress(BackendError):  # (or it was made before snapshots existed)
+                await self._freezer.mechanism.thaw(sandbox_id)
         if plan.egress is not None and self._network is not None:
             await self._network.serve(sandbox_id, plan.egress)
 
