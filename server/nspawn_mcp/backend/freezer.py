@@ -12,10 +12,11 @@ Two mechanisms, picked by the host's cgroup layout (:func:`host_freezer`):
   (its reply comes once every process is frozen).
 - cgroup v1 or hybrid, where systemd cannot freeze units: the kernel's v1 freezer,
   which systemd does not manage. Each sandbox gets a freezer cgroup of its own,
-  ``<freezer>/nspawnmcp/<id>``, and its processes are moved there as soon as it is
-  ready (:meth:`enroll`), before anything runs in it: whatever they start later
-  inherits the cgroup. Freezing is writing ``FROZEN`` to its ``freezer.state`` and
-  waiting for the kernel to report it.
+  ``<freezer>/nspawnmcp/<id>``, the first time it is frozen: its processes are moved
+  there, in passes until one finds none left behind (a process forked meanwhile by
+  one not yet moved), and whatever they start later inherits the cgroup. Freezing is
+  writing ``FROZEN`` to its ``freezer.state`` and waiting for the kernel to report it.
+  Sandboxes never snapshotted pay nothing for it (creates stay as fast).
 
 Freezes of one sandbox nest (:meth:`Freezer.frozen` counts them): concurrent snapshots
 and forks thaw it once the last one is done.
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 _ROOT = Path("/sys/fs/cgroup")
 _FREEZE_TIMEOUT = 5.0
 _POLL = 0.0005
+_PASSES = 20
 
 
 class _Units(Protocol):
@@ -53,10 +55,6 @@ class _Units(Protocol):
 
 class FreezeMechanism(Protocol):
     """How a sandbox's processes are stopped and let go again."""
-
-    async def enroll(self, sandbox_id: str) -> None:
-        """The sandbox just became ready: make it freezable (before anything runs in it)."""
-        ...
 
     async def freeze(self, sandbox_id: str) -> None: ...
     async def thaw(self, sandbox_id: str) -> None: ...
@@ -74,9 +72,6 @@ class UnitFreezer:
 
     def __init__(self, units: _Units) -> None:
         self._units = units
-
-    async def enroll(self, sandbox_id: str) -> None:
-        return None
 
     async def freeze(self, sandbox_id: str) -> None:
         await self._units.freeze_unit(service_unit(sandbox_id))
@@ -105,16 +100,21 @@ class CgroupFreezer:
         return self._systemd / PARENT_SLICE / slice_unit(sandbox_id) / service_unit(sandbox_id)
 
     def _move_all(self, sandbox_id: str) -> None:
+        """Every process of the sandbox's service into its freezer cgroup."""
         group = self._group(sandbox_id)
+        service = self._service_group(sandbox_id)
+        if not service.is_dir():
+            raise FileNotFoundError(service)
         group.mkdir(parents=True, exist_ok=True)
         procs = group / "cgroup.procs"
-        # A process forked while others move is left behind by one pass; passes repeat until one
-        # finds nothing left to move (at enroll nothing is started, so the second pass finds none).
-        for _ in range(100):
+        # A process forked by one not yet moved is left behind by a pass: passes repeat until one
+        # finds nothing to move; then every process is in, and every later one inherits it.
+        for _ in range(_PASSES):
+            inside = set(procs.read_text().split())
             moved = 0
-            for listing in self._service_group(sandbox_id).rglob("cgroup.procs"):
-                for pid in listing.read_text().split():
-                    if pid in procs.read_text().split():
+            for directory, _dirs, _files in os.walk(service):
+                for pid in (Path(directory) / "cgroup.procs").read_text().split():
+                    if pid in inside:
                         continue
                     try:
                         procs.write_text(pid)
@@ -123,14 +123,13 @@ class CgroupFreezer:
                     moved += 1
             if moved == 0:
                 return
-        raise BackendError(f"sandbox {sandbox_id}'s processes could not all be made freezable")
-
-    async def enroll(self, sandbox_id: str) -> None:
-        await anyio.to_thread.run_sync(self._move_all, sandbox_id)
+        raise BackendError(f"sandbox {sandbox_id} starts processes too fast to be frozen; try again")
 
     async def _set(self, sandbox_id: str, state: str) -> None:
         path = self._group(sandbox_id) / "freezer.state"
         try:
+            if state == "FROZEN":
+                await anyio.to_thread.run_sync(self._move_all, sandbox_id)
             await anyio.to_thread.run_sync(path.write_text, state)
             with anyio.fail_after(_FREEZE_TIMEOUT):
                 # the kernel says when it is done only in this file: no event to wait for

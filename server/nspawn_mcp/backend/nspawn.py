@@ -14,8 +14,8 @@ Steps of a create, each undone by :meth:`NspawnBackend.destroy`:
 4. For egress policies: the veth's addresses, the nftables rules, the resolver and
    the server-name check (:mod:`.network`), and the sandbox's resolv.conf.
 
-Once ready its processes are made freezable (:mod:`.freezer`): a snapshot of a running
-sandbox (``CloneImage`` read-only, of its own image) is taken with them frozen. A fork
+A snapshot of a running sandbox (``CloneImage`` read-only, of its own image) is taken
+with its processes frozen (:mod:`.freezer`). A fork
 is a create whose first step clones a snapshot, or the running sandbox's own image,
 instead of the template; a restore stops the service, puts a clone of the snapshot in
 place of the sandbox's image and starts it again.
@@ -251,8 +251,6 @@ class NspawnBackend:
             await self.jail(sandbox_id).ping(_READY_TIMEOUT)
         except SandboxGone:
             raise BackendError(f"sandbox {sandbox_id} did not become ready") from None
-        if self._freezer.mechanism is not None:
-            await self._freezer.mechanism.enroll(sandbox_id)
         if not plan.mounts and plan.egress is None:
             return
         leader = await self._machined.machine_leader(machine_name(sandbox_id))
