@@ -35,13 +35,18 @@ from .models import (
     FileEditResult,
     FileList,
     FileWriteResult,
+    ForkResult,
     ImageList,
     PolicyDocument,
     ProcessInfo,
     ProcessList,
     ProcessOutputResult,
+    RestoreResult,
     SandboxInfo,
     SandboxList,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
     StdinWritten,
     UnexposedPort,
 )
@@ -139,6 +144,10 @@ SandboxId = Annotated[
 ]
 SandboxPath = Annotated[
     str, Field(description="absolute path inside the sandbox, e.g. /root/app/main.py", max_length=4096)
+]
+SnapshotName = Annotated[
+    str,
+    Field(description="a snapshot's name (snapshot_sandbox, list_snapshots), like 'snap-1'", max_length=64),
 ]
 ProcessId = Annotated[
     str, Field(description="id returned by exec_in_sandbox(background=true), like 'p1'", max_length=16)
@@ -702,6 +711,111 @@ def build_server(
         seconds: Annotated[int, Field(description="how much longer the sandbox may live", ge=1, le=_HUGE)],
     ) -> SandboxInfo:
         return await _service(ctx).extend(sandbox_id, seconds)
+
+    @tool(
+        title="Snapshot a sandbox",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Take a read-only checkpoint of a running sandbox's filesystem, in milliseconds (copy-on-write). Its
+        processes are frozen for the instant it is taken, so writes in flight are either in or out. Use it
+        before a risky change: restore_sandbox rolls back to it, fork_sandbox starts new sandboxes from it.
+        Only files are kept: memory and processes are not.
+
+        Snapshots go with their sandbox, unless keep=true and the policy lets snapshots be kept as images
+        (get_policy: snapshots.keep_as_images): then it outlives the sandbox as the image named in
+        kept_as_image (list_images), which create_sandbox(image=...) under the same policy starts from.
+        The policy caps snapshots per sandbox (snapshots.max_per_sandbox); a refusal names the rule.""",
+    )
+    @agent_errors
+    async def snapshot_sandbox(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        name: Annotated[
+            str | None,
+            Field(
+                description="1-19 lower-case letters, digits and inner dashes (default: snap-N)",
+                max_length=64,
+            ),
+        ] = None,
+        keep: Annotated[
+            bool, Field(description="keep it as an image after the sandbox is gone, if the policy allows")
+        ] = False,
+    ) -> SnapshotInfo:
+        return await _service(ctx).snapshots.take(sandbox_id, name, keep)
+
+    @tool(
+        title="Fork a sandbox",
+        annotations=ToolAnnotations(
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=network_offered,
+        ),
+        description="""
+        Make count new sandboxes (yours) that start with a copy of this sandbox's files: its current
+        filesystem (taken with its processes frozen for an instant, the same instant for all of them) or one
+        of its snapshots. Memory and processes are not carried over: each fork starts with no processes
+        running, like a new sandbox. Each fork has the parent's policy, limits, binds, network and env, its
+        own expiry, and counts against the policy's sandbox quotas like a create_sandbox; they are
+        independent of each other and of the parent. Returns the same fields create_sandbox does, per fork.
+        Use it to try several approaches at once, then destroy the forks you do not keep.""",
+    )
+    @agent_errors
+    async def fork_sandbox(
+        ctx: ServiceContext,
+        sandbox_id: SandboxId,
+        snapshot: Annotated[
+            str | None,
+            Field(description="start from this snapshot (default: the current filesystem)", max_length=64),
+        ] = None,
+        count: Annotated[
+            int, Field(description="how many forks (policy: snapshots.max_forks)", ge=1, le=64)
+        ] = 1,
+    ) -> ForkResult:
+        return await _service(ctx).snapshots.fork(sandbox_id, snapshot, count)
+
+    @tool(
+        title="Restore a sandbox to a snapshot",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Roll a sandbox's filesystem back to one of its snapshots: everything written since is lost. Every
+        process in it is ended and the sandbox starts again on the snapshot, with the same sandbox_id,
+        limits, exposed ports, env, binds and network; background processes that were running are listed
+        in gone_processes and their process_ids no longer answer. The snapshot stays, to restore again.""",
+    )
+    @agent_errors
+    async def restore_sandbox(
+        ctx: ServiceContext, sandbox_id: SandboxId, snapshot: SnapshotName
+    ) -> RestoreResult:
+        return await _service(ctx).snapshots.restore(sandbox_id, snapshot)
+
+    @tool(
+        title="List a sandbox's snapshots",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        description="List a sandbox's snapshots: names, when each was taken, the image a kept one is.",
+    )
+    @agent_errors
+    async def list_snapshots(ctx: ServiceContext, sandbox_id: SandboxId) -> SnapshotList:
+        return _service(ctx).snapshots.listing(sandbox_id)
+
+    @tool(
+        title="Delete a snapshot",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
+        ),
+        description="""
+        Delete a snapshot of a sandbox (a kept one's image too), freeing its slot (snapshots.max_per_sandbox)
+        and the disk only it held. The sandbox itself is not touched.""",
+    )
+    @agent_errors
+    async def delete_snapshot(
+        ctx: ServiceContext, sandbox_id: SandboxId, name: SnapshotName
+    ) -> SnapshotDeleted:
+        return await _service(ctx).snapshots.delete(sandbox_id, name)
 
     @tool(
         title="List images",

@@ -16,6 +16,7 @@ __all__ = [
     "FileEntryInfo",
     "FileList",
     "FileWriteResult",
+    "ForkResult",
     "ImageList",
     "ImageSummary",
     "Limits",
@@ -25,10 +26,14 @@ __all__ = [
     "ProcessInfo",
     "ProcessList",
     "ProcessOutputResult",
+    "RestoreResult",
     "SandboxInfo",
     "SandboxList",
     "SandboxStatus",
     "SandboxUsage",
+    "SnapshotDeleted",
+    "SnapshotInfo",
+    "SnapshotList",
     "StdinWritten",
     "UnexposedPort",
 ]
@@ -257,8 +262,10 @@ class ImageSummary(_Result):
     created_at: str | None = Field(default=None, description="ISO 8601, UTC: when this version was made")
     os_release: OsRelease | None = None
     packages: list[str] = Field(default_factory=list, description="packages its recipe added to the base")
-    source: Literal["recipe", "import"] | None = Field(
-        default=None, description="built from a recipe or imported by the operator; null if not recorded"
+    source: Literal["recipe", "import", "snapshot"] | None = Field(
+        default=None,
+        description="built from a recipe, imported by the operator, or a snapshot kept as an image; "
+        "null if not recorded",
     )
     policies: list[str] = Field(description="the policies you may use that allow this image")
     default_policy_allows: bool = Field(
@@ -307,3 +314,38 @@ class SandboxStatus(_Result):
     ports: list[ExposedPort] = Field(default_factory=list, description="ports exposed with expose_port")
     mounts: list[Mount] = Field(default_factory=list)
     env: list[str] = Field(default_factory=list, description="names of the variables set at create")
+
+
+class SnapshotInfo(_Result):
+    sandbox_id: str
+    name: str = Field(description="what fork_sandbox(snapshot=...), restore_sandbox and delete_snapshot take")
+    created_at: str = Field(description="ISO 8601, UTC")
+    kept_as_image: str | None = Field(
+        default=None,
+        description="the image it is kept as: it outlives the sandbox, and create_sandbox(image=...) "
+        "under the same policy starts from it",
+    )
+
+
+class SnapshotList(_Result):
+    snapshots: list[SnapshotInfo]
+
+
+class SnapshotDeleted(_Result):
+    sandbox_id: str
+    name: str
+    deleted: bool
+
+
+class ForkResult(_Result):
+    sandboxes: list[SandboxInfo] = Field(description="the new sandboxes, yours, each with its own limits")
+
+
+class RestoreResult(_Result):
+    sandbox_id: str
+    snapshot: str
+    gone_processes: list[str] = Field(
+        default_factory=list,
+        description="background processes (process_id) that were running and are gone: every process "
+        "was ended and the sandbox started again on the snapshot",
+    )

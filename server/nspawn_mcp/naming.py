@@ -19,7 +19,16 @@ its nftables chains and set     :func:`nft_object`                  (never parse
 a template image                :func:`template_image`              :func:`template_of_image`
 a template being built          :func:`template_staging`            (never parsed; hidden from machined)
 an image being imported         :func:`import_staging_image`        :func:`image_of_import_staging`
+a snapshot of a sandbox         :func:`snapshot_image`              :func:`snapshot_of_image`
+a snapshot kept as an image     :func:`kept_image`                  :func:`snapshot_of_kept_image`
+a snapshot a fork copies        :func:`fork_image`                  :func:`snapshot_of_image`
+a sandbox's freezer cgroup      :func:`freezer_group`               :func:`sandbox_of_freezer_group`
 ==============================  ==================================  ==================================
+
+A snapshot's name is the agent's (:func:`parse_snapshot_name`); the image it is stored as
+carries the sandbox's id, so a snapshot goes with its sandbox. One kept as an image is a
+template (``create_sandbox(image=...)`` starts from it), named after the sandbox and the
+snapshot, and outlives the sandbox.
 
 An image being imported is never a template (machined lists it, so it must not parse
 as one): it becomes one only once it has been checked. An imported disk image
@@ -42,18 +51,26 @@ __all__ = [
     "UNIT_PATTERNS",
     "NftObject",
     "StagingKind",
+    "fork_image",
+    "freezer_group",
     "host_interface",
     "image_of_import_staging",
     "import_staging_image",
+    "kept_image",
     "machine_name",
     "new_sandbox_id",
     "nft_object",
     "parse_sandbox_id",
+    "parse_snapshot_name",
+    "sandbox_of_freezer_group",
     "sandbox_of_interface",
     "sandbox_of_machine",
     "sandbox_of_unit",
     "service_unit",
     "slice_unit",
+    "snapshot_image",
+    "snapshot_of_image",
+    "snapshot_of_kept_image",
     "template_image",
     "template_of_image",
     "template_staging",
@@ -70,6 +87,11 @@ _SLICE = re.compile(r"nspawnmcp-([0-9a-f]{8})\.slice")
 _INTERFACE = re.compile(r"ve-(sbx-[0-9a-f]{8})")
 _TEMPLATE_PREFIX = "nspawn-mcp-"
 _IMPORT_STAGING = re.compile(r"nspawnmcp-import-(tree|raw)-([a-z0-9][a-z0-9-]{0,31})")
+
+_SNAPSHOT_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,17}[a-z0-9])?")
+_SNAPSHOT_IMAGE = re.compile(r"nspawnmcp-(snap|fork)-([0-9a-f]{8})-([a-z0-9-]{1,19})")
+_KEPT = re.compile(r"(sbx-[0-9a-f]{8})-([a-z0-9-]{1,19})")
+_FREEZER_GROUP = "nspawnmcp"
 
 INTERFACE_PATTERN = "ve-sbx-*"
 """An nftables wildcard that matches every interface :func:`sandbox_of_interface` may claim."""
@@ -178,3 +200,54 @@ def image_of_import_staging(name: str) -> tuple[str, StagingKind] | None:
         return None
     kind: StagingKind = "raw" if found[1] == "raw" else "tree"
     return found[2], kind
+
+
+def parse_snapshot_name(value: str) -> str:
+    """Validate a snapshot name an agent sent; the message says what names look like."""
+    if not _SNAPSHOT_NAME.fullmatch(value):
+        shown = value[:40].encode("unicode_escape").decode()
+        raise InvalidRequest(
+            f"invalid snapshot name {shown!r}: names are 1-19 lower-case letters, digits and inner dashes, "
+            "like 'before-upgrade'"
+        )
+    return value
+
+
+def snapshot_image(sandbox_id: str, name: str) -> str:
+    """The read-only machined image snapshot ``name`` of the sandbox is stored as (not a template)."""
+    return f"nspawnmcp-snap-{_suffix(sandbox_id)}-{name}"
+
+
+def fork_image(sandbox_id: str, token: str) -> str:
+    """A snapshot of the sandbox taken only for the forks of one call (never an agent's; removed after)."""
+    return f"nspawnmcp-fork-{_suffix(sandbox_id)}-{token}"
+
+
+def snapshot_of_image(name: str) -> tuple[str, str, bool] | None:
+    """The sandbox and snapshot a snapshot image (or a fork's) stands for, and whether it is a fork's;
+    None for any other name."""
+    found = _SNAPSHOT_IMAGE.fullmatch(name)
+    if found is None:
+        return None
+    return _ID_PREFIX + found[2], found[3], found[1] == "fork"
+
+
+def kept_image(sandbox_id: str, name: str) -> str:
+    """The image (``create_sandbox(image=...)``, a template) snapshot ``name`` is kept as."""
+    return f"{sandbox_id}-{name}"
+
+
+def snapshot_of_kept_image(image: str) -> tuple[str, str] | None:
+    """The sandbox and snapshot a kept image was taken of; None for any other image name."""
+    found = _KEPT.fullmatch(image)
+    return (found[1], found[2]) if found else None
+
+
+def freezer_group(sandbox_id: str) -> str:
+    """The sandbox's cgroup in a v1 freezer hierarchy, relative to its root."""
+    return f"{_FREEZER_GROUP}/{sandbox_id}"
+
+
+def sandbox_of_freezer_group(name: str) -> str | None:
+    """The sandbox a directory in the freezer hierarchy's ``nspawnmcp`` group belongs to; None otherwise."""
+    return name if SANDBOX_ID.fullmatch(name) else None

@@ -24,13 +24,18 @@ from .models import (
     FileEditResult,
     FileList,
     FileWriteResult,
+    ForkResult,
     ImageList,
     PolicyDocument,
     ProcessInfo,
     ProcessList,
     ProcessOutputResult,
+    RestoreResult,
     SandboxInfo,
     SandboxList,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
     StdinWritten,
     UnexposedPort,
 )
@@ -256,3 +261,32 @@ def _images(result: ImageList) -> str:
     if result.not_installed:
         lines.append("allowed but not installed: " + ", ".join(result.not_installed))
     return "\n".join(lines) or "no images"
+
+
+@_summarizes(SnapshotInfo)
+def _snapshot(result: SnapshotInfo) -> str:
+    kept = f", kept as image {result.kept_as_image}" if result.kept_as_image else ""
+    return f"snapshot {result.name} of {result.sandbox_id} taken at {result.created_at}{kept}"
+
+
+@_summarizes(SnapshotList)
+def _snapshots(result: SnapshotList) -> str:
+    if not result.snapshots:
+        return "no snapshots"
+    return f"{len(result.snapshots)} snapshots\n" + "\n".join(_snapshot(s) for s in result.snapshots)
+
+
+@_summarizes(SnapshotDeleted)
+def _snapshot_deleted(result: SnapshotDeleted) -> str:
+    return f"snapshot {result.name} of {result.sandbox_id} deleted"
+
+
+@_summarizes(ForkResult)
+def _forks(result: ForkResult) -> str:
+    return f"{len(result.sandboxes)} forks\n" + "\n".join(_sandbox(s) for s in result.sandboxes)
+
+
+@_summarizes(RestoreResult)
+def _restored(result: RestoreResult) -> str:
+    gone = f"; background processes gone: {', '.join(result.gone_processes)}" if result.gone_processes else ""
+    return f"{result.sandbox_id} restored to snapshot {result.snapshot}{gone}"

@@ -30,7 +30,15 @@ import anyio.to_thread
 
 from . import commands, copies, hostfs
 from .audit import AuditLog
-from .backend.api import Backend, CommandSpec, Jail, MeasuredUsage, OutputChunk, ProcessState
+from .backend.api import (
+    Backend,
+    CommandSpec,
+    Jail,
+    MeasuredUsage,
+    OutputChunk,
+    ProcessState,
+    SnapshotRef,
+)
 from .commands import CommandRequest, Keep
 from .errors import (
     BackendError,
@@ -79,6 +87,7 @@ from .policy import (
 from .policy.models import FilesPolicy
 from .pool import PoolSpec, WarmPool
 from .records import Exposure, LiveSandbox, MetaStore, SandboxRecord
+from .snapshots import Snapshots
 
 __all__ = ["SandboxService"]
 
@@ -152,6 +161,8 @@ class SandboxService:
         """Sandboxes started ahead of demand; run its ``run`` in a task and await its ``stop`` at the end."""
         self.events = EventFeed()
         """What each client is told of its own sandboxes (MCP log messages); run its pump."""
+        self.snapshots = Snapshots(self)
+        """Snapshots, forks and restores of these sandboxes."""
 
     @contextlib.contextmanager
     def _audited(
@@ -225,6 +236,7 @@ class SandboxService:
             log.info("removing the remains of sandbox %s", sandbox_id)
             await self._backend.destroy(sandbox_id)
             self._store.remove(sandbox_id)
+        await self.snapshots.reconcile(set(self._sandboxes))
 
     async def _restore_ports(self, sandbox: SandboxRecord) -> None:
         """Listen again on the host ports an adopted sandbox's record names; drop (and log) the ones
@@ -370,6 +382,9 @@ class SandboxService:
         if self._catalog is not None:
             entries = await anyio.to_thread.run_sync(self._catalog.entries)
             recorded = {entry.name: entry for entry in entries}
+        for entry in recorded.values():  # snapshots kept as images: for the policy that kept each
+            if entry.policy in allowing and self.snapshots.kept_allows(entry, entry.policy):
+                allowing[entry.policy] = (*allowing[entry.policy], entry.name)
         installed = await self._backend.images()
         summaries = [
             _image_summary(
@@ -400,17 +415,26 @@ class SandboxService:
             audit["sandbox_id"] = info.sandbox_id
         return info
 
-    async def _create(self, request: CreateRequest, env: dict[str, str]) -> SandboxInfo:
-        client = current_client.get()
-        if client.policies is not None and request.policy not in client.policies:
+    def _usable_policy(self, name: str, client: Client) -> Policy:
+        """Policy ``name``, if the client may use it."""
+        if client.policies is not None and name not in client.policies:
             raise PolicyRefused(
-                f"policy {request.policy!r} is not one this client may use; it may use: "
+                f"policy {name!r} is not one this client may use; it may use: "
                 + ", ".join(sorted(client.policies)),
                 rule="the client's token (nspawn-mcp token add --policy)",
             )
-        policy = self._policies.get(request.policy)
+        return self._policies.get(name)
+
+    async def _create(self, request: CreateRequest, env: dict[str, str]) -> SandboxInfo:
+        client = current_client.get()
+        policy = self._usable_policy(request.policy, client)
         workdir = self._workdir(client, naming_host_paths=bool(request.mounts))
-        plan = resolve_create(request.policy, policy, request, cwd=workdir)
+        kept: tuple[str, ...] = ()
+        if request.image not in policy.sandboxes.images and self._catalog is not None:
+            entry = await anyio.to_thread.run_sync(self._catalog.get, request.image)
+            if self.snapshots.kept_allows(entry, request.policy):
+                kept = (request.image,)
+        plan = resolve_create(request.policy, policy, request, cwd=workdir, also_allowed=kept)
         if not self.pool.can_serve(plan) and plan.image not in await self._backend.available_images():
             raise NotFound(not_installed(plan.image))
         if plan.mounts:
@@ -418,10 +442,21 @@ class SandboxService:
         # The image's environment is taken now: a rebuild of the image later does not change
         # what this sandbox's commands see (its files do not change either).
         env = commands.merged_environment(await self._image_environment(plan.image), env, {})
-        try:
-            sandbox = await self._start(policy, plan, client, env, from_pool=True)
-        except _HandOutFailed:  # the pooled sandbox it took is removed: start one
-            sandbox = await self._start(policy, plan, client, env, from_pool=False)
+        return await self._launch(policy, plan, env)
+
+    async def _launch(
+        self, policy: Policy, plan: SandboxPlan, env: dict[str, str], source: SnapshotRef | str | None = None
+    ) -> SandboxInfo:
+        """Make the caller's sandbox of a resolved plan: from the warm pool, from its image, or from
+        ``source`` (a fork's: see :meth:`Backend.create`)."""
+        client = current_client.get()
+        if source is not None:
+            sandbox = await self._start(policy, plan, client, env, from_pool=False, source=source)
+        else:
+            try:
+                sandbox = await self._start(policy, plan, client, env, from_pool=True)
+            except _HandOutFailed:  # the pooled sandbox it took is removed: start one
+                sandbox = await self._start(policy, plan, client, env, from_pool=False)
         log.info(
             "created %s (policy %s) for %s",
             sandbox.sandbox_id,
@@ -444,7 +479,14 @@ class SandboxService:
         return sandbox.info()
 
     async def _start(
-        self, policy: Policy, plan: SandboxPlan, client: Client, env: dict[str, str], *, from_pool: bool
+        self,
+        policy: Policy,
+        plan: SandboxPlan,
+        client: Client,
+        env: dict[str, str],
+        *,
+        from_pool: bool,
+        source: SnapshotRef | str | None = None,
     ) -> SandboxRecord:
         """Register the sandbox and start it, or take one from the warm pool and adapt it to ``plan``
         (raises _HandOutFailed when that fails: it is removed, and the caller may start one instead)."""
@@ -472,7 +514,7 @@ class SandboxService:
             if pooled is None:
                 self._store.save(sandbox)  # "creating": a daemon that dies from here on leaves it half-made
                 with self.pool.cold_create():
-                    await self._backend.create(sandbox.sandbox_id, plan)
+                    await self._backend.create(sandbox.sandbox_id, plan, source)
             else:  # no record until it is adapted: a daemon that dies meanwhile removes it
                 await self._backend.adapt(sandbox.sandbox_id, pooled.plan, plan)
             sandbox.state = "running"
@@ -495,21 +537,22 @@ class SandboxService:
         live = sum(1 for s in self._sandboxes.values() if s.state != "gone")
         return self._max_sandboxes - live - self.pool.ready()
 
-    def _check_quotas(self, policy: Policy, plan: SandboxPlan, owner: str) -> None:
+    def _check_quotas(self, policy: Policy, plan: SandboxPlan, owner: str, count: int = 1) -> None:
+        """Whether ``count`` more sandboxes of ``plan`` fit."""
         live = [s for s in self._sandboxes.values() if s.state != "gone"]
-        if len(live) >= self._max_sandboxes:
+        if len(live) + count > self._max_sandboxes:
             raise QuotaExceeded(
                 f"this server already runs {len(live)} sandboxes, its maximum; destroy one first"
             )
         same_policy = [s for s in live if s.plan.policy == plan.policy]
-        if len(same_policy) >= policy.sandboxes.max_live:
+        if len(same_policy) + count > policy.sandboxes.max_live:
             raise QuotaExceeded(
                 f"policy {plan.policy!r} allows {policy.sandboxes.max_live} live sandboxes and "
                 f"{len(same_policy)} exist; destroy one first (policy rule: sandboxes.max_live)"
             )
         per_client = policy.sandboxes.max_live_per_client
         mine = sum(1 for s in same_policy if s.owner == owner)
-        if per_client is not None and mine >= per_client:
+        if per_client is not None and mine + count > per_client:
             raise QuotaExceeded(
                 f"policy {plan.policy!r} allows {per_client} live sandboxes per client and you have {mine} "
                 f"(you are {owner}); "
@@ -539,6 +582,10 @@ class SandboxService:
                 raise
             self._store.remove(sandbox.sandbox_id)
             self._sandboxes.pop(sandbox.sandbox_id, None)
+            try:
+                await self.snapshots.discard(sandbox.sandbox_id)
+            except SandboxError as exc:  # the next start removes them
+                log.warning("removing the snapshots of %s failed: %s", sandbox.sandbox_id, exc)
             self._tombstones[sandbox.sandbox_id] = _Tombstone(sandbox.owner, sandbox.plan.policy, reason)
             while len(self._tombstones) > _TOMBSTONES:
                 self._tombstones.popitem(last=False)

@@ -22,6 +22,8 @@ from nspawn_mcp.backend.api import (
     OutputChunk,
     ProcessOutput,
     ProcessState,
+    SnapshotImage,
+    SnapshotRef,
     TemplateImage,
     TreeEntry,
     TreeRead,
@@ -93,20 +95,60 @@ class FakeBackend:
     """(sandbox, port inside) -> a port on the test's loopback that stands for it (connect goes there)."""
     measured: dict[str, MeasuredUsage] = field(default_factory=dict)
     """What usage() reports per sandbox; nothing known for the others."""
-
-    async def available_images(self) -> set[str]:
-        return set(self.installed)
+    snapshot_images: dict[SnapshotRef, dict[str, bytes]] = field(default_factory=dict)
+    """Snapshots in the pool: each a copy of its sandbox's files (``files``) when it was taken."""
+    sources: dict[str, SnapshotRef | str | None] = field(default_factory=dict)
+    """What each sandbox was made from (create's ``source``)."""
+    restored: list[tuple[str, SnapshotRef]] = field(default_factory=list)
+    snapshot_error: BaseException | None = None
 
     async def images(self) -> list[TemplateImage]:
+        kept = {f"{ref.sandbox_id}-{ref.name}" for ref in self.snapshot_images if ref.kind == "kept"}
         return [
             TemplateImage(name=name, usage_bytes=self.image_sizes.get(name), created=None)
-            for name in sorted(self.installed)
+            for name in sorted(self.installed | kept)
         ]
+
+    async def available_images(self) -> set[str]:
+        return {image.name for image in await self.images()}
+
+    def _files_of(self, sandbox_id: str) -> dict[str, bytes]:
+        return {path: data for (owner, path), data in self.files.items() if owner == sandbox_id}
+
+    def _put_files(self, sandbox_id: str, files: dict[str, bytes]) -> None:
+        for key in [key for key in self.files if key[0] == sandbox_id]:
+            del self.files[key]
+        self.files.update({(sandbox_id, path): data for path, data in files.items()})
+
+    async def snapshot(self, snapshot: SnapshotRef) -> None:
+        if snapshot.sandbox_id not in self.sandboxes:
+            raise SandboxGone("the sandbox stopped while the request was running")
+        if self.snapshot_error is not None:
+            raise self.snapshot_error
+        self.snapshot_images[snapshot] = self._files_of(snapshot.sandbox_id)
+
+    async def restore(self, sandbox_id: str, plan: SandboxPlan, snapshot: SnapshotRef) -> None:
+        self.restored.append((sandbox_id, snapshot))
+        self.processes.clear()
+        self._put_files(sandbox_id, dict(self.snapshot_images[snapshot]))
+
+    async def remove_snapshot(self, snapshot: SnapshotRef) -> None:
+        self.snapshot_images.pop(snapshot, None)
+
+    async def snapshots(self) -> list[SnapshotImage]:
+        return [SnapshotImage(ref=ref, created=None, usage_bytes=None) for ref in self.snapshot_images]
 
     def reserve_subnet(self, sandbox_id: str) -> str:
         return self.subnets.reserve(sandbox_id)
 
-    async def create(self, sandbox_id: str, plan: SandboxPlan) -> None:
+    async def create(
+        self, sandbox_id: str, plan: SandboxPlan, source: SnapshotRef | str | None = None
+    ) -> None:
+        self.sources[sandbox_id] = source
+        if isinstance(source, str):
+            self._put_files(sandbox_id, self._files_of(source))
+        elif source is not None:
+            self._put_files(sandbox_id, dict(self.snapshot_images[source]))
         self.sandboxes[sandbox_id] = plan
         if self.create_gate is not None:
             await self.create_gate.wait()

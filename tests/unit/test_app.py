@@ -59,6 +59,11 @@ async def test_the_tools_are_offered(client: Client) -> None:
         "write_file",
         "edit_file",
         "list_files",
+        "snapshot_sandbox",
+        "fork_sandbox",
+        "restore_sandbox",
+        "list_snapshots",
+        "delete_snapshot",
     }
 
     exec_schema = tools["exec_in_sandbox"].input_schema

@@ -306,7 +306,7 @@ def _strings_and_numbers(schema: dict[str, Any], path: str) -> Iterator[tuple[st
 
 async def test_every_tool_has_a_title_plain_description_annotations_and_output_schema(client: Client) -> None:
     tools = (await client.list_tools()).tools
-    assert len(tools) == 18
+    assert len(tools) == 23
     for tool in tools:
         assert tool.title, tool.name
         assert tool.description, tool.name
@@ -340,6 +340,8 @@ async def test_the_annotations_say_what_each_tool_does(client: Client) -> None:
         "edit_file",
         "destroy_sandbox",
         "unexpose_port",
+        "restore_sandbox",  # loses what was written since the snapshot
+        "delete_snapshot",
     }
     assert read_only == {
         "read_process_output",
@@ -349,10 +351,11 @@ async def test_the_annotations_say_what_each_tool_does(client: Client) -> None:
         "list_sandboxes",
         "list_images",
         "get_policy",
+        "list_snapshots",
     }
-    # the shipped policies offer network (dev, egress-web): only creating and running reach it
+    # the shipped policies offer network (dev, egress-web): only making sandboxes and running reach it
     open_world = {name for name, h in hints.items() if h is not None and h.open_world_hint}
-    assert open_world == {"create_sandbox", "exec_in_sandbox"}
+    assert open_world == {"create_sandbox", "exec_in_sandbox", "fork_sandbox"}
 
 
 async def test_without_network_policies_no_tool_is_open_world(backend: FakeBackend, tmp_path: Path) -> None:

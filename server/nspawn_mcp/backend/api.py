@@ -44,6 +44,9 @@ __all__ = [
     "OutputChunk",
     "ProcessOutput",
     "ProcessState",
+    "SnapshotImage",
+    "SnapshotKind",
+    "SnapshotRef",
     "TemplateImage",
     "TreeEntry",
     "TreeRead",
@@ -75,6 +78,29 @@ class TemplateImage:
     usage_bytes: int | None
     """Disk use as the pool counts it; None when it cannot tell (no quotas)."""
     created: datetime | None
+
+
+SnapshotKind = Literal["snapshot", "kept", "fork"]
+"""An agent's snapshot; one kept as an image (a template that outlives its sandbox); one taken only
+for the forks of one call."""
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """A read-only checkpoint of a sandbox's filesystem, as the service names it."""
+
+    sandbox_id: str
+    name: str
+    kind: SnapshotKind = "snapshot"
+
+
+@dataclass(frozen=True)
+class SnapshotImage:
+    """A snapshot as the image pool reports it."""
+
+    ref: SnapshotRef
+    created: datetime | None
+    usage_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -171,8 +197,31 @@ class Backend(Protocol):
         """
         ...
 
-    async def create(self, sandbox_id: str, plan: SandboxPlan) -> None:
-        """Snapshot the image and start the sandbox; return once it accepts commands."""
+    async def create(
+        self, sandbox_id: str, plan: SandboxPlan, source: SnapshotRef | str | None = None
+    ) -> None:
+        """Snapshot the image and start the sandbox; return once it accepts commands.
+
+        ``source``: start from a snapshot instead of the plan's image, or from a copy of the
+        current filesystem of the running sandbox of that id (its processes frozen for the copy).
+        """
+        ...
+
+    async def snapshot(self, snapshot: SnapshotRef) -> None:
+        """A read-only copy of the running sandbox's filesystem, its processes frozen for the instant."""
+        ...
+
+    async def restore(self, sandbox_id: str, plan: SandboxPlan, snapshot: SnapshotRef) -> None:
+        """Stop the sandbox, put the snapshot in place of its filesystem and start it again as
+        :meth:`create` does (same id, plan and network); return once it accepts commands."""
+        ...
+
+    async def remove_snapshot(self, snapshot: SnapshotRef) -> None:
+        """Remove the snapshot's image. Idempotent."""
+        ...
+
+    async def snapshots(self) -> list[SnapshotImage]:
+        """Every snapshot this server's sandboxes took that is still in the pool, kept ones included."""
         ...
 
     async def adapt(self, sandbox_id: str, started: SandboxPlan, plan: SandboxPlan) -> None:

@@ -106,8 +106,11 @@ class Machined:
         )
         return int(usage)
 
-    async def clone_image(self, source: str, new_name: str) -> None:
-        await self._call("CloneImage", "ssb", source, new_name, False, operation=f"cloning image {source}")
+    async def clone_image(self, source: str, new_name: str, *, read_only: bool = False) -> None:
+        """A copy of ``source`` named ``new_name``: a btrfs snapshot on a btrfs pool."""
+        await self._call(
+            "CloneImage", "ssb", source, new_name, read_only, operation=f"cloning image {source}"
+        )
 
     async def set_image_limit(self, name: str, limit_bytes: int) -> None:
         """A quota on the image's whole filesystem (a btrfs qgroup limit)."""

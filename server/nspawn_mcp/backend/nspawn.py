@@ -13,6 +13,12 @@ Steps of a create, each undone by :meth:`NspawnBackend.destroy`:
 3. The plan's host binds, attached to the running sandbox by a helper (:mod:`.binds`).
 4. For egress policies: the veth's addresses, the nftables rules, the resolver and
    the server-name check (:mod:`.network`), and the sandbox's resolv.conf.
+
+A snapshot of a running sandbox (``CloneImage`` read-only, of its own image) is taken
+with its processes frozen (:mod:`.freezer`). A fork
+is a create whose first step clones a snapshot, or the running sandbox's own image,
+instead of the template; a restore stops the service, puts a clone of the snapshot in
+place of the sandbox's image and starts it again.
 """
 
 from __future__ import annotations
@@ -36,19 +42,25 @@ from ..layout import Layout
 from ..naming import (
     SANDBOX_ID,
     UNIT_PATTERNS,
+    fork_image,
+    kept_image,
     machine_name,
     sandbox_of_machine,
     sandbox_of_unit,
     service_unit,
     slice_unit,
+    snapshot_image,
+    snapshot_of_image,
+    snapshot_of_kept_image,
     template_image,
     template_of_image,
 )
 from ..policy import EgressPlan, SandboxPlan
-from .api import MeasuredUsage, TemplateImage
+from .api import MeasuredUsage, SnapshotImage, SnapshotRef, TemplateImage
 from .binds import attach_binds
 from .bus import Bus
 from .cgroups import cpu_usage_nsec, oom_kill_count
+from .freezer import Freezer, host_freezer
 from .jail import JailClient
 from .machine1 import Machined
 from .network import EgressNetwork
@@ -85,6 +97,26 @@ def install_supervisor(layout: Layout) -> None:
         compiled.chmod(0o644)
 
 
+def _snapshot_image(snapshot: SnapshotRef) -> str:
+    """The machined image a snapshot is stored as."""
+    if snapshot.kind == "kept":
+        return template_image(kept_image(snapshot.sandbox_id, snapshot.name))
+    if snapshot.kind == "fork":
+        return fork_image(snapshot.sandbox_id, snapshot.name)
+    return snapshot_image(snapshot.sandbox_id, snapshot.name)
+
+
+def _snapshot_of(image: str) -> SnapshotRef | None:
+    """The snapshot a machined image stores; None for any other image."""
+    parsed = snapshot_of_image(image)
+    if parsed is not None:
+        sandbox_id, name, fork = parsed
+        return SnapshotRef(sandbox_id, name, "fork" if fork else "snapshot")
+    template = template_of_image(image)
+    kept = snapshot_of_kept_image(template) if template is not None else None
+    return SnapshotRef(kept[0], kept[1], "kept") if kept is not None else None
+
+
 def _listening_socket(path: Path) -> socket.socket:
     """The supervisor's socket, made by the server where only the host's root can reach it."""
     path.unlink(missing_ok=True)
@@ -107,7 +139,9 @@ class NspawnBackend:
         layout: Layout,
         network: EgressNetwork | None = None,
         proc_root: Path = Path("/proc"),
+        freezer: Freezer | None = None,
     ) -> None:
+        self._freezer = freezer or Freezer(host_freezer(systemd))
         self._bus = bus
         self._systemd = systemd
         self._machined = machined
@@ -175,12 +209,25 @@ class NspawnBackend:
         root = self._layout.machines_dir / machine_name(sandbox_id)
         return SandboxPaths(root=str(root), lib_dir=str(self._layout.lib_dir))
 
-    async def create(self, sandbox_id: str, plan: SandboxPlan) -> None:
+    async def create(
+        self, sandbox_id: str, plan: SandboxPlan, source: SnapshotRef | str | None = None
+    ) -> None:
         self._layout.sandbox_dir(sandbox_id).mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            await self._machined.clone_image(template_image(plan.image), machine_name(sandbox_id))
+            if isinstance(source, str):  # a running sandbox's current filesystem
+                async with self._freezer.frozen(source):
+                    await self._machined.clone_image(machine_name(source), machine_name(sandbox_id))
+            else:
+                origin = template_image(plan.image) if source is None else _snapshot_image(source)
+                await self._machined.clone_image(origin, machine_name(sandbox_id))
         except NoSuchObject:
-            raise BackendError(not_installed(plan.image)) from None
+            if source is None:
+                raise BackendError(not_installed(plan.image)) from None
+            raise BackendError(f"the sandbox {sandbox_id} was to start from is gone") from None
+        await self._start(sandbox_id, plan)
+
+    async def _start(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        """Start the sandbox on its (freshly cloned) image; return once it accepts commands."""
         if plan.limits.disk_bytes is not None:
             await self._limit_disk(sandbox_id, plan.limits.disk_bytes)
 
@@ -240,21 +287,67 @@ class NspawnBackend:
         await self._machined.copy_to_machine(machine_name(sandbox_id), str(resolv), "/etc/resolv.conf")
 
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
+        if self._freezer.mechanism is not None:  # a daemon killed during a snapshot left it frozen
+            with contextlib.suppress(BackendError):  # (or it was made before snapshots existed)
+                await self._freezer.mechanism.thaw(sandbox_id)
         if plan.egress is not None and self._network is not None:
             await self._network.serve(sandbox_id, plan.egress)
 
     async def destroy(self, sandbox_id: str) -> None:
+        await self._stop(sandbox_id)
+        if self._network is not None:  # its veth went with the service
+            self._network.release(sandbox_id)
+        with contextlib.suppress(NoSuchObject):
+            await self._machined.remove_image(machine_name(sandbox_id))
+        shutil.rmtree(self._layout.sandbox_dir(sandbox_id), ignore_errors=True)
+
+    async def _stop(self, sandbox_id: str) -> None:
+        """Stop everything that runs of the sandbox (its network's subnet stays held)."""
         if self._network is not None:
             await self._network.detach(sandbox_id)
         await self._systemd.stop_unit(service_unit(sandbox_id))
         await self._systemd.reset_failed(service_unit(sandbox_id))
-        if self._network is not None:  # its veth went with the service
-            self._network.release(sandbox_id)
         await self._systemd.stop_unit(slice_unit(sandbox_id))
         await self._systemd.reset_failed(slice_unit(sandbox_id))
+        if self._freezer.mechanism is not None:
+            await self._freezer.mechanism.remove(sandbox_id)
+        self._freezer.forget(sandbox_id)
+
+    async def snapshot(self, snapshot: SnapshotRef) -> None:
+        async with self._freezer.frozen(snapshot.sandbox_id):
+            await self._machined.clone_image(
+                machine_name(snapshot.sandbox_id), _snapshot_image(snapshot), read_only=True
+            )
+
+    async def restore(self, sandbox_id: str, plan: SandboxPlan, snapshot: SnapshotRef) -> None:
+        await self._stop(sandbox_id)
         with contextlib.suppress(NoSuchObject):
             await self._machined.remove_image(machine_name(sandbox_id))
-        shutil.rmtree(self._layout.sandbox_dir(sandbox_id), ignore_errors=True)
+        try:
+            await self._machined.clone_image(_snapshot_image(snapshot), machine_name(sandbox_id))
+        except NoSuchObject:
+            raise BackendError(f"snapshot {snapshot.name!r} of {sandbox_id} is gone") from None
+        await self._start(sandbox_id, plan)
+        # machined signalled the old machine's removal before this reply: the handler has seen it
+        # (while the service still counted the sandbox as restarting), not after the restore
+        await self._machined.machine_leader(machine_name(sandbox_id))
+
+    async def remove_snapshot(self, snapshot: SnapshotRef) -> None:
+        with contextlib.suppress(NoSuchObject):
+            await self._machined.remove_image(_snapshot_image(snapshot))
+
+    async def snapshots(self) -> list[SnapshotImage]:
+        found = []
+        for image in await self._machined.list_images():
+            ref = _snapshot_of(image.name)
+            if ref is None:
+                continue
+            usage = image.usage_bytes if image.usage_bytes < _UNKNOWN_SIZE else None
+            created = (
+                datetime.fromtimestamp(image.created_usec / 1e6, UTC) if image.created_usec > 0 else None
+            )
+            found.append(SnapshotImage(ref=ref, created=created, usage_bytes=usage))
+        return found
 
     async def running(self) -> set[str]:
         ours: set[str] = set()
@@ -279,6 +372,8 @@ class NspawnBackend:
             found |= {
                 path.name for path in self._layout.sandboxes_dir.iterdir() if SANDBOX_ID.fullmatch(path.name)
             }
+        if self._freezer.mechanism is not None:
+            found |= self._freezer.mechanism.leftovers()
         return {sandbox_id for sandbox_id in found if sandbox_id is not None} - await self.running()
 
     async def oom_kills(self, sandbox_id: str) -> int | None:

@@ -152,6 +152,13 @@ class Systemd:
             "SetUnitProperties", "sba(sv)", name, True, _variants(properties), operation=f"changing {name}"
         )
 
+    async def freeze_unit(self, name: str) -> None:
+        """Freeze every process of ``name`` (cgroup v2 only); the reply comes once they are frozen."""
+        await self._manager("FreezeUnit", "s", name, operation=f"freezing {name}")
+
+    async def thaw_unit(self, name: str) -> None:
+        await self._manager("ThawUnit", "s", name, operation=f"thawing {name}")
+
     async def reset_failed(self, name: str) -> None:
         with contextlib.suppress(BackendError):  # not loaded (NoSuchObject) or not failed: nothing to do
             await self._manager("ResetFailedUnit", "s", name, operation=f"resetting {name}")

@@ -26,7 +26,7 @@ __all__ = ["IMAGE_NAME", "Catalog", "ImageEntry", "ImageSource", "parse_image_na
 IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 """What an image name looks like (``default``, ``python``, ``my-tools``); use ``fullmatch``."""
 
-ImageSource = Literal["recipe", "import"]
+ImageSource = Literal["recipe", "import", "snapshot"]
 
 
 def parse_image_name(value: str) -> str:
@@ -56,6 +56,11 @@ class ImageEntry(BaseModel):
     os_release: dict[str, str] = Field(default_factory=dict, description="the image's /etc/os-release")
     env: dict[str, str] = Field(
         default_factory=dict, description="environment every command in its sandboxes starts with"
+    )
+    policy: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a snapshot kept as an image: the one policy that may start from it (it kept it)",
     )
 
 

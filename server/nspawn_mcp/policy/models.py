@@ -28,6 +28,7 @@ __all__ = [
     "PoolPolicy",
     "PortsPolicy",
     "SandboxesPolicy",
+    "SnapshotsPolicy",
 ]
 
 _MiB = 1 << 20
@@ -245,6 +246,29 @@ class PoolPolicy(_Frozen):
     )
 
 
+class SnapshotsPolicy(_Frozen):
+    """Checkpoints of running sandboxes (snapshot_sandbox), forks (fork_sandbox) and restores.
+
+    A snapshot shares its data with the sandbox (copy-on-write). With the pool's simple quotas
+    (set-up's default) what a sandbox wrote stays charged to it while a snapshot holds it, so
+    snapshots count against the sandbox's ``limits.disk``; a fork is a sandbox of its own,
+    counted against ``sandboxes.max_live`` and with its own disk cap.
+    """
+
+    max_per_sandbox: int = Field(
+        default=8, ge=0, le=64, description="snapshots one sandbox may hold at once; 0: none"
+    )
+    max_forks: int = Field(
+        default=10, ge=0, le=64, description="sandboxes one fork_sandbox call may make; 0: no forks"
+    )
+    keep_as_images: bool = Field(
+        default=False,
+        description="whether a snapshot may be kept as an image that outlives its sandbox "
+        "(create_sandbox(image=...) under this policy starts from it; list_images shows it)",
+    )
+    max_kept: int = Field(default=4, ge=0, le=256, description="kept images of this policy at once")
+
+
 class Policy(_Frozen):
     """One operator policy."""
 
@@ -257,6 +281,7 @@ class Policy(_Frozen):
     sandboxes: SandboxesPolicy = SandboxesPolicy()
     ports: PortsPolicy = PortsPolicy()
     pool: PoolPolicy = PoolPolicy()
+    snapshots: SnapshotsPolicy = SnapshotsPolicy()
 
     @model_validator(mode="after")
     def _pooled_images_allowed(self) -> Policy:

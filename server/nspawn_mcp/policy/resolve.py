@@ -135,9 +135,17 @@ def _pick(
     return asked
 
 
-def resolve_create(policy_name: str, policy: Policy, request: CreateRequest, *, cwd: str) -> SandboxPlan:
-    """Resolve a create request against ``policy``."""
-    if request.image not in policy.sandboxes.images:
+def resolve_create(
+    policy_name: str,
+    policy: Policy,
+    request: CreateRequest,
+    *,
+    cwd: str,
+    also_allowed: tuple[str, ...] = (),
+) -> SandboxPlan:
+    """Resolve a create request against ``policy``; ``also_allowed``: images the policy allows
+    besides its list (snapshots it kept as images)."""
+    if request.image not in (*policy.sandboxes.images, *also_allowed):
         raise PolicyRefused(
             f"image {request.image!r} is not allowed by policy {policy_name!r}; it allows: "
             f"{', '.join(policy.sandboxes.images)} (list_images shows which are installed)",
