@@ -70,7 +70,10 @@ def format_cpu(nanoseconds: int | None) -> str:
 
 
 def _row(sandbox: LiveSandbox, now: datetime) -> tuple[str, ...]:
-    owner = sandbox.owner if sandbox.connected else f"{sandbox.owner} (detached)"
+    if sandbox.pooled:
+        owner = "(warm pool)"
+    else:
+        owner = sandbox.owner if sandbox.connected else f"{sandbox.owner} (detached)"
     return (
         sandbox.sandbox_id,
         owner,

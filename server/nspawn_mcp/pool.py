@@ -124,6 +124,7 @@ class WarmPool:
         self._clock = clock
         self._ready: dict[PoolSpec, list[PooledSandbox]] = {spec: [] for spec in specs}
         self._cold = 0
+        self._starting: PooledSandbox | None = None
         """Cold creates in flight: refills wait until there are none."""
         self._changed: anyio.Event | None = None
         """Set when something the refills wait for changed (made in :meth:`run`: it needs the loop)."""
@@ -133,6 +134,12 @@ class WarmPool:
     @property
     def specs(self) -> list[PoolSpec]:
         return list(self._specs)
+
+    def sandboxes(self) -> list[PooledSandbox]:
+        """Every pooled sandbox: the ready ones, and the one being started (its ``started`` is when
+        its start began)."""
+        found = [pooled for waiting in self._ready.values() for pooled in waiting]
+        return found if self._starting is None else [*found, self._starting]
 
     def ready(self) -> int:
         """Pooled sandboxes ready now."""
@@ -249,6 +256,7 @@ class WarmPool:
 
     async def _fill_one(self, spec: PoolSpec) -> bool:
         sandbox_id = new_sandbox_id()
+        self._starting = PooledSandbox(sandbox_id, spec.plan, self._clock())
         try:
             await self._backend.create(sandbox_id, spec.plan)
             # a supervisor's first command costs it ~20 ms more than the next ones (what it loads
@@ -261,6 +269,8 @@ class WarmPool:
         except BaseException:  # stopped meanwhile
             await self._remove(sandbox_id)
             raise
+        finally:
+            self._starting = None
         self._ready[spec].append(PooledSandbox(sandbox_id, spec.plan, self._clock()))
         log.debug("warm pool: %s ready (%s)", sandbox_id, spec.label)
         return True

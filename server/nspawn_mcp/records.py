@@ -67,6 +67,9 @@ class LiveSandbox:
     """Processes and threads in it now (the supervisor's included)."""
     connected: bool
     """Whether its owner's connection is there (False: kept past a disconnect, or an HTTP client)."""
+    pooled: bool = False
+    """A warm-pool sandbox waiting for a create (or being started for one): nobody's yet; its
+    ``owner`` is empty, and its ``expires_at`` is when the pool replaces it."""
 
 
 @dataclass

@@ -85,6 +85,7 @@ from .policy import (
     resolve_expose,
 )
 from .policy.models import FilesPolicy
+from .pool import MAX_AGE as POOL_MAX_AGE
 from .pool import PoolSpec, WarmPool
 from .records import Exposure, LiveSandbox, MetaStore, SandboxRecord
 from .snapshots import Snapshots
@@ -602,31 +603,54 @@ class SandboxService:
         )
 
     async def live_sandboxes(self) -> list[LiveSandbox]:
-        """Every live sandbox, whoever made it, with what it uses now (for the operator, who is
-        root on the host: the daemon admits only such peers to ask, see nspawn_mcp.daemon.sessions)."""
-        rows = []
-        for sandbox in sorted(self._sandboxes.values(), key=lambda s: s.created_at):
-            if sandbox.state != "running":
-                continue
-            try:
-                usage = await self._backend.usage(sandbox.sandbox_id)
-            except BackendError:  # going away meanwhile: a row without figures, not a failed list
-                usage = MeasuredUsage()
+        """Every live sandbox, whoever made it, and the warm pool's, with what each uses now (for the
+        operator, who is root on the host: the daemon admits only such peers to ask, see
+        nspawn_mcp.daemon.sessions)."""
+        # taken at one instant (no await), so no sandbox is missed or counted twice while it is
+        # handed out of the pool meanwhile
+        rows = [
+            LiveSandbox(
+                sandbox_id=sandbox.sandbox_id,
+                owner=sandbox.owner,
+                policy=sandbox.plan.policy,
+                image=sandbox.plan.image,
+                created_at=sandbox.created_at,
+                expires_at=sandbox.expires_at,
+                memory_bytes=None,
+                cpu_nsec=None,
+                tasks=None,
+                connected=sandbox.session is not None and sandbox.session in self._sessions,
+            )
+            for sandbox in sorted(self._sandboxes.values(), key=lambda s: s.created_at)
+            if sandbox.state == "running"
+        ]
+        for pooled in self.pool.sandboxes():
+            started = datetime.fromtimestamp(pooled.started, UTC)
             rows.append(
                 LiveSandbox(
-                    sandbox_id=sandbox.sandbox_id,
-                    owner=sandbox.owner,
-                    policy=sandbox.plan.policy,
-                    image=sandbox.plan.image,
-                    created_at=sandbox.created_at,
-                    expires_at=sandbox.expires_at,
-                    memory_bytes=usage.memory_bytes,
-                    cpu_nsec=usage.cpu_nsec,
-                    tasks=usage.tasks,
-                    connected=sandbox.session is not None and sandbox.session in self._sessions,
+                    sandbox_id=pooled.sandbox_id,
+                    owner="",
+                    policy=pooled.plan.policy,
+                    image=pooled.plan.image,
+                    created_at=started,
+                    expires_at=started + timedelta(seconds=POOL_MAX_AGE),
+                    memory_bytes=None,
+                    cpu_nsec=None,
+                    tasks=None,
+                    connected=False,
+                    pooled=True,
                 )
             )
-        return rows
+        measured = []
+        for row in rows:
+            try:
+                usage = await self._backend.usage(row.sandbox_id)
+            except BackendError:  # going away meanwhile: a row without figures, not a failed list
+                usage = MeasuredUsage()
+            measured.append(
+                replace(row, memory_bytes=usage.memory_bytes, cpu_nsec=usage.cpu_nsec, tasks=usage.tasks)
+            )
+        return measured
 
     async def operator_destroy(self, sandbox_id: str) -> None:
         """Destroy any client's sandbox (the operator's ``nspawn-mcp destroy``); its owner is told,

@@ -9,11 +9,17 @@ files and per-sandbox directories of the file system. The bus clients are the pr
 
 A test takes a :func:`snapshot` before it starts and asserts with :func:`assert_no_leaks`
 afterwards that nothing is left that was not there before.
+
+The daemon's warm pool is nobody's and comes and goes on its own: what belongs to the sandboxes
+it holds (as the operator's ``nspawn-mcp list --json`` shows them, those being started included)
+is left out of every answer here. That the pool itself leaves nothing is test_warm_pool.py's.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -26,7 +32,15 @@ from nspawn_mcp.backend.systemd1 import Systemd
 from nspawn_mcp.layout import Layout
 from nspawn_mcp.runtime import find_daemons
 
-__all__ = ["Remains", "assert_no_leaks", "egress_rules", "machines_and_images", "nft_rules", "snapshot"]
+__all__ = [
+    "Remains",
+    "assert_no_leaks",
+    "egress_rules",
+    "machines_and_images",
+    "nft_rules",
+    "snapshot",
+    "warm_pool",
+]
 
 _SANDBOX = re.compile(r"sbx-[0-9a-f]{8}")
 _VETH = re.compile(r"^\d+:\s+(ve-sbx-[0-9a-f]{8})[@:]", re.MULTILINE)
@@ -59,8 +73,30 @@ class Remains:
         return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items() if names)
 
 
-async def machines_and_images() -> tuple[set[str], set[str]]:
-    """Our machines and images, as machined reports them."""
+async def warm_pool() -> set[str]:
+    """The sandboxes the running daemon's warm pool holds (none when no daemon runs)."""
+    listing = await anyio.run_process(
+        [str(Path(sys.executable).parent / "nspawn-mcp"), "list", "--json"], check=False
+    )
+    if listing.returncode != 0:
+        return set()
+    return {row["sandbox_id"] for row in json.loads(listing.stdout) if row["pooled"]}
+
+
+def _not_pooled(names: set[str], pooled: set[str]) -> set[str]:
+    """``names`` without those of pooled sandboxes (named by id, or by its hex part in nftables)."""
+    marks = pooled | {sandbox.removeprefix("sbx-") for sandbox in pooled}
+    return {name for name in names if not any(mark in name for mark in marks)}
+
+
+async def machines_and_images(*, with_pool: bool = False) -> tuple[set[str], set[str]]:
+    """Our machines and images, as machined reports them (the warm pool's left out unless ``with_pool``)."""
+    machines, images = await _machines_and_images()
+    pooled = set() if with_pool else await warm_pool()
+    return _not_pooled(machines, pooled), _not_pooled(images, pooled)
+
+
+async def _machines_and_images() -> tuple[set[str], set[str]]:
     daemons = await anyio.to_thread.run_sync(find_daemons, Layout.from_env())
     bus = await Bus.connect(daemons.bus_address)
     try:
@@ -123,22 +159,24 @@ async def snapshot() -> Remains:
     """What the system holds of our sandboxes now."""
     layout = Layout.from_env()
     daemons = await anyio.to_thread.run_sync(find_daemons, layout)
-    machines, images = await machines_and_images()
+    machines, images = await _machines_and_images()
     under = (layout.machines_dir, layout.sandboxes_dir)
     mounts = _mounts(Path("/proc/self/mountinfo"), under)
     if daemons.box_pid is not None:  # the pool, and what nspawn mounts on it, are the box's only
         mounts |= _mounts(Path(f"/proc/{daemons.box_pid}/mountinfo"), under)
-    return Remains(
-        machines=frozenset(machines),
-        images=frozenset(images),
-        units=frozenset(await _units(daemons.bus_address)),
-        mounts=frozenset(mounts),
-        veths=frozenset(await _veths()),
-        nft=frozenset(await nft_rules()),
-        records=frozenset(_entries(layout.records_dir)),
-        staging=frozenset(_entries(layout.staging_dir)),
-        sandbox_dirs=frozenset(_entries(layout.sandboxes_dir)),
-    )
+    found = {
+        "machines": machines,
+        "images": images,
+        "units": await _units(daemons.bus_address),
+        "mounts": mounts,
+        "veths": await _veths(),
+        "nft": await nft_rules(),
+        "records": _entries(layout.records_dir),
+        "staging": _entries(layout.staging_dir),
+        "sandbox_dirs": _entries(layout.sandboxes_dir),
+    }
+    pooled = await warm_pool()  # asked last: one being started meanwhile is already in it
+    return Remains(**{kind: frozenset(_not_pooled(names, pooled)) for kind, names in found.items()})
 
 
 async def assert_no_leaks(before: Remains, *, timeout: float = 30.0) -> None:

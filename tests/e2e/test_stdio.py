@@ -366,7 +366,8 @@ async def test_an_egress_policy_reaches_its_listed_hosts_only(
 async def test_a_daemon_killed_mid_create_leaves_nothing_half_made(client: Client) -> None:
     kept = (await call(client, "create_sandbox"))["sandbox_id"]
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(client.call_tool, "create_sandbox", {})
+        # less memory than the warm pool's sandboxes started with: a cold create, under way for a while
+        tasks.start_soon(client.call_tool, "create_sandbox", {"memory_mb": 256})
         await anyio.sleep(0.03)  # the second create is under way
         kill_daemon()
     with anyio.fail_after(30):

@@ -98,6 +98,11 @@ def test_the_table_has_a_header_and_one_aligned_row_per_sandbox() -> None:
     ]
 
 
+def test_the_warm_pools_sandboxes_are_nobodys() -> None:
+    table = format_table([live(owner="", connected=False, pooled=True)], NOW)
+    assert table.splitlines()[1].split()[:2] == ["sbx-1a2b3c4d", "(warm"]
+
+
 def test_no_sandboxes_is_a_sentence() -> None:
     assert format_table([], NOW) == "no live sandboxes"
 
@@ -108,7 +113,7 @@ def test_json_output_has_every_field_and_iso_times() -> None:
     assert row["created_at"] == "2026-01-01T11:56:53+00:00"
     assert set(row) == {
         "sandbox_id", "owner", "policy", "image", "created_at", "expires_at",
-        "memory_bytes", "cpu_nsec", "tasks", "connected",
+        "memory_bytes", "cpu_nsec", "tasks", "connected", "pooled",
     }  # fmt: skip
 
 

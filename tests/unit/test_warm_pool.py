@@ -243,3 +243,14 @@ async def test_the_pool_fills_only_the_room_the_servers_maximum_leaves(
         await anyio.sleep(0.05)
         assert (service.pool.ready(), len(backend.sandboxes)) == (2, 3)
         await service.pool.stop()
+
+
+async def test_the_operator_sees_the_pool_as_nobodys_sandboxes(
+    service: SandboxService, backend: FakeBackend
+) -> None:
+    info = await service.create(CreateRequest(policy="pooled"))
+    await wait_until(lambda: service.pool.ready() == 2, what="the refill")
+    rows = {row.sandbox_id: row for row in await service.live_sandboxes()}
+    assert set(rows) == set(backend.sandboxes)
+    assert [row.sandbox_id for row in rows.values() if not row.pooled] == [info.sandbox_id]
+    assert all(row.owner == "" for row in rows.values() if row.pooled)

@@ -125,9 +125,9 @@ def _sandbox(row: object) -> LiveSandbox:
     }
     if not all(isinstance(value, str) and len(value) < 256 for value in texts.values()):
         raise OperatorError("a sandbox without its id, owner, policy, image or times")
-    connected = row.get("connected")
-    if not isinstance(connected, bool):
-        raise OperatorError("connected must be true or false")
+    connected, pooled = row.get("connected"), row.get("pooled", False)
+    if not isinstance(connected, bool) or not isinstance(pooled, bool):
+        raise OperatorError("connected and pooled must be true or false")
     try:
         created, expires = (datetime.fromisoformat(str(texts[key])) for key in ("created_at", "expires_at"))
     except ValueError:
@@ -143,6 +143,7 @@ def _sandbox(row: object) -> LiveSandbox:
         cpu_nsec=_optional_int(row, "cpu_nsec"),
         tasks=_optional_int(row, "tasks"),
         connected=connected,
+        pooled=pooled,
     )
 
 
