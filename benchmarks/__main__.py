@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from mcp.client import Client
 
 from nspawn_mcp import __version__
 from nspawn_mcp.layout import Layout
@@ -28,7 +29,7 @@ from .forks import snapshots_and_forks
 from .lifecycle import burst, exec_true, sequential, sustained
 from .report import markdown, splice_readme
 from .results import Results
-from .session import COLD, Bench, call, prepare, stop_daemon
+from .session import COLD, Bench, call, pooled_ready, prepare, prepare_bursts, stop_daemon
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 RESULTS = REPOSITORY / "bench" / "results"
@@ -84,19 +85,7 @@ async def measure(bench: Bench, plan: Plan, results: Results) -> None:
         results.latency("destroy", "destroy", destroy)
 
         for size in plan.bursts:
-            pairs: list[tuple[str, str | None]] = [("cold", COLD), ("pool", bench.pool_policy)]
-            for name, maybe in pairs:
-                key, label = f"burst{size}.{name}", f"burst of {size}, {name}: create to first exec"
-                if maybe is None:
-                    results.skip(key, label, bench.pool_refusal)
-                    continue
-                if name == "pool":
-                    await anyio.sleep(plan.pool_settle_s)
-                got = await burst(client, maybe, size)
-                results.latency(key, label, got.first_exec_ms, failures=got.failures)
-                results.figure(
-                    f"{key}.wall", f"burst of {size}, {name}: wall time", got.wall_ms, "ms", n=size
-                )
+            await record_burst(client, COLD, size, "cold", results)
 
         forks = await snapshots_and_forks(client)
         for key, label in (
@@ -146,6 +135,28 @@ async def measure(bench: Bench, plan: Plan, results: Results) -> None:
         failures=rate.failures,
         seconds=round(rate.seconds, 2),
     )
+
+
+async def record_burst(client: Client, policy: str, size: int, name: str, results: Results) -> None:
+    key, label = f"burst{size}.{name}", f"burst of {size}, {name}: create to first exec"
+    got = await burst(client, policy, size)
+    results.latency(key, label, got.first_exec_ms, failures=got.failures)
+    results.figure(f"{key}.wall", f"burst of {size}, {name}: wall time", got.wall_ms, "ms", n=size)
+
+
+async def measure_pooled_bursts(bench: Bench | None, plan: Plan, results: Results) -> None:
+    """Bursts served by a pool as large as the largest burst, in a daemon of their own; each burst
+    waits until the pool is full again."""
+    size = max(plan.bursts)
+    if bench is None or bench.pool_policy is None:
+        for burst_size in plan.bursts:
+            results.skip(f"burst{burst_size}.pool", f"burst of {burst_size}, pool", "pool not available")
+        return
+    stop_daemon()
+    async with bench.client() as client:
+        for burst_size in plan.bursts:
+            await pooled_ready(bench.pool_policy, size)
+            await record_burst(client, bench.pool_policy, burst_size, "pool", results)
 
 
 def measure_baselines(plan: Plan, results: Results) -> None:
@@ -221,6 +232,7 @@ def main() -> None:
         results = Results(_meta(plan, mode, bench))
         try:
             anyio.run(measure, bench, plan, results)
+            anyio.run(measure_pooled_bursts, prepare_bursts(Path(workdir) / "bursts"), plan, results)
             measure_baselines(plan, results)
         finally:
             stop_daemon()

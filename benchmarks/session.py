@@ -7,6 +7,7 @@ started it, so the bench stops any running daemon first and stops its own at the
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -17,17 +18,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
 from nspawn_mcp.policy.loader import PolicyError, load_policy_file
 
-__all__ = ["COLD", "POOLED", "Bench", "BenchError", "call", "prepare", "stop_daemon", "timed"]
+__all__ = [
+    "BURST_POOLED",
+    "COLD",
+    "POOLED",
+    "Bench",
+    "BenchError",
+    "call",
+    "pooled_ready",
+    "prepare",
+    "prepare_bursts",
+    "stop_daemon",
+    "timed",
+]
 
 SERVER = Path(sys.executable).parent / "nspawn-mcp"
 POLICIES = Path(__file__).parent / "policies"
 COLD = "bench"
 POOLED = "bench-pool"
+BURST_POOLED = "bench-burst"
 MAX_SANDBOXES = 1200
 T = TypeVar("T")
 
@@ -85,6 +100,33 @@ def prepare(workdir: Path) -> Bench:
         return Bench(workdir, None, f"pool not available: {reason}")
     shutil.copy(pooled, policy_dir)
     return Bench(workdir, POOLED, "")
+
+
+def prepare_bursts(workdir: Path) -> Bench | None:
+    """A second policy directory in ``workdir`` for the pooled bursts: a pool as large as a burst
+    (a daemon of its own, so its pool does not weigh on the other measurements); None without pools."""
+    policy_dir = workdir / "policies"
+    policy_dir.mkdir(parents=True)
+    pooled = POLICIES / f"{BURST_POOLED}.toml"
+    try:
+        load_policy_file(pooled)
+    except PolicyError:
+        return None
+    shutil.copy(pooled, policy_dir)
+    return Bench(workdir, BURST_POOLED, "")
+
+
+async def pooled_ready(policy: str, size: int, timeout: float = 120) -> None:
+    """Wait until the daemon's warm pool holds ``size`` sandboxes of ``policy`` (the operator's view)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = await anyio.run_process([str(SERVER), "list", "--json"], check=False)
+        rows = json.loads(listing.stdout) if listing.returncode == 0 else []
+        if sum(1 for row in rows if row.get("pooled") and row["policy"] == policy) >= size:
+            await anyio.sleep(1)  # the pool starts one at a time: the last one counted is ready by now
+            return
+        await anyio.sleep(0.5)
+    raise BenchError(f"the warm pool of {policy} did not reach {size} in {timeout:g} s")
 
 
 def stop_daemon() -> None:
