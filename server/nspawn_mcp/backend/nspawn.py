@@ -194,16 +194,21 @@ class NspawnBackend:
 
         units = build_units(sandbox_id, plan, self._paths(sandbox_id))
         with _listening_socket(self._layout.control_socket(sandbox_id)) as listener:
-            await self._systemd.start_transient_unit(
+            job = await self._systemd.submit_transient_unit(
                 units.service_name,
                 {**units.service_properties, "StandardInputFileDescriptor": 0},
                 aux={units.slice_name: units.slice_properties},
                 fds=[listener.fileno()],
             )
+        # From here systemd holds the only listening socket: a unit that fails closes it, which ends
+        # the ping. An answer proves what the job's end would (the unit runs, the container is up,
+        # the supervisor accepts commands), and comes first: the job is not waited for.
         try:
             await self.jail(sandbox_id).ping(_READY_TIMEOUT)
         except SandboxGone:
             raise BackendError(f"sandbox {sandbox_id} did not become ready") from None
+        finally:
+            self._systemd.forget_job(job)
         if not plan.mounts and plan.egress is None:
             return
         leader = await self._machined.machine_leader(machine_name(sandbox_id))
