@@ -10,7 +10,6 @@ half-destroyed and is removed.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
