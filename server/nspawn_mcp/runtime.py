@@ -113,6 +113,7 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
             await network.prune({sandbox.sandbox_id for sandbox in service.list()})
 
             tasks.start_soon(service.run_reaper)
+            tasks.start_soon(service.run_cleanup)
             tasks.start_soon(service.events.run)
             yield service
         finally:

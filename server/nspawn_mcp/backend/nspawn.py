@@ -21,6 +21,7 @@ import contextlib
 import logging
 import py_compile
 import shutil
+import signal
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -234,6 +235,11 @@ class NspawnBackend:
     async def adopt(self, sandbox_id: str, plan: SandboxPlan) -> None:
         if plan.egress is not None and self._network is not None:
             await self._network.serve(sandbox_id, plan.egress)
+
+    async def kill(self, sandbox_id: str) -> None:
+        # Everything of a sandbox runs in its service's cgroup (nspawn --keep-unit): nspawn, its stub
+        # init, the supervisor and every command, in the sub-cgroups the supervisor makes too.
+        await self._systemd.kill_unit(service_unit(sandbox_id), signal.SIGKILL)
 
     async def destroy(self, sandbox_id: str) -> None:
         if self._network is not None:

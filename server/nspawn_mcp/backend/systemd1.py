@@ -176,6 +176,12 @@ class Systemd:
         if result not in ("done", "canceled"):
             raise BackendError(f"{what} failed: {result}")
 
+    async def kill_unit(self, name: str, signal: int) -> None:
+        """Send ``signal`` to every process of ``name``'s cgroup, sub-cgroups included (``KillUnit``
+        with ``who=all``); a unit that is not loaded has none."""
+        with contextlib.suppress(NoSuchObject):
+            await self._manager("KillUnit", "ssi", name, "all", signal, operation=f"killing {name}")
+
     async def reset_failed(self, name: str) -> None:
         with contextlib.suppress(BackendError):  # not loaded (NoSuchObject) or not failed: nothing to do
             await self._manager("ResetFailedUnit", "s", name, operation=f"resetting {name}")
