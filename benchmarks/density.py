@@ -85,6 +85,10 @@ async def density(count: int, parallel: int, settle: float) -> None:
                     except Exception as exc:
                         failures.append(str(exc))
 
+            async def destroy(sandbox_id: str) -> None:
+                async with limiter:
+                    await service.destroy(sandbox_id)
+
             try:
                 async with anyio.create_task_group() as tasks:
                     for _ in range(count):
@@ -123,7 +127,7 @@ async def density(count: int, parallel: int, settle: float) -> None:
                 with anyio.CancelScope(shield=True):
                     async with anyio.create_task_group() as tasks:
                         for sandbox_id in made:
-                            tasks.start_soon(service.destroy, sandbox_id)
+                            tasks.start_soon(destroy, sandbox_id)
                     await service.settled()
                 print(f"destroyed {len(made)} in {time.perf_counter() - started:.1f} s")
 
