@@ -88,6 +88,27 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
 mkdir -p /run/systemd/system "$2"
 for unit in $3; do ln -s /dev/null "/run/systemd/system/$unit"; done
+# every sandbox's nspawn holds a connection to the bus as root: the system bus's default of 256
+# connections per user would stop at about 250 sandboxes (and 128 replies pending per connection
+# at about as many calls at once)
+mkdir -p /run/systemd/system/dbus.service.d
+cat >/run/nspawn-mcp-dbus.conf <<'END'
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <include>/usr/share/dbus-1/system.conf</include>
+  <limit name="max_connections_per_user">16384</limit>
+  <limit name="max_completed_connections">16384</limit>
+  <limit name="max_replies_per_connection">16384</limit>
+</busconfig>
+END
+cat >/run/systemd/system/dbus.service.d/nspawn-mcp.conf <<'END'
+[Service]
+ExecStart=
+ExecStart=/usr/bin/dbus-daemon --config-file=/run/nspawn-mcp-dbus.conf --address=systemd: \\
+  --nofork --nopidfile --systemd-activation --syslog-only
+LimitNOFILE=65536
+END
 echo "$5" >"$4"
 if [ -f "$1" ]; then mount -o loop,nodiscard "$1" "$2"; fi
 exec /lib/systemd/systemd --system --unit=basic.target

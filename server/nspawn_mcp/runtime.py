@@ -118,6 +118,7 @@ async def open_service(config: ServerConfig, policies: PolicySet) -> AsyncIterat
 
             tasks.start_soon(service.run_reaper)
             tasks.start_soon(service.pool.run)
+            tasks.start_soon(service.run_cleanup)
             tasks.start_soon(service.events.run)
             yield service
         finally:

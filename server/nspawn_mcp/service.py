@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import math
 import os
 import posixpath
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
 
 from . import commands, copies, hostfs
 from .audit import AuditLog
@@ -160,6 +162,12 @@ class SandboxService:
         """Sessions that own sandboxes but are not connected, and when their grace period ends."""
         self.pool = WarmPool(backend, pool or [], room=self.room, clock=lambda: self._clock().timestamp())
         """Sandboxes started ahead of demand; run its ``run`` in a task and await its ``stop`` at the end."""
+        self._cleanup: MemoryObjectSendStream[str] | None = None
+        """Where destroys hand the remains of what they killed; None: :meth:`run_cleanup` is not running."""
+        self._removing: set[str] = set()
+        """Sandboxes killed whose remains are not removed yet (their ids are not given out again)."""
+        self._removed: anyio.Event | None = None
+        """Set each time remains were removed (what :meth:`settled` waits for)."""
         self.events = EventFeed()
         """What each client is told of its own sandboxes (MCP log messages); run its pump."""
         self.snapshots = Snapshots(self)
@@ -235,8 +243,12 @@ class SandboxService:
                 self._orphans.setdefault(sandbox.session, grace_ends)
         for sandbox_id in sorted((await self._backend.leftovers() | self._store.ids()) - running):
             log.info("removing the remains of sandbox %s", sandbox_id)
+            sandbox = self._store.load(sandbox_id)
             await self._backend.destroy(sandbox_id)
             self._store.remove(sandbox_id)
+            if sandbox is not None and sandbox.state == "destroying":  # killed; its remains were left
+                reason = "it was being destroyed when the nspawn-mcp daemon restarted"
+                self._tombstones[sandbox_id] = _Tombstone(sandbox.owner, sandbox.plan.policy, reason)
         await self.snapshots.reconcile(set(self._sandboxes))
 
     async def _restore_ports(self, sandbox: SandboxRecord) -> None:
@@ -496,7 +508,7 @@ class SandboxService:
         owner = client.identity
         self._check_quotas(policy, plan, owner)
         pooled = self.pool.take(plan) if from_pool else None
-        sandbox_id = new_sandbox_id() if pooled is None else pooled.sandbox_id
+        sandbox_id = self._fresh_id() if pooled is None else pooled.sandbox_id
         if plan.egress is not None:
             subnet = self._backend.reserve_subnet(sandbox_id)  # released when it is destroyed
             plan = replace(plan, egress=replace(plan.egress, subnet=subnet))
@@ -533,6 +545,13 @@ class SandboxService:
             raise
         return sandbox
 
+    def _fresh_id(self) -> str:
+        """A new sandbox id: never one given out before while anything remembers it."""
+        sandbox_id = new_sandbox_id()
+        while sandbox_id in self._sandboxes or sandbox_id in self._removing or sandbox_id in self._tombstones:
+            sandbox_id = new_sandbox_id()
+        return sandbox_id
+
     def room(self) -> int:
         """How many more sandboxes (clients' and pooled) the server's maximum leaves room for."""
         live = sum(1 for s in self._sandboxes.values() if s.state != "gone")
@@ -567,7 +586,11 @@ class SandboxService:
         self._tell_caller("info", "destroyed", f"sandbox {sandbox_id} destroyed", sandbox_id)
 
     async def _destroy(self, sandbox: SandboxRecord, reason: str, event: str = "destroyed") -> None:
-        """Destroy it; the journal entry says ``event`` (see :data:`nspawn_mcp.journal.EVENTS`) and why."""
+        """Destroy it; the journal entry says ``event`` (see :data:`nspawn_mcp.journal.EVENTS`) and why.
+
+        Returns once nothing of the sandbox runs any more (its processes are killed); its remains
+        (units, snapshot, directories, record) are removed by :meth:`run_cleanup` if it runs.
+        """
         sandbox.state = "destroying"
         with anyio.CancelScope(shield=True):
             if self._forwards is not None:
@@ -577,11 +600,15 @@ class SandboxService:
             except OSError as exc:
                 log.warning("cannot mark sandbox %s as being destroyed: %s", sandbox.sandbox_id, exc)
             try:
-                await self._backend.destroy(sandbox.sandbox_id)
+                await self._backend.kill(sandbox.sandbox_id)
+                if self._cleanup is None:  # nobody removes remains in the background: now, then
+                    await self._remove_remains(sandbox.sandbox_id)
+                else:
+                    self._removing.add(sandbox.sandbox_id)
+                    self._cleanup.send_nowait(sandbox.sandbox_id)
             except BaseException:
                 sandbox.state = "gone"
                 raise
-            self._store.remove(sandbox.sandbox_id)
             self._sandboxes.pop(sandbox.sandbox_id, None)
             try:
                 await self.snapshots.discard(sandbox.sandbox_id)
@@ -601,6 +628,39 @@ class SandboxService:
                 "policy": sandbox.plan.policy,
             },
         )
+
+    async def _remove_remains(self, sandbox_id: str) -> None:
+        """Everything left of a killed sandbox, then its record (the record goes last: until then a
+        restarted daemon knows to finish the job)."""
+        await self._backend.destroy(sandbox_id)
+        self._store.remove(sandbox_id)
+
+    async def run_cleanup(self) -> None:
+        """Forever: remove the remains of destroyed sandboxes, behind the destroys that killed them.
+
+        One at a time, in order; a removal that fails is logged and left to the next daemon start's
+        reconcile (the record still says "destroying")."""
+        send, receive = anyio.create_memory_object_stream[str](math.inf)
+        self._cleanup = send
+        try:
+            with send, receive:
+                async for sandbox_id in receive:
+                    try:  # not shielded: a daemon that stops meanwhile leaves it to the next one's reconcile
+                        await self._remove_remains(sandbox_id)
+                    except SandboxError as exc:
+                        log.warning("removing what is left of sandbox %s failed: %s", sandbox_id, exc)
+                    finally:
+                        self._removing.discard(sandbox_id)
+                        if self._removed is not None:
+                            self._removed.set()
+        finally:
+            self._cleanup = None
+
+    async def settled(self) -> None:
+        """Return once the remains of every destroyed sandbox are removed (tests, benchmarks)."""
+        while self._removing:
+            self._removed = anyio.Event()
+            await self._removed.wait()
 
     async def live_sandboxes(self) -> list[LiveSandbox]:
         """Every live sandbox, whoever made it, and the warm pool's, with what each uses now (for the

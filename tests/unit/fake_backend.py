@@ -67,6 +67,7 @@ class FakeBackend:
     sandboxes: dict[str, SandboxPlan] = field(default_factory=dict)
     files: dict[tuple[str, str], bytes] = field(default_factory=dict)
     destroyed: list[str] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
     """Pooled sandboxes handed out (their caps changed)."""
@@ -168,6 +169,11 @@ class FakeBackend:
         self.adopted.append(sandbox_id)
         if plan.egress is not None and plan.egress.subnet is not None:
             self.subnets.claim(sandbox_id, plan.egress.subnet)
+
+    async def kill(self, sandbox_id: str) -> None:
+        self.killed.append(sandbox_id)
+        if self.sandboxes.pop(sandbox_id, None) is not None:  # not running, not removed either
+            self.leftover_ids.add(sandbox_id)
 
     async def destroy(self, sandbox_id: str) -> None:
         gate, self.destroy_gate = self.destroy_gate, None

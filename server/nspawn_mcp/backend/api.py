@@ -234,6 +234,11 @@ class Backend(Protocol):
         """Take a running sandbox over after a server restart (restart what serves it, hold its subnet)."""
         ...
 
+    async def kill(self, sandbox_id: str) -> None:
+        """Kill every process of the sandbox (SIGKILL): once this returns nothing of it runs, and its
+        remains are left for :meth:`destroy`. Idempotent; a sandbox that is not running is no error."""
+        ...
+
     async def destroy(self, sandbox_id: str) -> None:
         """Remove everything of the sandbox (its subnet is released). Idempotent: also cleans up a
         half-made one."""

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import py_compile
 import shutil
+import signal
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -233,16 +234,21 @@ class NspawnBackend:
 
         units = build_units(sandbox_id, plan, self._paths(sandbox_id))
         with _listening_socket(self._layout.control_socket(sandbox_id)) as listener:
-            await self._systemd.start_transient_unit(
+            job = await self._systemd.submit_transient_unit(
                 units.service_name,
                 {**units.service_properties, "StandardInputFileDescriptor": 0},
                 aux={units.slice_name: units.slice_properties},
                 fds=[listener.fileno()],
             )
+        # From here systemd holds the only listening socket: a unit that fails closes it, which ends
+        # the ping. An answer proves what the job's end would (the unit runs, the container is up,
+        # the supervisor accepts commands), and comes first: the job is not waited for.
         try:
             await self.jail(sandbox_id).ping(_READY_TIMEOUT)
         except SandboxGone:
             raise BackendError(f"sandbox {sandbox_id} did not become ready") from None
+        finally:
+            self._systemd.forget_job(job)
         if not plan.mounts and plan.egress is None:
             return
         leader = await self._machined.machine_leader(machine_name(sandbox_id))
@@ -292,6 +298,11 @@ class NspawnBackend:
                 await self._freezer.mechanism.thaw(sandbox_id)
         if plan.egress is not None and self._network is not None:
             await self._network.serve(sandbox_id, plan.egress)
+
+    async def kill(self, sandbox_id: str) -> None:
+        # Everything of a sandbox runs in its service's cgroup (nspawn --keep-unit): nspawn, its stub
+        # init, the supervisor and every command, in the sub-cgroups the supervisor makes too.
+        await self._systemd.kill_unit(service_unit(sandbox_id), signal.SIGKILL)
 
     async def destroy(self, sandbox_id: str) -> None:
         await self._stop(sandbox_id)

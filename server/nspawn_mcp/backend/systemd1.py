@@ -45,6 +45,8 @@ class Systemd:
         # JobRemoved can be handled before the coroutine that started the job
         # resumes, so results are remembered until collected (bounded).
         self._results: OrderedDict[str, str] = OrderedDict()
+        self._forgotten: set[str] = set()
+        """Jobs whose result nobody will ask for (:meth:`forget_job`): not remembered when they end."""
 
     @classmethod
     async def attach(cls, bus: Bus) -> Systemd:
@@ -58,6 +60,9 @@ class Systemd:
         if message.interface != _MANAGER or message.member != "JobRemoved":
             return
         _job_id, job_path, _unit, result = message.body
+        if job_path in self._forgotten:
+            self._forgotten.discard(job_path)
+            return
         self._results[job_path] = result
         while len(self._results) > _REMEMBERED_JOBS:
             self._results.popitem(last=False)
@@ -112,8 +117,21 @@ class Systemd:
 
         ``fds`` travel with the call; a property of type ``h`` names one by its index.
         """
+        job = await self.submit_transient_unit(name, properties, aux=aux, fds=fds)
+        await self.finish_start(name, job, timeout)
+
+    async def submit_transient_unit(
+        self,
+        name: str,
+        properties: Mapping[str, object],
+        *,
+        aux: Mapping[str, Mapping[str, object]] | None = None,
+        fds: Sequence[int] = (),
+    ) -> str:
+        """Ask for ``name`` to be started, as :meth:`start_transient_unit`, and return at once with the
+        job (systemd holds the ``fds`` from now on); :meth:`finish_start` waits for it."""
         what = f"starting {name}"
-        job = await self._manager(
+        job: str = await self._manager(
             "StartTransientUnit",
             "ssa(sv)a(sa(sv))",
             name,
@@ -123,6 +141,18 @@ class Systemd:
             operation=what,
             unix_fds=fds,
         )
+        return job
+
+    def forget_job(self, job: str) -> None:
+        """Nobody will wait for ``job`` (the caller learnt its outcome otherwise): keep no result of it."""
+        if self._results.pop(job, None) is None:
+            self._forgotten.add(job)
+            while len(self._forgotten) > _REMEMBERED_JOBS:
+                self._forgotten.pop()
+
+    async def finish_start(self, name: str, job: str, timeout: float = 60.0) -> None:
+        """Wait for the start job of ``name``; raise if it failed."""
+        what = f"starting {name}"
         result = await self._wait_job(job, timeout, what)
         if result != "done":
             raise BackendError(f"{what} failed: {result}")
@@ -158,6 +188,12 @@ class Systemd:
 
     async def thaw_unit(self, name: str) -> None:
         await self._manager("ThawUnit", "s", name, operation=f"thawing {name}")
+
+    async def kill_unit(self, name: str, signal: int) -> None:
+        """Send ``signal`` to every process of ``name``'s cgroup, sub-cgroups included (``KillUnit``
+        with ``who=all``); a unit that is not loaded has none."""
+        with contextlib.suppress(NoSuchObject):
+            await self._manager("KillUnit", "ssi", name, "all", signal, operation=f"killing {name}")
 
     async def reset_failed(self, name: str) -> None:
         with contextlib.suppress(BackendError):  # not loaded (NoSuchObject) or not failed: nothing to do

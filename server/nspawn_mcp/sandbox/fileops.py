@@ -47,12 +47,7 @@ _SCAN_LIMIT = 200_000
 """The most directory entries one listing looks at (a pattern that matches little in a huge tree)."""
 
 
-class RequestError(Exception):
-    """A request that cannot be carried out; ``kind`` is one of ``protocol.FAILURE_KINDS``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+RequestError = protocol.RequestError
 
 
 # -- request fields --------------------------------------------------------------

@@ -60,7 +60,10 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass, field
-from typing import Any
+
+TYPE_CHECKING = False  # not ``typing.TYPE_CHECKING``: the supervisor need not import typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "ARGV_SHOWN",
@@ -87,6 +90,7 @@ __all__ = [
     "ProcessOutput",
     "ProcessState",
     "ProtocolError",
+    "RequestError",
     "TreeEntry",
     "TreeRead",
     "TreeWritten",
@@ -131,6 +135,14 @@ FAILURE_KINDS = (
     "io_error",
     "not_listening",
 )
+
+
+class RequestError(Exception):
+    """A request the supervisor cannot carry out; ``kind`` is one of :data:`FAILURE_KINDS`."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ProtocolError(Exception):

@@ -41,17 +41,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
 
+# Only what an idle supervisor and ``exec`` need is imported at start: every module costs each
+# sandbox start time and memory for as long as it lives. ``typing`` (not imported at run time),
+# ``subprocess`` (the first command) and ``fileops`` (the first file operation) wait until used.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
+    from typing import IO, Any
 
-    from . import fileops, protocol
+    from . import protocol
 else:
     try:  # imported from the package (tests, type checking)
-        from . import fileops, protocol
+        from . import protocol
     except ImportError:  # inside a sandbox: protocol.py and fileops.py lie next to this file
-        import fileops
         import protocol
 
 
@@ -68,7 +71,19 @@ _CHUNK = 65536
 COMMAND_OOM_SCORE_ADJ = b"1000"
 
 
-RequestError = fileops.RequestError
+RequestError = protocol.RequestError
+
+
+def _file_operations() -> tuple[
+    dict[str, Callable[[socket.socket, dict[str, Any]], dict[str, Any]]],
+    dict[str, Callable[[dict[str, Any]], dict[str, Any]]],
+]:
+    """The file operations (streaming ones, plain ones), imported on first use."""
+    if TYPE_CHECKING or __package__:
+        from . import fileops
+    else:  # inside a sandbox: fileops.py lies next to this file
+        import fileops
+    return fileops.STREAMING, fileops.OPERATIONS
 
 
 # -- cgroups -------------------------------------------------------------------
@@ -663,12 +678,10 @@ OPERATIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "write": REGISTRY.write,
     "kill": REGISTRY.kill,
     "list": REGISTRY.list,
-    **fileops.OPERATIONS,
 }
 STREAMING: dict[str, Callable[[socket.socket, dict[str, Any]], dict[str, Any]]] = {
     "exec": op_exec,
     "read_file": op_read_file,
-    **fileops.STREAMING,
 }
 TAKEOVER: dict[str, Callable[[socket.socket, dict[str, Any]], None]] = {
     "connect": op_connect,
@@ -686,6 +699,11 @@ def _handle(conn: socket.socket, request: dict[str, Any]) -> dict[str, Any] | No
         return STREAMING[op](conn, request)
     if isinstance(op, str) and op in OPERATIONS:
         return OPERATIONS[op](request)
+    streaming, plain = _file_operations()
+    if isinstance(op, str) and op in streaming:
+        return streaming[op](conn, request)
+    if isinstance(op, str) and op in plain:
+        return plain[op](request)
     raise RequestError("bad_request", f"unknown op {str(op)[:32]!r}")
 
 
