@@ -77,7 +77,7 @@ def test_service_properties() -> None:
             "DeviceAllow": [("char-pts", "rw")],
             "TimeoutStartUSec": 30000000,
             "TimeoutStopUSec": 5000000,
-            "SuccessExitStatus": ([1], []),
+            "SuccessExitStatus": ([1], [9]),
             "RuntimeMaxUSec": 86400000000,
             "StandardOutput": "journal",
             "StandardError": "journal",

@@ -31,6 +31,7 @@ CVEs.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -172,11 +173,11 @@ def build_units(sandbox_id: str, plan: SandboxPlan, paths: SandboxPaths) -> Sand
             "DeviceAllow": [("char-pts", "rw")],
             "TimeoutStartUSec": 30 * _USEC,
             "TimeoutStopUSec": 5 * _USEC,
-            # a destroy stops the unit: nspawn answers SIGTERM by killing the container (its
-            # --kill-signal is SIGKILL without --boot; the stub init ignores SIGTERM for its payload)
-            # and then exits 1, "container terminated by signal KILL". That is the clean stop, not a
-            # failure; a container that dies on its own is reported by the daemon (machine_removed)
-            "SuccessExitStatus": ([NSPAWN_KILLED_EXIT], []),
+            # a destroy kills every process of the unit, nspawn included (SIGKILL: KillUnit), and a
+            # stop of the unit makes nspawn kill the container (its --kill-signal is SIGKILL without
+            # --boot) and exit 1, "container terminated by signal KILL". Both are the clean end of a
+            # sandbox, not failures; one that dies on its own is reported by the daemon (machine_removed)
+            "SuccessExitStatus": ([NSPAWN_KILLED_EXIT], [signal.SIGKILL.value]),
             # the daemon destroys the sandbox at its (extendable) expiry; its unit stops it at the
             # policy's longest lifetime even if no daemon runs (systemd 252 cannot change this later)
             "RuntimeMaxUSec": limits.lifetime_cap_seconds * _USEC,
