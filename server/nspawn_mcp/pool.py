@@ -125,6 +125,8 @@ class WarmPool:
         self._ready: dict[PoolSpec, list[PooledSandbox]] = {spec: [] for spec in specs}
         self._cold = 0
         self._starting: PooledSandbox | None = None
+        self._stopped_alone: list[str] = []
+        """Pooled sandboxes that stopped on their own: their remains are removed by the refill loop."""
         """Cold creates in flight: refills wait until there are none."""
         self._changed: anyio.Event | None = None
         """Set when something the refills wait for changed (made in :meth:`run`: it needs the loop)."""
@@ -165,6 +167,7 @@ class WarmPool:
             for pooled in waiting:
                 if pooled.sandbox_id == sandbox_id:
                     waiting.remove(pooled)
+                    self._stopped_alone.append(sandbox_id)  # its snapshot and units are still there
                     log.info("pooled sandbox %s stopped; it will be replaced", sandbox_id)
                     self._wake()
                     return True
@@ -276,8 +279,9 @@ class WarmPool:
         return True
 
     def _take_expired(self) -> list[str]:
+        """The pooled sandboxes to remove: those that waited too long, and those that stopped."""
         now = self._clock()
-        expired = []
+        expired, self._stopped_alone = self._stopped_alone, []
         for waiting in self._ready.values():
             for pooled in [p for p in waiting if now - p.started >= MAX_AGE]:
                 waiting.remove(pooled)
