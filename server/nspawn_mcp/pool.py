@@ -124,18 +124,14 @@ class WarmPool:
         self._clock = clock
         self._ready: dict[PoolSpec, list[PooledSandbox]] = {spec: [] for spec in specs}
         self._cold = 0
+        """Cold creates in flight: refills wait until there are none."""
         self._starting: PooledSandbox | None = None
         self._stopped_alone: list[str] = []
         """Pooled sandboxes that stopped on their own: their remains are removed by the refill loop."""
-        """Cold creates in flight: refills wait until there are none."""
         self._changed: anyio.Event | None = None
         """Set when something the refills wait for changed (made in :meth:`run`: it needs the loop)."""
         self._scope: anyio.CancelScope | None = None
         self._stopped: anyio.Event | None = None
-
-    @property
-    def specs(self) -> list[PoolSpec]:
-        return list(self._specs)
 
     def sandboxes(self) -> list[PooledSandbox]:
         """Every pooled sandbox: the ready ones, and the one being started (its ``started`` is when
@@ -205,9 +201,10 @@ class WarmPool:
         if self._scope is not None and self._stopped is not None:
             self._scope.cancel()
             await self._stopped.wait()
-        pooled = [p.sandbox_id for waiting in self._ready.values() for p in waiting]
+        pooled = [p.sandbox_id for waiting in self._ready.values() for p in waiting] + self._stopped_alone
         for waiting in self._ready.values():
             waiting.clear()
+        self._stopped_alone = []
         with anyio.CancelScope(shield=True), anyio.move_on_after(_DRAIN_TIMEOUT):
             async with anyio.create_task_group() as tasks:
                 for sandbox_id in pooled:
