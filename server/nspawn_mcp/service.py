@@ -395,10 +395,15 @@ class SandboxService:
         if self._catalog is not None:
             entries = await anyio.to_thread.run_sync(self._catalog.entries)
             recorded = {entry.name: entry for entry in entries}
-        for entry in recorded.values():  # snapshots kept as images: for the policy that kept each
-            if entry.policy in allowing and self.snapshots.kept_allows(entry, entry.policy):
+        hidden = set()  # snapshots kept as images: for the policy and the client that kept each
+        for entry in recorded.values():
+            if entry.source != "snapshot":
+                continue
+            if entry.policy in allowing and self.snapshots.kept_allows(entry, entry.policy, client):
                 allowing[entry.policy] = (*allowing[entry.policy], entry.name)
-        installed = await self._backend.images()
+            else:
+                hidden.add(entry.name)
+        installed = [image for image in await self._backend.images() if image.name not in hidden]
         summaries = [
             _image_summary(
                 image.name,
@@ -445,7 +450,7 @@ class SandboxService:
         kept: tuple[str, ...] = ()
         if request.image not in policy.sandboxes.images and self._catalog is not None:
             entry = await anyio.to_thread.run_sync(self._catalog.get, request.image)
-            if self.snapshots.kept_allows(entry, request.policy):
+            if self.snapshots.kept_allows(entry, request.policy, client):
                 kept = (request.image,)
         plan = resolve_create(request.policy, policy, request, cwd=workdir, also_allowed=kept)
         if not self.pool.can_serve(plan) and plan.image not in await self._backend.available_images():
@@ -1038,6 +1043,10 @@ class SandboxService:
         self.events.emit(
             SandboxEvent(level, action, message, sandbox.owner, sandbox.session, sandbox.sandbox_id)
         )
+
+    def _policy_shared(self, name: str) -> bool:
+        """Whether policy ``name`` shares its sandboxes between clients (False if it is gone)."""
+        return name in self._policies.policies and self._policies.policies[name].sandboxes.shared
 
     def _policy_of(self, name: str) -> Policy:
         """The policy a sandbox was made under; the strictest one (an empty policy) if the operator

@@ -30,7 +30,7 @@ import anyio.to_thread
 
 from .backend.api import SnapshotKind, SnapshotRef
 from .errors import InvalidRequest, NotFound, PolicyRefused, SandboxError, SandboxGone
-from .identity import current_client
+from .identity import Client, current_client
 from .images import ImageEntry
 from .models import ForkResult, RestoreResult, SandboxInfo, SnapshotDeleted, SnapshotInfo, SnapshotList
 from .naming import kept_image, parse_snapshot_name
@@ -247,9 +247,14 @@ class Snapshots:
                 log.info("removing snapshot %s of gone sandbox %s", ref.name, ref.sandbox_id)
                 await backend.remove_snapshot(ref)
 
-    def kept_allows(self, entry: ImageEntry | None, policy: str) -> bool:
-        """Whether ``entry`` is a kept snapshot ``policy`` may start sandboxes from."""
-        return entry is not None and entry.source == "snapshot" and entry.policy == policy
+    def kept_allows(self, entry: ImageEntry | None, policy: str, client: Client) -> bool:
+        """Whether ``client`` may start sandboxes under ``policy`` from ``entry``, a kept snapshot: one
+        that policy kept, and that this client kept (any client's, where the policy is shared). A kept
+        snapshot holds what its sandbox held: no other client of a policy that is not shared reads it."""
+        if not _kept_under(entry, policy):
+            return False
+        assert entry is not None  # _kept_under said so
+        return entry.owner == client.identity or self._service._policy_shared(policy)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -270,7 +275,7 @@ class Snapshots:
                 rule="snapshots.keep_as_images",
             )
         entries = await anyio.to_thread.run_sync(catalog.entries)
-        kept = sum(1 for entry in entries if self.kept_allows(entry, policy))
+        kept = sum(1 for entry in entries if _kept_under(entry, policy))
         if kept >= max_kept:
             raise PolicyRefused(
                 f"policy {policy!r} keeps at most {max_kept} snapshots as images and has {kept}; "
@@ -293,5 +298,11 @@ class Snapshots:
                 build_seconds=0,
                 env=dict(sandbox.env),
                 policy=sandbox.plan.policy,
+                owner=sandbox.owner,
             )
         )
+
+
+def _kept_under(entry: ImageEntry | None, policy: str) -> bool:
+    """Whether ``entry`` is a snapshot ``policy`` kept as an image."""
+    return entry is not None and entry.source == "snapshot" and entry.policy == policy

@@ -209,6 +209,22 @@ async def test_snapshots_go_with_their_sandbox_but_kept_ones_become_images_of_it
         await service.create(CreateRequest(image=kept_image(sandbox, "gold")))
 
 
+async def test_a_kept_snapshot_is_only_for_the_client_that_kept_it(service: SandboxService) -> None:
+    sandbox = await new(service)
+    await service.snapshots.take(sandbox, "gold", keep=True)
+    image = kept_image(sandbox, "gold")
+    token = current_client.set(Client(identity="uid:1000", session="other"))
+    try:
+        assert image not in {i.name for i in (await service.list_images()).images}
+        with pytest.raises(PolicyRefused, match="is not allowed by policy 'keeping'"):
+            await service.create(CreateRequest(image=image, policy="keeping"))
+        other = await service.create(CreateRequest(policy="keeping"))  # the control: the policy works
+        assert other.image == "default"
+    finally:
+        current_client.reset(token)
+    assert image in {i.name for i in (await service.list_images()).images}
+
+
 async def test_keeping_is_the_policys_decision_and_capped(service: SandboxService) -> None:
     plain = await new(service, "default")
     with pytest.raises(PolicyRefused) as refused:

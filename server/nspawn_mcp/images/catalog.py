@@ -62,6 +62,12 @@ class ImageEntry(BaseModel):
         max_length=64,
         description="a snapshot kept as an image: the one policy that may start from it (it kept it)",
     )
+    owner: str | None = Field(
+        default=None,
+        max_length=256,
+        description="a snapshot kept as an image: the client identity that kept it, the only one that "
+        "may start from it unless its policy is shared",
+    )
 
 
 class Catalog:
