@@ -144,18 +144,22 @@ class WarmPool:
         return sum(len(waiting) for waiting in self._ready.values())
 
     def can_serve(self, wanted: SandboxPlan) -> bool:
-        return any(waiting and fits(spec.plan, wanted) for spec, waiting in self._ready.items())
+        return self._waiting_for(wanted) is not None
 
     def take(self, wanted: SandboxPlan) -> PooledSandbox | None:
         """A ready sandbox that can serve ``wanted``, now the caller's to adapt (or None).
 
         Synchronous, so a create can take one between its quota checks and registering it."""
-        for spec, waiting in self._ready.items():
-            if waiting and fits(spec.plan, wanted):
-                taken = waiting.pop()  # the newest: the oldest are the next to be replaced
-                self._wake()
-                return taken
-        return None
+        waiting = self._waiting_for(wanted)
+        if waiting is None:
+            return None
+        taken = waiting.pop()  # the newest: the oldest are the next to be replaced
+        self._wake()
+        return taken
+
+    def _waiting_for(self, wanted: SandboxPlan) -> list[PooledSandbox] | None:
+        """The ready sandboxes of the first spec that can serve ``wanted`` (None: no spec has one)."""
+        return next((w for spec, w in self._ready.items() if w and fits(spec.plan, wanted)), None)
 
     def discard(self, sandbox_id: str) -> bool:
         """Forget a pooled sandbox that stopped on its own; True if it was one."""
@@ -168,9 +172,6 @@ class WarmPool:
                     self._wake()
                     return True
         return False
-
-    def owns(self, sandbox_id: str) -> bool:
-        return any(p.sandbox_id == sandbox_id for waiting in self._ready.values() for p in waiting)
 
     @contextlib.contextmanager
     def cold_create(self) -> Iterator[None]:
@@ -259,8 +260,9 @@ class WarmPool:
         self._starting = PooledSandbox(sandbox_id, spec.plan, self._clock())
         try:
             await self._backend.create(sandbox_id, spec.plan)
-            # a supervisor's first command costs it ~20 ms more than the next ones (what it loads
-            # then): that is paid here, not by the client that takes the sandbox
+            # a supervisor's first command loads what every command needs (subprocess, the user
+            # database): that one-time cost is paid here, not by the client that takes the sandbox.
+            # (Each command's move into its own cgroup still costs 10-17 ms after the host was idle.)
             await self._backend.jail(sandbox_id).run(_WARM_UP)
         except Exception as exc:  # its own error boundary: a failed refill must not stop the daemon
             log.warning("warm pool: cannot start a sandbox of %s: %s", spec.label, exc)

@@ -559,12 +559,15 @@ class SandboxService:
 
     def room(self) -> int:
         """How many more sandboxes (clients' and pooled) the server's maximum leaves room for."""
-        live = sum(1 for s in self._sandboxes.values() if s.state != "gone")
-        return self._max_sandboxes - live - self.pool.ready()
+        return self._max_sandboxes - len(self._live()) - self.pool.ready()
+
+    def _live(self) -> list[SandboxRecord]:
+        """The clients' sandboxes that count against the server's maximum (all but gone ones)."""
+        return [s for s in self._sandboxes.values() if s.state != "gone"]
 
     def _check_quotas(self, policy: Policy, plan: SandboxPlan, owner: str, count: int = 1) -> None:
         """Whether ``count`` more sandboxes of ``plan`` fit."""
-        live = [s for s in self._sandboxes.values() if s.state != "gone"]
+        live = self._live()
         if len(live) + count > self._max_sandboxes:
             raise QuotaExceeded(
                 f"this server already runs {len(live)} sandboxes, its maximum; destroy one first"
